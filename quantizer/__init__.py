@@ -1,0 +1,3 @@
+"""kubequant's quantizer: GPTQ, the vLLM checkpoint writer, calibration, perplexity and the gate."""
+
+__version__ = "0.1.0"

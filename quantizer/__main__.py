@@ -1,0 +1,5 @@
+import sys
+
+from quantizer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,135 @@
+"""Command line of the quantization and evaluation Jobs.
+
+Exit codes: 0 success, 2 bad input (the message names the field and the fix), 1 anything else.
+The JSON result goes to --result-file, by default /dev/termination-log when it exists, where
+Kubernetes picks it up as the container's termination message for the operator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from quantizer.errors import InputError
+
+TERMINATION_LOG = Path("/dev/termination-log")
+# Kubernetes truncates termination messages at 4096 bytes.
+RESULT_LIMIT_BYTES = 4096
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a Hugging Face model directory with GPTQ")
+    p.add_argument("--model", type=Path, required=True, help="source model directory (safetensors)")
+    p.add_argument("--output", type=Path, required=True, help="checkpoint directory to create (must not exist)")
+    p.add_argument("--calibration", type=Path, required=True, help="calibration text: .txt, .jsonl or a directory")
+    p.add_argument("--jsonl-field", default="text", help="text field of JSONL records (default: text)")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (vLLM serves 4 and 8)")
+    p.add_argument("--group-size", type=int, default=128, help="-1 (per row), 32, 64, 128 or 256")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="static activation order (default on)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
+                   help="symmetric grid (default on; vLLM serves only symmetric)")
+    p.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of mean(diag H)")
+    p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size")
+    p.add_argument("--clip-search", action="store_true", help="search a clipping factor per group")
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn is the baseline")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--offload-activations", action="store_true", help="keep activations in host memory")
+    p.add_argument("--eval-text", type=Path, help="also measure baseline and fake-quant perplexity on this text")
+    p.add_argument("--eval-seq-len", type=int, help="evaluation window (default: --seq-len)")
+    p.add_argument("--eval-max-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--allow-unservable", action="store_true",
+                   help="write recipes vLLM cannot serve (marked in the manifest)")
+    p.add_argument("--source-repo", help="provenance: Hugging Face repo the model came from")
+    p.add_argument("--source-revision", help="provenance: the pinned revision")
+    p.add_argument("--result-file", type=Path, help="JSON result (default /dev/termination-log if present)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check a checkpoint against the vLLM GPTQ contract")
+    p.add_argument("model", type=Path)
+    p.add_argument("--allow-unservable", action="store_true")
+    p.add_argument("--result-file", type=Path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m quantizer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_verify(sub)
+    return parser
+
+
+def write_result(result: dict, path: Path | None) -> None:
+    if path is None and TERMINATION_LOG.exists():
+        path = TERMINATION_LOG
+    if path is None:
+        return
+    text = json.dumps(result, separators=(",", ":"), default=str)
+    if len(text.encode()) > RESULT_LIMIT_BYTES:
+        # Never truncate JSON mid-way: drop to the fields the operator needs.
+        keep = ("status", "reason", "message", "output", "baseline_ppl", "fakequant_ppl", "served_ppl", "passed")
+        text = json.dumps({k: result[k] for k in keep if k in result}, separators=(",", ":"))
+    path.write_text(text)
+
+
+def _quantize(args) -> dict:
+    from quantizer.gptq import QuantRecipe
+    from quantizer.quantize import QuantizeOptions, run_quantize, summary_lines
+
+    recipe = QuantRecipe(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
+        damp=args.damp, block_size=args.block_size, clip_search=args.clip_search,
+    )
+    result = run_quantize(
+        QuantizeOptions(
+            model=args.model, output=args.output, calibration=args.calibration, recipe=recipe,
+            samples=args.samples, seq_len=args.seq_len, seed=args.seed, jsonl_field=args.jsonl_field,
+            device=args.device, method=args.method, allow_unservable=args.allow_unservable,
+            eval_text=args.eval_text, eval_seq_len=args.eval_seq_len, eval_max_windows=args.eval_max_windows,
+            batch_size=args.batch_size, offload_activations=args.offload_activations,
+            source_repo=args.source_repo, source_revision=args.source_revision, progress=not args.no_progress,
+        )
+    )
+    print("\n".join(summary_lines(result)))
+    return result
+
+
+def _verify(args) -> dict:
+    from quantizer.checkpoint import verify_checkpoint
+
+    summary = verify_checkpoint(args.model, allow_unservable=args.allow_unservable)
+    print(f"{args.model}: OK, {summary['quantized_linears']} quantized linears match the vLLM GPTQ contract")
+    return {"status": "Succeeded", "quantized_linears": summary["quantized_linears"]}
+
+
+COMMANDS = {"quantize": _quantize, "verify": _verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from quantizer.checkpoint import CheckpointError
+
+    try:
+        result = COMMANDS[args.command](args)
+    except (InputError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        write_result({"status": "Failed", "reason": "InvalidInput", "message": str(exc)}, args.result_file)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        logging.getLogger("quantizer").exception("failed")
+        write_result({"status": "Failed", "reason": "Error", "message": f"{type(exc).__name__}: {exc}"}, args.result_file)
+        return EXIT_ERROR
+    write_result(result, args.result_file)
+    return EXIT_OK

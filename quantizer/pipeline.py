@@ -1,0 +1,434 @@
+"""Sequential, layer-by-layer GPTQ of a Hugging Face decoder-only causal LM.
+
+The model is built on the meta device; each decoder layer's tensors are read from the safetensors
+files only when that layer is processed, and the layer goes back to meta afterwards, so host and
+device memory hold one layer (plus activations and Hessians) whatever the model's depth.
+
+Per layer, true-sequentially: q/k/v, then o, then gate/up, then down. For each group a forward pass
+over the calibration windows accumulates the Hessian of the group's input (the pass stops as soon as
+that input has been seen), then GPTQ solves each Linear and its weight is replaced by the dequantized
+one, so later groups calibrate against the already-quantized part of the layer. A final pass gives
+the next layer's inputs.
+
+With evaluation windows, two more activation streams run through every layer: the original layer
+(baseline) and the quantized one (fake-quant), giving both perplexities at the end at no extra
+device memory beyond the two streams.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantizer.errors import InputError
+from quantizer.gptq import QuantizedWeight, QuantRecipe, default_block_solver, gptq_quantize, rtn_quantize
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Linears of one group read the same input, so one Hessian serves the whole group.
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+# Split along their input dim by vLLM's tensor parallelism: the operator's preflight checks them.
+ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the input it needed has been seen: the rest of the layer is skipped."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the source model lazily
+# ---------------------------------------------------------------------------------------------------
+
+
+class SafetensorsCheckpoint:
+    """Name -> tensor access over a (possibly sharded) safetensors checkpoint, one tensor at a time."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        index = model_dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: model_dir / file for name, file in weight_map.items()}
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+            if not files:
+                raise InputError(
+                    f"--model {model_dir}: no *.safetensors weights found; convert the model to safetensors "
+                    "(PyTorch .bin checkpoints are not read)"
+                )
+            self.file_of = {}
+            for file in files:
+                with safe_open(file, framework="pt") as handle:
+                    self.file_of.update(dict.fromkeys(handle.keys(), file))
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.file_of.values()))
+
+
+def load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not model_dir.is_dir():
+        raise InputError(f"--model {model_dir}: not a directory; pass a Hugging Face model directory")
+    if not (model_dir / "config.json").exists():
+        raise InputError(f"--model {model_dir}: no config.json, so this is not a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(model_dir)
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise InputError(
+            f"--model {model_dir}: architecture {architectures or 'unknown'} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if getattr(config, "quantization_config", None):
+        raise InputError(f"--model {model_dir}: the model is already quantized; start from FP16/BF16 weights")
+    return config
+
+
+def source_dtype(config, checkpoint: SafetensorsCheckpoint) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return checkpoint.get(next(n for n in checkpoint.names() if n.endswith("weight"))).dtype
+
+
+def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder layers, found by shape rather than by name."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return name, module
+    raise InputError(f"no list of {num_layers} decoder layers found in the model")
+
+
+@contextmanager
+def materialized(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device, dtype):
+    """Load a module's tensors from the checkpoint onto the device; back to meta on exit."""
+    module.to_empty(device=device)
+    state = {}
+    for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
+        key = f"{prefix}{name}"
+        if key not in checkpoint.file_of:
+            raise InputError(f"tensor {key} missing from the checkpoint in {checkpoint.model_dir}")
+        state[name] = checkpoint.get(key).to(device=device, dtype=dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+    try:
+        yield module
+    finally:
+        module.to("meta")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearStats:
+    name: str
+    shape: tuple[int, int]  # [out, in]
+    relative_error: float
+    damp: float
+    seconds: float
+
+
+@dataclass
+class PipelineResult:
+    linears: list[LinearStats] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    peak_host_bytes: int = 0
+    peak_device_bytes: int = 0
+    baseline_ppl: float | None = None
+    fakequant_ppl: float | None = None
+    eval_tokens: int = 0
+    eval_windows: int = 0
+    solver: str = ""
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+
+@contextmanager
+def _timed(result: PipelineResult, stage: str, device: torch.device) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result.add_time(stage, time.perf_counter() - start)
+
+
+def peak_host_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------
+
+# Called with (layer prefix, {linear name: QuantizedWeight}, {other tensor name: tensor}) per layer.
+LayerSink = Callable[[str, dict[str, QuantizedWeight], dict[str, torch.Tensor]], None]
+
+
+def _layer_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _LayerRunner:
+    """Runs one decoder layer over stored activations with the kwargs captured at layer 0."""
+
+    def __init__(self, layer_kwargs: dict, batch_size: int):
+        self.kwargs = layer_kwargs
+        self.batch_size = batch_size
+
+    def forward(self, layer: nn.Module, inputs: torch.Tensor, device, stop_early: bool = False) -> torch.Tensor | None:
+        outputs = None if stop_early else torch.empty_like(inputs)
+        for start in range(0, inputs.shape[0], self.batch_size):
+            batch = inputs[start : start + self.batch_size].to(device)
+            try:
+                out = _layer_output(layer(batch, **self.kwargs))
+            except _StopForward:
+                continue
+            if outputs is not None:
+                outputs[start : start + batch.shape[0]] = out.to(outputs.device)
+        return outputs
+
+
+def _capture_layer0_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, device, store_device):
+    """Run the model's embedding and mask preparation; catch what layer 0 receives."""
+    captured: list[torch.Tensor] = []
+    kwargs_seen: dict = {}
+    original = layers[0]
+
+    class Catcher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # Some models (Qwen2's sliding window) pick the mask by the layer's attention type.
+            self.attention_type = getattr(original, "attention_type", "full_attention")
+
+        def forward(self, hidden_states, **kwargs):
+            captured.append(hidden_states.to(store_device))
+            kwargs_seen.update(kwargs)
+            raise _StopForward
+
+    layers[0] = Catcher()
+    try:
+        for row in windows:
+            with suppress(_StopForward):
+                model(row.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        layers[0] = original
+    kwargs_seen.pop("past_key_values", None)
+    kwargs_seen["use_cache"] = False
+    return torch.cat(captured), kwargs_seen
+
+
+def _nll_sum(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, windows, device, batch_size) -> float:
+    total = 0.0
+    for start in range(0, hidden.shape[0], batch_size):
+        h = norm(hidden[start : start + batch_size].to(device))
+        logits = lm_head(h).float()
+        targets = windows[start : start + batch_size, 1:].to(device)
+        nll = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        )
+        total += float(nll)
+    return total
+
+
+def quantize_model(
+    model_dir: Path,
+    recipe: QuantRecipe,
+    calibration_windows: torch.Tensor,
+    sink: LayerSink,
+    device: torch.device,
+    eval_windows: torch.Tensor | None = None,
+    method: str = "gptq",
+    batch_size: int = 1,
+    offload_activations: bool = False,
+    progress: bool = True,
+) -> PipelineResult:
+    """Quantize every decoder Linear of the model in model_dir; hand each finished layer to sink."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_dir)
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    dtype = source_dtype(config, checkpoint)
+    # fp16/bf16 matmuls are slow and less exact on CPUs; GPUs run the source dtype.
+    compute_dtype = dtype if device.type == "cuda" else torch.float32
+    store_device = torch.device("cpu") if offload_activations else device
+    result = PipelineResult()
+    result.solver, block_solver = ("rtn", None) if method == "rtn" else default_block_solver(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    model.eval()
+    layers_name, layers = find_decoder_layers(model, config.num_hidden_layers)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    base_prefix = layers_name.rsplit(".", 1)[0] + "." if "." in layers_name else ""
+
+    # Everything outside the decoder layers is small: load it once.
+    for module_name in ("embed_tokens", "norm"):
+        module = getattr(base, module_name)
+        module.to_empty(device=device)
+        module.load_state_dict(
+            {n: checkpoint.get(f"{base_prefix}{module_name}.{n}").to(device, compute_dtype) for n, _ in module.named_parameters()},
+            assign=True,
+        )
+    if hasattr(base, "rotary_emb"):
+        with torch.device(device):
+            base.rotary_emb = type(base.rotary_emb)(config=config)
+    lm_head = model.get_output_embeddings()
+    lm_head_key = "lm_head.weight" if "lm_head.weight" in checkpoint.file_of else f"{base_prefix}embed_tokens.weight"
+    lm_head.to_empty(device=device)
+    lm_head.load_state_dict({"weight": checkpoint.get(lm_head_key).to(device, compute_dtype)}, assign=True)
+
+    runner: _LayerRunner
+    with torch.no_grad(), _timed(result, "forward", device):
+        hidden, layer_kwargs = _capture_layer0_inputs(model, layers, calibration_windows, device, store_device)
+        runner = _LayerRunner(layer_kwargs, batch_size)
+        if eval_windows is not None:
+            base_stream, _ = _capture_layer0_inputs(model, layers, eval_windows, device, store_device)
+            quant_stream = base_stream.clone()
+
+    bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
+    for index in bar:
+        layer_start = time.perf_counter()
+        prefix = f"{layers_name}.{index}."
+        layer = layers[index]
+        with torch.no_grad(), materialized(layer, prefix, checkpoint, device, compute_dtype):
+            if eval_windows is not None:
+                with _timed(result, "evaluate", device):
+                    base_stream = runner.forward(layer, base_stream, device)
+            quantized = _quantize_layer(layer, prefix, recipe, method, block_solver, hidden, runner, device, result)
+            with _timed(result, "forward", device):
+                hidden = runner.forward(layer, hidden, device)
+            if eval_windows is not None:
+                with _timed(result, "evaluate", device):
+                    quant_stream = runner.forward(layer, quant_stream, device)
+            others = {
+                f"{prefix}{name}": checkpoint.get(f"{prefix}{name}")
+                for name, _ in layer.named_parameters()
+                if not any(name == f"{q}.weight" for q in quantized)
+            }
+        with _timed(result, "pack_write", torch.device("cpu")):
+            sink(prefix, quantized, others)
+        seconds = time.perf_counter() - layer_start
+        result.layer_seconds.append(seconds)
+        worst = max(s.relative_error for s in result.linears[-len(quantized) :])
+        bar.set_postfix(seconds=f"{seconds:.1f}", worst_rel_err=f"{worst:.2e}")
+
+    if eval_windows is not None:
+        with torch.no_grad(), _timed(result, "evaluate", device):
+            tokens = eval_windows.shape[0] * (eval_windows.shape[1] - 1)
+            base_nll = _nll_sum(base.norm, lm_head, base_stream, eval_windows, device, batch_size)
+            quant_nll = _nll_sum(base.norm, lm_head, quant_stream, eval_windows, device, batch_size)
+        result.baseline_ppl = math.exp(base_nll / tokens)
+        result.fakequant_ppl = math.exp(quant_nll / tokens)
+        result.eval_tokens = tokens
+        result.eval_windows = eval_windows.shape[0]
+
+    result.peak_host_bytes = peak_host_bytes()
+    if device.type == "cuda":
+        result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def _quantize_layer(
+    layer: nn.Module,
+    prefix: str,
+    recipe: QuantRecipe,
+    method: str,
+    block_solver,
+    hidden: torch.Tensor,
+    runner: _LayerRunner,
+    device: torch.device,
+    result: PipelineResult,
+) -> dict[str, QuantizedWeight]:
+    modules = dict(layer.named_modules())
+    linears = {name for name, m in modules.items() if isinstance(m, nn.Linear)}
+    expected = {name for group in SEQUENTIAL_GROUPS for name in group}
+    if linears != expected:
+        raise InputError(
+            f"{prefix}: Linear layers {sorted(linears)} differ from the supported layout {sorted(expected)}"
+        )
+    quantized: dict[str, QuantizedWeight] = {}
+    for group in SEQUENTIAL_GROUPS:
+        hessian = None
+        if method == "gptq":
+            with _timed(result, "forward", device):
+                hessian = _group_hessian(modules[group[0]], layer, hidden, runner, device)
+        for name in group:
+            linear = modules[name]
+            start = time.perf_counter()
+            with _timed(result, "solve", device):
+                if method == "rtn":
+                    qw = rtn_quantize(linear.weight.data, recipe, name=prefix + name)
+                else:
+                    qw = gptq_quantize(linear.weight.data, hessian, recipe, name=prefix + name, block_solver=block_solver)
+                linear.weight.data = qw.dequantized.to(linear.weight.dtype)
+            quantized[name] = qw
+            result.linears.append(
+                LinearStats(
+                    name=prefix + name,
+                    shape=tuple(linear.weight.shape),
+                    relative_error=qw.relative_error,
+                    damp=qw.damp,
+                    seconds=time.perf_counter() - start,
+                )
+            )
+        del hessian
+    return quantized
+
+
+def _group_hessian(linear: nn.Linear, layer: nn.Module, hidden: torch.Tensor, runner: _LayerRunner, device) -> torch.Tensor:
+    """H = 2/n * sum x x^T over every input token of `linear` (float32)."""
+    columns = linear.in_features
+    hessian = torch.zeros(columns, columns, device=device, dtype=torch.float32)
+    count = 0
+
+    def accumulate(_module, args):
+        nonlocal count
+        x = args[0].reshape(-1, columns).float()
+        hessian.addmm_(x.t(), x)
+        count += x.shape[0]
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(accumulate)
+    try:
+        runner.forward(layer, hidden, device, stop_early=True)
+    finally:
+        handle.remove()
+    return hessian.mul_(2.0 / max(count, 1))
