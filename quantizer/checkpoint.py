@@ -75,12 +75,17 @@ def quantization_config(recipe: QuantRecipe, version: str) -> dict:
 class CheckpointWriter:
     """Streams tensors into safetensors shards in a temporary directory; `commit` renames it into place."""
 
-    def __init__(self, output: Path, recipe: QuantRecipe, max_shard_bytes: int = MAX_SHARD_BYTES):
+    def __init__(
+        self, output: Path, recipe: QuantRecipe, max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False
+    ):
         self.output = output
         self.recipe = recipe
         self.max_shard_bytes = max_shard_bytes
-        if output.exists():
-            raise InputError(f"--output {output} already exists; choose a new directory or remove the old one")
+        self.overwrite = overwrite
+        if output.exists() and not overwrite:
+            raise InputError(
+                f"--output {output} already exists; choose a new directory, remove it, or pass --overwrite"
+            )
         if not output.parent.is_dir():
             raise InputError(f"--output {output}: parent directory {output.parent} does not exist")
         self.tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -154,9 +159,16 @@ class CheckpointWriter:
         }
         _write_json(self.tmp / MANIFEST_FILE, manifest)
         verify_checkpoint(self.tmp, allow_unservable=bool(manifest.get("unservable")))
-        if self.output.exists():
+        if not self.output.exists():
+            os.rename(self.tmp, self.output)
+        elif self.overwrite:
+            # Swap by two renames so a reader sees the old checkpoint or the new one, never a mix.
+            old = self.output.parent / f".{self.output.name}.replaced-{uuid.uuid4().hex[:8]}"
+            os.rename(self.output, old)
+            os.rename(self.tmp, self.output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
             raise InputError(f"--output {self.output} appeared while quantizing; the result was not moved there")
-        os.rename(self.tmp, self.output)
         return manifest
 
 

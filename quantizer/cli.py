@@ -48,6 +48,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-max-windows", type=int, help="evaluate at most this many windows")
     p.add_argument("--allow-unservable", action="store_true",
                    help="write recipes vLLM cannot serve (marked in the manifest)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (atomically, once the new checkpoint is complete)")
     p.add_argument("--source-repo", help="provenance: Hugging Face repo the model came from")
     p.add_argument("--source-revision", help="provenance: the pinned revision")
     p.add_argument("--result-file", type=Path, help="JSON result (default /dev/termination-log if present)")
@@ -95,7 +97,7 @@ def _quantize(args) -> dict:
         QuantizeOptions(
             model=args.model, output=args.output, calibration=args.calibration, recipe=recipe,
             samples=args.samples, seq_len=args.seq_len, seed=args.seed, jsonl_field=args.jsonl_field,
-            device=args.device, method=args.method, allow_unservable=args.allow_unservable,
+            device=args.device, method=args.method, allow_unservable=args.allow_unservable, overwrite=args.overwrite,
             eval_text=args.eval_text, eval_seq_len=args.eval_seq_len, eval_max_windows=args.eval_max_windows,
             batch_size=args.batch_size, offload_activations=args.offload_activations,
             source_repo=args.source_repo, source_revision=args.source_revision, progress=not args.no_progress,

@@ -427,8 +427,13 @@ def _group_hessian(linear: nn.Linear, layer: nn.Module, hidden: torch.Tensor, ru
         raise _StopForward
 
     handle = linear.register_forward_pre_hook(accumulate)
+    # 16-bit activations convert to TF32 without loss (fp16 has TF32's 10-bit mantissa, bf16 fewer),
+    # and accumulation stays float32: TF32 tensor cores give the exact same H, several times faster.
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = hidden.dtype in (torch.float16, torch.bfloat16)
     try:
         runner.forward(layer, hidden, device, stop_early=True)
     finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
         handle.remove()
     return hessian.mul_(2.0 / max(count, 1))

@@ -34,6 +34,7 @@ class QuantizeOptions:
     device: str = "auto"
     method: str = "gptq"
     allow_unservable: bool = False
+    overwrite: bool = False
     eval_text: Path | None = None
     eval_seq_len: int | None = None
     eval_max_windows: int | None = None
@@ -90,8 +91,10 @@ def run_quantize(opts: QuantizeOptions) -> dict:
             "vLLM 0.32 cannot serve this recipe: " + "; ".join(unservable)
             + ". Use 4-bit symmetric with group -1/32/64/128, or pass --allow-unservable for experiments"
         )
-    if opts.output.exists():
-        raise InputError(f"--output {opts.output} already exists; choose a new directory or remove the old one")
+    if opts.output.exists() and not opts.overwrite:
+        raise InputError(
+            f"--output {opts.output} already exists; choose a new directory, remove it, or pass --overwrite"
+        )
     device = resolve_device(opts.device)
     config = load_config(opts.model)
     source = SafetensorsCheckpoint(opts.model)
@@ -108,7 +111,7 @@ def run_quantize(opts: QuantizeOptions) -> dict:
             opts.eval_text, tokenizer, eval_seq_len, opts.eval_max_windows, opts.jsonl_field
         )
 
-    with CheckpointWriter(opts.output, recipe) as writer:
+    with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite) as writer:
         pipeline = quantize_model(
             opts.model,
             recipe,

@@ -1,0 +1,156 @@
+"""The whole pipeline on the committed tiny Llama: quality, the written checkpoint, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantizer.checkpoint import CheckpointError, verify_checkpoint
+from quantizer.perplexity import load_dequantized_model, load_evaluation_windows, torch_perplexity
+from tests.conftest import CALIBRATION, EVALUATION, TINY_MODEL, quantize
+
+
+@pytest.mark.parametrize("group", ["g128", "g32"])
+def test_gptq_damages_perplexity_less_than_rtn(checkpoints, group):
+    _, gptq = checkpoints[f"gptq-{group}"]
+    _, rtn = checkpoints[f"rtn-{group}"]
+    assert gptq["baseline_ppl"] == pytest.approx(rtn["baseline_ppl"], rel=1e-6)
+    gptq_increase = gptq["fakequant_ppl"] - gptq["baseline_ppl"]
+    rtn_increase = rtn["fakequant_ppl"] - rtn["baseline_ppl"]
+    assert 0 < gptq_increase < 0.7 * rtn_increase, (gptq, rtn)
+
+
+def test_checkpoint_layout_and_manifest(checkpoints):
+    path, result = checkpoints["gptq-g128"]
+    config = json.loads((path / "config.json").read_text())
+    qconfig = config["quantization_config"]
+    assert qconfig["quant_method"] == "gptq" and qconfig["desc_act"] is False and qconfig["sym"] is True
+    assert json.loads((path / "quantize_config.json").read_text()) == qconfig
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors.index.json"):
+        assert (path / name).is_file(), name
+    manifest = json.loads((path / "kubequant.json").read_text())
+    assert manifest["calibration"]["digest"] == result["calibration"]["digest"]
+    assert len(manifest["linears"]) == result["quantized_linears"] == 7 * 4
+    for file, entry in manifest["files"].items():
+        assert (path / file).stat().st_size == entry["bytes"]
+    assert manifest["size_after_bytes"] < manifest["size_before_bytes"]
+    assert not list(path.parent.glob(".*partial*")), "temporary directory left behind"
+    assert len(json.dumps(result, separators=(",", ":"))) < 4096
+    summary = verify_checkpoint(path)
+    assert summary["quantized_linears"] == 28
+
+
+def test_fakequant_matches_the_dequantized_checkpoint(checkpoints):
+    """What the pipeline measured in-flight equals what the written tensors give back (fp16 scales)."""
+    path, result = checkpoints["gptq-g128"]
+    from transformers import AutoTokenizer
+
+    windows = load_evaluation_windows(EVALUATION, AutoTokenizer.from_pretrained(TINY_MODEL), 256, 24)
+    reference = torch_perplexity(load_dequantized_model(path), windows)
+    assert reference.tokens_scored == result["eval_tokens"]
+    assert reference.ppl == pytest.approx(result["fakequant_ppl"], rel=2e-3)
+
+
+def _copy_with_permuted_g_idx(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst)
+    for file in dst.glob("model-*.safetensors"):
+        tensors = load_file(file)
+        name = next(n for n in tensors if n.endswith("mlp.down_proj.g_idx"))
+        tensors[name] = tensors[name][torch.randperm(tensors[name].numel())]
+        save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_permuted_g_idx_is_caught(checkpoints, tmp_path):
+    path, _ = checkpoints["gptq-g32"]
+    _copy_with_permuted_g_idx(path, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="g_idx is not arange"):
+        verify_checkpoint(tmp_path / "bad")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: exit code 2, a message naming the problem, nothing left behind.
+# --------------------------------------------------------------------------------------------------
+
+
+def _broken_model(tmp_path: Path, edit) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, model)
+    edit(model)
+    return model
+
+
+def _set_architecture(model: Path) -> None:
+    config = json.loads((model / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    config["model_type"] = "gpt2"
+    (model / "config.json").write_text(json.dumps(config))
+
+
+def _poison_weight(model: Path) -> None:
+    file = next(model.glob("*.safetensors"))
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _no_weights(model: Path) -> None:
+    for file in model.glob("*.safetensors"):
+        file.unlink()
+
+
+@pytest.mark.parametrize(
+    "case,edit,args,message",
+    [
+        ("missing", None, [], "not a directory"),
+        ("not-a-model", "empty", [], "no config.json"),
+        ("architecture", _set_architecture, [], "not supported; supported: LlamaForCausalLM"),
+        ("nan", _poison_weight, [], r"model\.layers\.1\.mlp\.up_proj.*NaN or inf"),
+        ("no-weights", _no_weights, [], "no \\*.safetensors weights"),
+        ("group", None, ["--group-size", "256", "--allow-unservable"], "not divisible by group_size=256"),
+        ("unservable", None, ["--bits", "3"], "vLLM 0.32 cannot serve this recipe"),
+        ("little-text", "tiny-text", [], "fewer than one window"),
+    ],
+)
+def test_bad_input(tmp_path, capsys, case, edit, args, message):
+    model, calibration = TINY_MODEL, CALIBRATION
+    if case == "missing":
+        model = tmp_path / "nowhere"
+    elif edit == "empty":
+        model = tmp_path / "empty"
+        model.mkdir()
+    elif edit == "tiny-text":
+        calibration = tmp_path / "short.txt"
+        calibration.write_text("def f(): return 1\n")
+    elif edit is not None:
+        model = _broken_model(tmp_path, edit)
+    out = tmp_path / "out" / "ckpt"
+    out.parent.mkdir()
+    code, result = quantize(out, *args, model=model, calibration=calibration)
+    assert code == 2, result
+    assert result["reason"] == "InvalidInput"
+    assert re.search(message, capsys.readouterr().err), result["message"]
+    assert list(out.parent.iterdir()) == [], "partial output left behind"
+
+
+def test_existing_output_is_refused_and_kept(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, result = quantize(out)
+    assert code == 2 and "already exists" in result["message"]
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_calibration_seq_len_is_clamped_to_the_context(tmp_path, caplog):
+    config = json.loads((TINY_MODEL / "config.json").read_text())
+    too_long = str(config["max_position_embeddings"] * 2)
+    code, result = quantize(tmp_path / "c", "--samples", "2", "--seq-len", too_long, "--method", "rtn")
+    assert code == 0
+    assert result["calibration"]["seq_len"] == config["max_position_embeddings"]
+    assert "exceeds the model's context" in caplog.text
