@@ -253,18 +253,22 @@ def default_block_solver(device: torch.device) -> tuple[str, BlockSolver]:
 def upper_cholesky_of_inverse(
     hessian: torch.Tensor, damp: float, name: str = ""
 ) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + lambda I)^-1, lambda = damp * mean(diag H); the dampening grows
-    by DAMP_GROWTH while either factorization fails, up to MAX_DAMP."""
+    """Upper Cholesky factor R of (H + lambda I)^-1 (so that H^-1 = R^T R), lambda = damp * mean(diag H);
+    the dampening grows by DAMP_GROWTH while the factorization fails, up to MAX_DAMP.
+
+    With J the exchange matrix (reversed identity) and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J)
+    and J L^-1 J is upper triangular: one Cholesky and one triangular inverse (2/3 n^3 FLOPs) instead
+    of Cholesky, cholesky_inverse and a second Cholesky (4/3 n^3), with no second chance to fail.
+    """
     mean_diag = torch.mean(torch.diag(hessian))
     eye = torch.eye(hessian.shape[0], device=hessian.device, dtype=hessian.dtype)
     current = damp
     while True:
         damped = hessian + (current * mean_diag) * eye
-        lower, info = torch.linalg.cholesky_ex(damped)
+        lower, info = torch.linalg.cholesky_ex(torch.flip(damped, dims=(0, 1)))
         if info.item() == 0:
-            hinv = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
+            upper = torch.flip(torch.linalg.solve_triangular(lower, eye, upper=False), dims=(0, 1))
+            if torch.isfinite(upper).all():
                 return upper, current
         if current >= MAX_DAMP:
             raise GPTQError(
@@ -364,10 +368,18 @@ def gptq_quantize(
 
 
 def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """||(W - Wq) X||^2 / ||W X||^2 expressed with H = 2/n X X^T (the constant cancels)."""
+    """||(W - Wq) X||^2 / ||W X||^2 expressed with H = 2/n X X^T (the constant cancels).
+
+    A reported metric, not part of the solve: on GPUs its two [out, in] x [in, in] matmuls (as costly
+    as GPTQ's own updates) run in TF32, which moves the figure by about 1e-3 relative."""
     delta = weight - quantized
-    num = torch.sum((delta @ hessian) * delta)
-    den = torch.sum((weight @ hessian) * weight)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        num = torch.sum((delta @ hessian) * delta)
+        den = torch.sum((weight @ hessian) * weight)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
     if den <= 0:
         return 0.0 if num <= 0 else math.inf
     return float(num / den)

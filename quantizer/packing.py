@@ -65,14 +65,17 @@ def gptq_tensors(qw: QuantizedWeight, bits: int) -> dict[str, torch.Tensor]:
     qweight [K * bits / 32, N] int32 packed along K; scales [K/G, N] float16; qzeros [K/G, N*bits/32]
     int32 packed along N in the v1 convention (stored zero = zero - 1); g_idx [K] int32 = arange(K)//G.
     """
-    codes = qw.codes.t().contiguous().cpu()  # [K, N]
-    zeros = (qw.zeros.t().round().to(torch.int64) - 1).cpu()  # v1: stored zero = true zero - 1
-    return {
+    # Packed where the codes are (the GPU when there is one: int64 bit work on the CPU is slow),
+    # then moved to the host for writing.
+    codes = qw.codes.t().contiguous()  # [K, N]
+    zeros = qw.zeros.t().round().to(torch.int64) - 1  # v1: stored zero = true zero - 1
+    tensors = {
         "qweight": pack(codes, bits, dim=0),
-        "scales": qw.scales.t().contiguous().to(torch.float16).cpu(),
+        "scales": qw.scales.t().contiguous().to(torch.float16),
         "qzeros": pack(zeros & (2**bits - 1), bits, dim=1),
-        "g_idx": qw.g_idx.to(torch.int32).cpu(),
+        "g_idx": qw.g_idx.to(torch.int32),
     }
+    return {name: tensor.cpu() for name, tensor in tensors.items()}
 
 
 def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
