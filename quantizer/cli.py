@@ -63,12 +63,21 @@ def _add_verify(sub) -> None:
     p.add_argument("--result-file", type=Path)
 
 
+def _add_fetch(sub) -> None:
+    p = sub.add_parser("fetch", help="download a Hugging Face model at a pinned revision (token from HF_TOKEN)")
+    p.add_argument("--repo", required=True, help="for example meta-llama/Llama-3.1-8B-Instruct")
+    p.add_argument("--revision", required=True, help="a commit sha (or tag) to pin")
+    p.add_argument("--output", type=Path, required=True, help="directory to download into")
+    p.add_argument("--result-file", type=Path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m quantizer", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_verify(sub)
+    _add_fetch(sub)
     return parser
 
 
@@ -115,7 +124,32 @@ def _verify(args) -> dict:
     return {"status": "Succeeded", "quantized_linears": summary["quantized_linears"]}
 
 
-COMMANDS = {"quantize": _quantize, "verify": _verify}
+def _fetch(args) -> dict:
+    """The model files only (safetensors, configs, tokenizer): no .bin/.pt duplicates, no other formats."""
+    import os
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        path = snapshot_download(
+            repo_id=args.repo,
+            revision=args.revision,
+            local_dir=args.output,
+            token=os.environ.get("HF_TOKEN") or None,
+            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
+        )
+    except GatedRepoError as exc:
+        raise InputError(f"--repo {args.repo} is gated: accept its licence on the Hub and provide HF_TOKEN") from exc
+    except RevisionNotFoundError as exc:
+        raise InputError(f"--revision {args.revision} does not exist in {args.repo}; pin an existing commit") from exc
+    except RepositoryNotFoundError as exc:
+        raise InputError(f"--repo {args.repo} not found (or private: provide HF_TOKEN)") from exc
+    print(f"fetched {args.repo}@{args.revision} into {path}")
+    return {"status": "Succeeded", "repo": args.repo, "revision": args.revision, "output": str(path)}
+
+
+COMMANDS = {"quantize": _quantize, "verify": _verify, "fetch": _fetch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,6 +176,9 @@ def run_quantize(opts: QuantizeOptions) -> dict:
         "size_before_bytes": manifest["size_before_bytes"],
         "size_after_bytes": manifest["size_after_bytes"],
         "quantized_linears": len(pipeline.linears),
+        "group_size": recipe.group_size,
+        # What the operator's tensor-parallel preflight needs, without reading the artifact volume.
+        "row_parallel_in_features": sorted({s.shape[1] for s in pipeline.linears if s.name.endswith(ROW_PARALLEL)}),
         "mean_relative_error": sum(errors) / len(errors),
         "worst_linear": {"name": worst.name, "relative_error": worst.relative_error},
         **_perplexity_block(pipeline),
