@@ -18,7 +18,7 @@ from quantizer.errors import InputError
 TERMINATION_LOG = Path("/dev/termination-log")
 # Kubernetes truncates termination messages at 4096 bytes.
 RESULT_LIMIT_BYTES = 4096
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 
 
 def _add_quantize(sub) -> None:
@@ -63,6 +63,28 @@ def _add_verify(sub) -> None:
     p.add_argument("--result-file", type=Path)
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="measure perplexity in the serving engine and apply the quality gate")
+    p.add_argument("--model", type=Path, required=True, help="the quantized checkpoint directory")
+    p.add_argument("--eval-text", type=Path, required=True, help="evaluation text: .txt, .jsonl or a directory")
+    p.add_argument("--jsonl-field", default="text")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (same as the quantize pass)")
+    p.add_argument("--max-windows", type=int, help="at most this many windows, spread evenly")
+    p.add_argument("--baseline-ppl", type=float, help="FP16/BF16 perplexity from the quantize result")
+    p.add_argument("--fakequant-ppl", type=float,
+                   help="our perplexity of the quantized weights (measured from the checkpoint when omitted)")
+    p.add_argument("--baseline-model", type=Path, help="measure the baseline from this unquantized model instead")
+    p.add_argument("--max-ppl-increase", type=float, help="largest allowed absolute perplexity increase")
+    p.add_argument("--max-ppl-ratio", type=float, help="largest allowed served/baseline ratio (1.05 if no threshold)")
+    p.add_argument("--engine-tolerance", type=float, default=0.01, help="allowed |served/fakequant - 1|")
+    p.add_argument("--engine", choices=("vllm", "torch"), default="vllm", help="torch: for machines without vLLM")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--result-file", type=Path)
+
+
 def _add_fetch(sub) -> None:
     p = sub.add_parser("fetch", help="download a Hugging Face model at a pinned revision (token from HF_TOKEN)")
     p.add_argument("--repo", required=True, help="for example meta-llama/Llama-3.1-8B-Instruct")
@@ -77,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_verify(sub)
+    _add_evaluate(sub)
     _add_fetch(sub)
     return parser
 
@@ -116,6 +139,24 @@ def _quantize(args) -> dict:
     return result
 
 
+def _evaluate(args) -> dict:
+    from quantizer.evaluate import EvaluateOptions, run_evaluate, summary_lines
+    from quantizer.gate import GateThresholds
+
+    result = run_evaluate(
+        EvaluateOptions(
+            model=args.model, eval_text=args.eval_text, seq_len=args.seq_len, max_windows=args.max_windows,
+            jsonl_field=args.jsonl_field, baseline_ppl=args.baseline_ppl, fakequant_ppl=args.fakequant_ppl,
+            baseline_model=args.baseline_model,
+            thresholds=GateThresholds(args.max_ppl_increase, args.max_ppl_ratio, args.engine_tolerance),
+            engine=args.engine, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+            dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+        )
+    )
+    print("\n".join(summary_lines(result)))
+    return result
+
+
 def _verify(args) -> dict:
     from quantizer.checkpoint import verify_checkpoint
 
@@ -149,7 +190,7 @@ def _fetch(args) -> dict:
     return {"status": "Succeeded", "repo": args.repo, "revision": args.revision, "output": str(path)}
 
 
-COMMANDS = {"quantize": _quantize, "verify": _verify, "fetch": _fetch}
+COMMANDS = {"quantize": _quantize, "verify": _verify, "evaluate": _evaluate, "fetch": _fetch}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Exception as exc:
         logging.getLogger("quantizer").exception("failed")
-        write_result({"status": "Failed", "reason": "Error", "message": f"{type(exc).__name__}: {exc}"}, args.result_file)
+        # The evaluator's failures are gate reasons too, so the operator can tell them apart.
+        reason = "EvaluationFailed" if args.command == "evaluate" else "Error"
+        write_result({"status": "Failed", "reason": reason, "message": f"{type(exc).__name__}: {exc}"}, args.result_file)
         return EXIT_ERROR
     write_result(result, args.result_file)
-    return EXIT_OK
+    return EXIT_GATE_FAILED if result.get("passed") is False else EXIT_OK
