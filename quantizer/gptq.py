@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from quantizer.errors import InputError
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -46,7 +48,7 @@ DAMP_GROWTH = 10.0
 MAX_DAMP = 1.0
 
 
-class GPTQError(ValueError):
+class GPTQError(InputError):
     """A matrix that cannot be quantized as asked; the message names the layer and the fix."""
 
 

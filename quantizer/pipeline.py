@@ -89,6 +89,12 @@ class SafetensorsCheckpoint:
             self._handles[file] = safe_open(file, framework="pt")
         return self._handles[file].get_tensor(name)
 
+    def shape(self, name: str) -> list[int]:
+        file = self.file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return list(self._handles[file].get_slice(name).get_shape())
+
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.file_of.values()))
 
@@ -119,6 +125,21 @@ def source_dtype(config, checkpoint: SafetensorsCheckpoint) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     return checkpoint.get(next(n for n in checkpoint.names() if n.endswith("weight"))).dtype
+
+
+def check_linear_shapes(config, checkpoint: SafetensorsCheckpoint, group_size: int) -> None:
+    """Fail before any work when a quantized Linear's input size does not split into whole groups."""
+    if group_size == -1:
+        return
+    for name in checkpoint.names():
+        if not any(name.endswith(f"{linear}.weight") for group in SEQUENTIAL_GROUPS for linear in group):
+            continue
+        in_features = checkpoint.shape(name)[-1]
+        if in_features % group_size:
+            raise InputError(
+                f"{name}: in_features={in_features} is not divisible by group_size={group_size}; "
+                f"choose a group size that divides {in_features} (or -1 for one group per row)"
+            )
 
 
 def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
@@ -320,7 +341,9 @@ def quantize_model(
         hidden, layer_kwargs = _capture_layer0_inputs(model, layers, calibration_windows, device, store_device)
         runner = _LayerRunner(layer_kwargs, batch_size)
         if eval_windows is not None:
-            base_stream, _ = _capture_layer0_inputs(model, layers, eval_windows, device, store_device)
+            # Its own kwargs: the rotary embeddings and mask depend on the window length.
+            base_stream, eval_kwargs = _capture_layer0_inputs(model, layers, eval_windows, device, store_device)
+            eval_runner = _LayerRunner(eval_kwargs, batch_size)
             quant_stream = base_stream.clone()
 
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
@@ -331,13 +354,13 @@ def quantize_model(
         with torch.no_grad(), materialized(layer, prefix, checkpoint, device, compute_dtype):
             if eval_windows is not None:
                 with _timed(result, "evaluate", device):
-                    base_stream = runner.forward(layer, base_stream, device)
+                    base_stream = eval_runner.forward(layer, base_stream, device)
             quantized = _quantize_layer(layer, prefix, recipe, method, block_solver, hidden, runner, device, result)
             with _timed(result, "forward", device):
                 hidden = runner.forward(layer, hidden, device)
             if eval_windows is not None:
                 with _timed(result, "evaluate", device):
-                    quant_stream = runner.forward(layer, quant_stream, device)
+                    quant_stream = eval_runner.forward(layer, quant_stream, device)
             others = {
                 f"{prefix}{name}": checkpoint.get(f"{prefix}{name}")
                 for name, _ in layer.named_parameters()

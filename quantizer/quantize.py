@@ -16,7 +16,13 @@ from quantizer.checkpoint import MANIFEST_FILE, CheckpointWriter, sha256_file
 from quantizer.errors import InputError, UnservableRecipeError
 from quantizer.gptq import QuantRecipe
 from quantizer.perplexity import load_evaluation_windows
-from quantizer.pipeline import ROW_PARALLEL, SafetensorsCheckpoint, load_config, quantize_model
+from quantizer.pipeline import (
+    ROW_PARALLEL,
+    SafetensorsCheckpoint,
+    check_linear_shapes,
+    load_config,
+    quantize_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,7 @@ def run_quantize(opts: QuantizeOptions) -> dict:
     device = resolve_device(opts.device)
     config = load_config(opts.model)
     source = SafetensorsCheckpoint(opts.model)
+    check_linear_shapes(config, source, recipe.group_size)
     tokenizer = AutoTokenizer.from_pretrained(opts.model)
     context = getattr(config, "max_position_embeddings", None)
     seq_len = clamp_seq_len(opts.seq_len, context, "calibration")
