@@ -51,7 +51,8 @@ def read_texts(path: str | Path, jsonl_field: str = "text") -> list[str]:
 def tokenize_corpus(tokenizer, texts: list[str]) -> torch.Tensor:
     """The GPTQ paper's convention: documents joined with blank lines and tokenized once."""
     joined = "\n\n".join(t for t in texts if t.strip())
-    ids = tokenizer(joined, add_special_tokens=False)["input_ids"]
+    # The corpus is longer than the context on purpose (it is cut into windows): no length warning.
+    ids = tokenizer(joined, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

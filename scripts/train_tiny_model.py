@@ -8,7 +8,7 @@ network. The files are split deterministically, by file, into three disjoint set
 * calibration text (~300 KB) -> ``<text-output>/calibration.txt``, also held out from training;
 * everything else is the training text.
 
-Run it from the repository root (about 10 minutes on 2 CPU cores)::
+Run it from the repository root (about 10 minutes on 2 otherwise idle CPU cores)::
 
     .venv/bin/python scripts/train_tiny_model.py
     .venv/bin/python scripts/train_tiny_model.py --steps 1600 --seed 0 \\
