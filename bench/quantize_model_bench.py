@@ -1,6 +1,7 @@
 """Whole-model GPTQ on a synthetic model with real LLM shapes: wall time, time per stage, peak memory.
 
     python bench/quantize_model_bench.py --shape llama3-8b --samples 128 --seq-len 2048 --json out.json
+    python bench/quantize_model_bench.py --shape llama3-8b --solvers triton,torch   # both, same model
     python bench/quantize_model_bench.py --shape tiny --samples 8 --seq-len 128          # CPU smoke run
 
 The model is random (std 0.02 weights, unit norms) and written to --workdir as sharded safetensors
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--workdir", type=Path, help="where the synthetic model is written (default: a temp dir)")
+    parser.add_argument("--solvers", default="auto", help="comma-separated, run in order: auto, torch, triton")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -100,24 +102,31 @@ def main() -> None:
         for qw in quantized.values():
             gptq_tensors(qw, recipe.bits)
 
-    start = time.perf_counter()
-    result = quantize_model(model_dir, recipe, windows, sink, device)
-    wall = time.perf_counter() - start
+    runs = []
+    for solver in args.solvers.split(","):
+        start = time.perf_counter()
+        result = quantize_model(model_dir, recipe, windows, sink, device, solver=solver)
+        wall = time.perf_counter() - start
+        runs.append({
+            "solver": result.solver,
+            "wall_seconds": round(wall, 1),
+            "stage_seconds": {k: round(v, 1) for k, v in result.stage_seconds.items()},
+            "mean_layer_seconds": round(sum(result.layer_seconds) / len(result.layer_seconds), 2),
+            "peak_device_gib": round(result.peak_device_bytes / 2**30, 2),
+            "peak_host_gib": round(result.peak_host_bytes / 2**30, 2),
+            "mean_relative_error": sum(s.relative_error for s in result.linears) / len(result.linears),
+        })
     report = {
         "shape": args.shape,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "solver": result.solver,
         "samples": args.samples,
         "seq_len": args.seq_len,
         "model_write_seconds": round(write_seconds, 1),
-        "wall_seconds": round(wall, 1),
-        "stage_seconds": {k: round(v, 1) for k, v in result.stage_seconds.items()},
-        "mean_layer_seconds": round(sum(result.layer_seconds) / len(result.layer_seconds), 2),
-        "peak_device_gib": round(result.peak_device_bytes / 2**30, 2),
-        "peak_host_gib": round(result.peak_host_bytes / 2**30, 2),
-        "mean_relative_error": sum(s.relative_error for s in result.linears) / len(result.linears),
+        "runs": runs,
     }
+    if len(runs) > 1:
+        report["speedup_of_first_over_others"] = [round(r["wall_seconds"] / runs[0]["wall_seconds"], 2) for r in runs[1:]]
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -37,6 +37,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size")
     p.add_argument("--clip-search", action="store_true", help="search a clipping factor per group")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn is the baseline")
+    p.add_argument("--solver", choices=("auto", "torch", "triton"), default="auto",
+                   help="GPTQ column loop: auto = Triton on CUDA, PyTorch elsewhere")
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
@@ -129,7 +131,7 @@ def _quantize(args) -> dict:
         QuantizeOptions(
             model=args.model, output=args.output, calibration=args.calibration, recipe=recipe,
             samples=args.samples, seq_len=args.seq_len, seed=args.seed, jsonl_field=args.jsonl_field,
-            device=args.device, method=args.method, allow_unservable=args.allow_unservable, overwrite=args.overwrite,
+            device=args.device, method=args.method, solver=args.solver, allow_unservable=args.allow_unservable, overwrite=args.overwrite,
             eval_text=args.eval_text, eval_seq_len=args.eval_seq_len, eval_max_windows=args.eval_max_windows,
             batch_size=args.batch_size, offload_activations=args.offload_activations,
             source_repo=args.source_repo, source_revision=args.source_revision, progress=not args.no_progress,

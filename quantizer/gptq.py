@@ -235,9 +235,21 @@ def solve_block_torch(
     return codes, errors
 
 
-def default_block_solver(device: torch.device) -> tuple[str, BlockSolver]:
-    """The Triton kernel on CUDA when Triton imports, else the PyTorch loop (the reference)."""
-    if device.type == "cuda":
+SOLVERS = ("auto", "torch", "triton")
+
+
+def default_block_solver(device: torch.device, solver: str = "auto") -> tuple[str, BlockSolver]:
+    """The Triton kernel on CUDA when Triton imports, else the PyTorch loop (the reference).
+    `solver` forces one: "torch" anywhere, "triton" only on CUDA."""
+    if solver not in SOLVERS:
+        raise InputError(f"solver {solver!r}: use one of {', '.join(SOLVERS)}")
+    if solver == "triton":
+        if device.type != "cuda":
+            raise InputError("solver 'triton' needs a CUDA device; use 'auto' or 'torch' here")
+        from quantizer.gptq_triton import solve_block_triton
+
+        return "triton", solve_block_triton
+    if solver == "auto" and device.type == "cuda":
         try:
             from quantizer.gptq_triton import solve_block_triton
         except ImportError as exc:  # pragma: no cover - depends on the GPU image

@@ -298,6 +298,7 @@ def quantize_model(
     batch_size: int = 1,
     offload_activations: bool = False,
     progress: bool = True,
+    solver: str = "auto",
 ) -> PipelineResult:
     """Quantize every decoder Linear of the model in model_dir; hand each finished layer to sink."""
     from transformers import AutoModelForCausalLM
@@ -309,7 +310,7 @@ def quantize_model(
     compute_dtype = dtype if device.type == "cuda" else torch.float32
     store_device = torch.device("cpu") if offload_activations else device
     result = PipelineResult()
-    result.solver, block_solver = ("rtn", None) if method == "rtn" else default_block_solver(device)
+    result.solver, block_solver = ("rtn", None) if method == "rtn" else default_block_solver(device, solver)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

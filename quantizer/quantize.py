@@ -39,6 +39,7 @@ class QuantizeOptions:
     jsonl_field: str = "text"
     device: str = "auto"
     method: str = "gptq"
+    solver: str = "auto"
     allow_unservable: bool = False
     overwrite: bool = False
     eval_text: Path | None = None
@@ -130,6 +131,7 @@ def run_quantize(opts: QuantizeOptions) -> dict:
             batch_size=opts.batch_size,
             offload_activations=opts.offload_activations,
             progress=opts.progress,
+            solver=opts.solver,
         )
         # Embeddings, final norm and lm_head stay in the source dtype, copied as they are.
         layers_prefix = _layers_prefix(writer.quantized_shapes)
