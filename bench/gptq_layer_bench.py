@@ -18,8 +18,10 @@ Columns
              - out * in * (in - 1): GPTQ's error feedback, one multiply-add (2 FLOPs) for every row
                and every column pair i < j, whether done as rank-1 updates inside a block or as the
                lazy-batch matmul after it;
-             - (4/3) in^3: Cholesky of H (in^3/3), cholesky_inverse (2 in^3/3), Cholesky of H^-1
-               (in^3/3).
+             - (4/3) in^3: the classic factorization's count, Cholesky of H (in^3/3),
+               cholesky_inverse (2 in^3/3), Cholesky of H^-1 (in^3/3); llm-compressor does that,
+               ours needs 2/3 in^3 (one Cholesky of the flipped H, one triangular inverse) but is
+               credited with the same nominal count.
              Not counted: quantization arithmetic (O(out * in)), and the relative-error evaluation
              that gptq_quantize runs at its end (two out x in x in matmuls, inside our paths' time,
              not llm-compressor's).
