@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--workdir", type=Path, help="where the synthetic model is written (default: a temp dir)")
+    parser.add_argument("--write-only", action="store_true", help="only write the synthetic model")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a model already in --workdir, so the process's peak host memory is the pipeline's")
     parser.add_argument("--solvers", default="auto", help="comma-separated, run in order: auto, torch, triton")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -88,11 +91,16 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kq-bench-"))
     model_dir = workdir / f"synthetic-{args.shape}"
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    start = time.perf_counter()
-    write_synthetic_model(model_dir, args.shape, dtype, device)
-    write_seconds = time.perf_counter() - start
+    write_seconds = None
+    if not (args.reuse and model_dir.exists()):
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        start = time.perf_counter()
+        write_synthetic_model(model_dir, args.shape, dtype, device)
+        write_seconds = round(time.perf_counter() - start, 1)
+    if args.write_only:
+        print(f"wrote {model_dir} in {write_seconds} s")
+        return
 
     recipe = QuantRecipe(bits=4, group_size=128, sym=True, act_order=True)
     vocab = SHAPES[args.shape][5]
@@ -122,7 +130,7 @@ def main() -> None:
         "torch": torch.__version__,
         "samples": args.samples,
         "seq_len": args.seq_len,
-        "model_write_seconds": round(write_seconds, 1),
+        "model_write_seconds": write_seconds,
         "runs": runs,
     }
     if len(runs) > 1:
