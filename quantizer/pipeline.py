@@ -78,22 +78,20 @@ class SafetensorsCheckpoint:
             for file in files:
                 with safe_open(file, framework="pt") as handle:
                     self.file_of.update(dict.fromkeys(handle.keys(), file))
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return list(self.file_of)
 
+    # Each read opens and closes its file: a handle kept open keeps its memory map, and every page
+    # read through it stays in this process's resident set, which would then grow with the depth
+    # of the model. Parsing a safetensors header again costs microseconds.
     def get(self, name: str) -> torch.Tensor:
-        file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(name)
+        with safe_open(self.file_of[name], framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def shape(self, name: str) -> list[int]:
-        file = self.file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return list(self._handles[file].get_slice(name).get_shape())
+        with safe_open(self.file_of[name], framework="pt") as handle:
+            return list(handle.get_slice(name).get_shape())
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.file_of.values()))
