@@ -1,0 +1,1 @@
+"""kubequant: the QuantizedModel operator (kopf) and `kubequant render`."""

@@ -1,0 +1,561 @@
+"""Pure functions from a Model to the manifests of its children (plain dicts, ready to POST).
+
+Names are deterministic: the quantize Job is named by the hash of everything that determines the
+artifact (source + recipe + the texts), the evaluate Job by that plus the gate's thresholds. A
+restarted operator therefore finds its Jobs instead of duplicating them, and a spec change that
+does not touch those inputs (replicas, extraArgs, images, resources) reuses the artifact.
+Objects that are updated in place (Deployment, Service, PDB, ServiceMonitor) carry the hash of
+their own content in an annotation, so drift is detected without comparing defaulted fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from typing import Any
+
+from kubequant.spec import (
+    GROUP,
+    KIND,
+    VERSION,
+    HuggingFaceSource,
+    Model,
+    PvcSource,
+    TextSource,
+)
+
+LABEL_MODEL = f"{GROUP}/model"
+LABEL_ARTIFACT = f"{GROUP}/artifact"
+ANNOTATION_HASH = f"{GROUP}/hash"
+ANNOTATION_RETENTION = f"{GROUP}/retention-policy"
+MANAGED_BY = "kubequant"
+
+ARTIFACTS_MOUNT = "/artifacts"
+SOURCE_MOUNT = "/source"
+TEXTS_MOUNT = "/texts"
+VLLM_PORT = 8000
+# Container names: the reconciler reads results from these containers' termination messages.
+QUANTIZE_CONTAINER = "quantize"
+FETCH_CONTAINER = "fetch"
+EVALUATE_CONTAINER = "evaluate"
+# Exit codes of `python -m quantizer`: retrying bad input or a failed gate cannot help.
+EXIT_BAD_INPUT = 2
+EXIT_GATE_FAILED = 3
+
+
+def digest(data: Any, length: int = 10) -> str:
+    """A short, stable hash of JSON-able data (key order does not matter)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _text_id(text: TextSource) -> dict:
+    return {"path": text.path} if text.path else {"configMap": text.config_map, "key": text.key}
+
+
+def source_hash(model: Model) -> str:
+    src = model.spec.source
+    if isinstance(src, HuggingFaceSource):
+        return digest({"repo": src.repo, "revision": src.revision})
+    return digest({"claim": src.claim_name, "path": src.path})
+
+
+def artifact_hash(model: Model) -> str:
+    """Everything that changes the artifact or the perplexities the quantize Job measures."""
+    q, e = model.spec.quantization, model.spec.evaluation
+    return digest({
+        "source": source_hash(model),
+        "recipe": {"bits": q.bits, "groupSize": q.group_size, "actOrder": q.act_order, "sym": q.symmetric,
+                   "damp": q.damp_percent},
+        "calibration": {"text": _text_id(q.calibration.text), "field": q.calibration.jsonl_field,
+                        "samples": q.calibration.samples, "seqLen": q.calibration.seq_len},
+        "evaluation": {"text": _text_id(e.text), "field": e.jsonl_field, "seqLen": e.seq_len,
+                       "maxWindows": e.max_windows},
+    })
+
+
+def evaluation_key(model: Model) -> str:
+    """The artifact plus the gate: changing a threshold evaluates again, never quantizes again."""
+    e = model.spec.evaluation
+    return digest({
+        "artifact": artifact_hash(model),
+        "gate": {"increase": e.max_perplexity_increase, "ratio": e.max_perplexity_ratio,
+                 "engine": e.engine_tolerance, "dtype": e.dtype},
+    })
+
+
+# Names. Model names are at most 40 characters (CRD rule), so every name stays a DNS-1123 label.
+def quantize_job_name(model: Model) -> str:
+    return f"{model.name}-quantize-{artifact_hash(model)}"
+
+
+def evaluate_job_name(model: Model) -> str:
+    return f"{model.name}-eval-{evaluation_key(model)}"
+
+
+def cleanup_job_name(model: Model) -> str:
+    return f"{model.name}-cleanup"
+
+
+def model_dir(model: Model) -> str:
+    """Everything this model writes on the storage claim lives under here (Delete removes it)."""
+    return f"kubequant/{model.name}"
+
+
+def artifact_dir(model: Model, hash_: str | None = None) -> str:
+    """Path of an artifact relative to the root of the storage claim."""
+    return f"{model_dir(model)}/{hash_ or artifact_hash(model)}"
+
+
+def labels(model: Model, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "vllm" if component == "server" else "kubequant",
+        "app.kubernetes.io/instance": model.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_MODEL: model.name,
+    }
+
+
+def selector(model: Model) -> dict[str, str]:
+    return {"app.kubernetes.io/instance": model.name, "app.kubernetes.io/component": "server"}
+
+
+def owner_reference(model: Model) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": model.name, "uid": model.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(model: Model, name: str, component: str, owned: bool = True, **extra: Any) -> dict:
+    meta: dict[str, Any] = {"name": name, "namespace": model.namespace, "labels": labels(model, component), **extra}
+    # `kubequant render` has no uid: the objects it prints are adopted by nobody.
+    if owned and model.uid:
+        meta["ownerReferences"] = [owner_reference(model)]
+    return meta
+
+
+def _with_hash(obj: dict) -> dict:
+    obj["metadata"].setdefault("annotations", {})[ANNOTATION_HASH] = digest(obj, 16)
+    return obj
+
+
+# The kubequant images' user (65532); vLLM's image runs as any user given a writable HOME.
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "runAsGroup": 65532,
+    "fsGroup": 65532,  # the Jobs write to the claim
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+# Non-root with a writable HOME for the caches of torch, Triton and vLLM.
+BASE_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+
+
+def _texts(model: Model, which: str, text: TextSource) -> tuple[str, list[dict], list[dict]]:
+    """(path inside the Pod, volumes, mounts) for a text source."""
+    if text.path:
+        return f"{ARTIFACTS_MOUNT}/{text.path}", [], []
+    volume = f"{which}-text"
+    mount = f"{TEXTS_MOUNT}/{which}"
+    return (
+        f"{mount}/{text.key}",
+        [{"name": volume, "configMap": {"name": text.config_map, "items": [{"key": text.key, "path": text.key}]}}],
+        [{"name": volume, "mountPath": mount, "readOnly": True}],
+    )
+
+
+def _artifacts_volume(model: Model, read_only: bool) -> dict:
+    return {"name": "artifacts",
+            "persistentVolumeClaim": {"claimName": model.spec.storage.claim_name, "readOnly": read_only}}
+
+
+def _scratch() -> tuple[dict, dict]:
+    return {"name": "tmp", "emptyDir": {}}, {"name": "tmp", "mountPath": "/tmp"}
+
+
+def _gpu_resources(resources: dict, gpus: int) -> dict:
+    """Copy of `resources` asking for exactly `gpus` NVIDIA GPUs (the limit; requests follow it)."""
+    out = copy.deepcopy(resources) if resources else {}
+    out.setdefault("limits", {})["nvidia.com/gpu"] = gpus
+    out.get("requests", {}).pop("nvidia.com/gpu", None)
+    if "requests" in out and not out["requests"]:
+        del out["requests"]
+    return out
+
+
+def _pod_failure_policy(container: str, exit_codes: list[int]) -> dict:
+    return {"rules": [
+        {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "In", "values": exit_codes}},
+        # A drained node or a preempted Pod is not the Job's fault: do not count it against backoffLimit.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def quantize_job(model: Model) -> dict:
+    spec, q = model.spec, model.spec.quantization
+    a_hash = artifact_hash(model)
+    volumes = [_artifacts_volume(model, read_only=False)]
+    mounts = [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT}]
+    tmp_volume, tmp_mount = _scratch()
+    volumes.append(tmp_volume)
+    mounts.append(tmp_mount)
+    init_containers = []
+    provenance: list[str] = []
+
+    src = spec.source
+    if isinstance(src, PvcSource):
+        if src.claim_name == spec.storage.claim_name:  # one claim mounted twice confuses some CSI drivers
+            model_path = f"{ARTIFACTS_MOUNT}/{src.path}"
+        else:
+            volumes.append({"name": "source", "persistentVolumeClaim": {"claimName": src.claim_name, "readOnly": True}})
+            mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
+            model_path = f"{SOURCE_MOUNT}/{src.path}"
+    else:
+        # Downloaded onto the claim, keyed by repo@revision, so a retry or a new recipe resumes it.
+        model_path = f"{ARTIFACTS_MOUNT}/{model_dir(model)}/sources/{source_hash(model)}"
+        env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+        if src.token_secret:
+            # Only a reference: the token reaches the fetch container's environment, nothing else.
+            env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret, "key": src.token_key}}})
+        init_containers.append({
+            "name": FETCH_CONTAINER,
+            "image": q.image,
+            "command": ["python", "-m", "quantizer", "fetch", "--repo", src.repo, "--revision", src.revision,
+                        "--output", model_path],
+            "env": env,
+            "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT}, tmp_mount],
+            "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        })
+        provenance = ["--source-repo", src.repo, "--source-revision", src.revision]
+
+    cal_path, cal_volumes, cal_mounts = _texts(model, "calibration", q.calibration.text)
+    eval_path, eval_volumes, eval_mounts = _texts(model, "evaluation", spec.evaluation.text)
+    volumes += cal_volumes + eval_volumes
+    mounts += cal_mounts + eval_mounts
+    e = spec.evaluation
+    args = [
+        "python", "-m", "quantizer", "quantize",
+        "--model", model_path,
+        "--output", f"{ARTIFACTS_MOUNT}/{artifact_dir(model, a_hash)}",
+        "--calibration", cal_path,
+        "--jsonl-field", q.calibration.jsonl_field,
+        "--bits", str(q.bits),
+        "--group-size", str(q.group_size),
+        "--act-order" if q.act_order else "--no-act-order",
+        "--sym" if q.symmetric else "--no-sym",
+        "--damp", repr(q.damp_percent / 100),
+        "--samples", str(q.calibration.samples),
+        "--seq-len", str(q.calibration.seq_len),
+        "--eval-text", eval_path,
+        "--eval-seq-len", str(e.seq_len),
+        *(["--eval-max-windows", str(e.max_windows)] if e.max_windows else []),
+        *provenance,
+        # The path is keyed by the recipe hash: whatever a failed attempt left there is the same artifact.
+        "--overwrite",
+    ]
+    if not spec.serving.enabled:
+        args.append("--allow-unservable")
+
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "containers": [{
+            "name": QUANTIZE_CONTAINER,
+            "image": q.image,
+            "command": args,
+            "env": copy.deepcopy(BASE_ENV),
+            "resources": copy.deepcopy(q.resources),
+            "volumeMounts": mounts,
+            "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        }],
+        "volumes": volumes,
+    }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
+    if q.node_selector:
+        pod_spec["nodeSelector"] = dict(q.node_selector)
+    if q.tolerations:
+        pod_spec["tolerations"] = copy.deepcopy(q.tolerations)
+
+    job_labels = {**labels(model, "quantize"), LABEL_ARTIFACT: a_hash}
+    job_spec: dict[str, Any] = {
+        "backoffLimit": q.backoff_limit,
+        "podFailurePolicy": _pod_failure_policy(QUANTIZE_CONTAINER, [EXIT_BAD_INPUT]),
+        "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+    }
+    if q.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = q.active_deadline_seconds
+    meta = _metadata(model, quantize_job_name(model), "quantize")
+    meta["labels"] = job_labels
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def _serving_pod_parts(model: Model) -> tuple[list[dict], list[dict]]:
+    """Volumes and mounts shared by the evaluate Job and the Deployment: what vLLM needs."""
+    tmp_volume, tmp_mount = _scratch()
+    volumes = [
+        _artifacts_volume(model, read_only=True),
+        # NCCL between tensor-parallel workers uses /dev/shm; the container default is 64 MiB.
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": model.spec.serving.shm_size}},
+        tmp_volume,
+    ]
+    mounts = [
+        {"name": "artifacts", "mountPath": ARTIFACTS_MOUNT, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        tmp_mount,
+    ]
+    return volumes, mounts
+
+
+def _scheduling(model: Model) -> dict:
+    out: dict[str, Any] = {}
+    if model.spec.serving.node_selector:
+        out["nodeSelector"] = dict(model.spec.serving.node_selector)
+    if model.spec.serving.tolerations:
+        out["tolerations"] = copy.deepcopy(model.spec.serving.tolerations)
+    return out
+
+
+def _number(value: Any) -> str:
+    return repr(float(value)) if isinstance(value, (int, float)) else str(value)
+
+
+def evaluate_job(model: Model, artifact: dict) -> dict:
+    """The gate: vLLM with the serving tensor parallelism and GPUs measures the artifact.
+
+    `artifact` is the status record of the quantize result (path, baselinePerplexity,
+    fakequantPerplexity)."""
+    e, serving = model.spec.evaluation, model.spec.serving
+    volumes, mounts = _serving_pod_parts(model)
+    text_path, text_volumes, text_mounts = _texts(model, "evaluation", e.text)
+    args = [
+        "python", "-m", "quantizer", "evaluate",
+        "--model", f"{ARTIFACTS_MOUNT}/{artifact['path']}",
+        "--eval-text", text_path,
+        "--jsonl-field", e.jsonl_field,
+        "--seq-len", str(e.seq_len),
+        *(["--max-windows", str(e.max_windows)] if e.max_windows else []),
+        "--baseline-ppl", _number(artifact.get("baselinePerplexity")),
+        "--fakequant-ppl", _number(artifact.get("fakequantPerplexity")),
+        *(["--max-ppl-increase", repr(float(e.max_perplexity_increase))] if e.max_perplexity_increase else []),
+        *(["--max-ppl-ratio", repr(float(e.max_perplexity_ratio))] if e.max_perplexity_ratio else []),
+        "--engine-tolerance", repr(float(e.engine_tolerance)),
+        "--tensor-parallel-size", str(serving.tensor_parallel_size),
+        "--max-model-len", str(e.seq_len),
+        "--dtype", e.dtype,
+        "--gpu-memory-utilization", repr(float(serving.gpu_memory_utilization)),
+    ]
+    job_labels = {**labels(model, "evaluate"), LABEL_ARTIFACT: artifact.get("hash") or artifact_hash(model)}
+    meta = _metadata(model, evaluate_job_name(model), "evaluate")
+    meta["labels"] = job_labels
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": e.backoff_limit,
+            "podFailurePolicy": _pod_failure_policy(EVALUATE_CONTAINER, [EXIT_BAD_INPUT, EXIT_GATE_FAILED]),
+            "template": {
+                "metadata": {"labels": job_labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "enableServiceLinks": False,
+                    "securityContext": copy.deepcopy(POD_SECURITY),
+                    "containers": [{
+                        "name": EVALUATE_CONTAINER,
+                        "image": e.image,
+                        "command": args,
+                        "env": copy.deepcopy(BASE_ENV),
+                        "resources": _gpu_resources(serving.resources, serving.tensor_parallel_size),
+                        "volumeMounts": mounts + text_mounts,
+                        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+                    }],
+                    "volumes": volumes + text_volumes,
+                    **_scheduling(model),
+                },
+            },
+        },
+    }
+
+
+def vllm_args(model: Model, artifact_path: str) -> list[str]:
+    s = model.spec.serving
+    return [
+        f"{ARTIFACTS_MOUNT}/{artifact_path}",
+        "--tensor-parallel-size", str(s.tensor_parallel_size),
+        "--served-model-name", model.served_model_name,
+        "--max-model-len", str(s.max_model_len),
+        "--gpu-memory-utilization", repr(float(s.gpu_memory_utilization)),
+        "--port", str(VLLM_PORT),
+        *s.extra_args,
+    ]
+
+
+def deployment(model: Model, artifact: dict) -> dict:
+    """vLLM serving `artifact` (a status record that passed the gate)."""
+    s = model.spec.serving
+    volumes, mounts = _serving_pod_parts(model)
+    probe = {"httpGet": {"path": "/health", "port": "http"}}
+    startup_period = 10
+    pod_labels = {**labels(model, "server"), LABEL_ARTIFACT: artifact["hash"]}
+    obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(model, model.name, "server"),
+        "spec": {
+            "replicas": s.replicas,
+            "selector": {"matchLabels": selector(model)},
+            # Old Pods keep serving until new ones pass readiness: a rollout never drops below `replicas`.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "progressDeadlineSeconds": s.startup_timeout_seconds + 600,
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(VLLM_PORT),
+                                    "prometheus.io/path": "/metrics"},
+                },
+                "spec": {
+                    # Service links would put VLLM_PORT=tcp://... into the environment, which vLLM reads.
+                    "enableServiceLinks": False,
+                    "securityContext": {k: copy.deepcopy(v) for k, v in POD_SECURITY.items() if k != "fsGroup"},
+                    "terminationGracePeriodSeconds": 60,
+                    "containers": [{
+                        "name": "vllm",
+                        "image": s.image,
+                        "command": ["vllm", "serve"],
+                        "args": vllm_args(model, artifact["path"]),
+                        "env": copy.deepcopy(BASE_ENV),
+                        "ports": [{"name": "http", "containerPort": VLLM_PORT, "protocol": "TCP"}],
+                        "resources": _gpu_resources(s.resources, s.tensor_parallel_size),
+                        "startupProbe": {**probe, "periodSeconds": startup_period,
+                                         "failureThreshold": math.ceil(s.startup_timeout_seconds / startup_period)},
+                        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+                        "livenessProbe": {**probe, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
+                        "volumeMounts": mounts,
+                        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+                    }],
+                    "volumes": volumes,
+                    **_scheduling(model),
+                },
+            },
+        },
+    }
+    return _with_hash(obj)
+
+
+def service(model: Model) -> dict:
+    s = model.spec.serving
+    meta = _metadata(model, model.name, "server")
+    meta["labels"][f"{GROUP}/metrics"] = "true"  # vLLM's /metrics is on the same port
+    return _with_hash({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": s.service_type,
+            "selector": selector(model),
+            "ports": [{"name": "http", "port": s.service_port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    })
+
+
+def pod_disruption_budget(model: Model) -> dict:
+    return _with_hash({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(model, model.name, "server"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(model)}},
+    })
+
+
+def service_monitor(model: Model) -> dict:
+    s = model.spec.serving
+    meta = _metadata(model, model.name, "server")
+    meta["labels"].update(s.service_monitor_labels)
+    return _with_hash({
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": {**selector(model), f"{GROUP}/metrics": "true"}},
+            "namespaceSelector": {"matchNames": [model.namespace]},
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": s.service_monitor_interval}],
+        },
+    })
+
+
+def persistent_volume_claim(model: Model) -> dict:
+    """The artifact claim, when the spec asks for one. Never owned: Retain must outlive the model."""
+    st = model.spec.storage
+    spec: dict[str, Any] = {"accessModes": [st.access_mode], "resources": {"requests": {"storage": st.size}}}
+    if st.storage_class_name:
+        spec["storageClassName"] = st.storage_class_name
+    meta = _metadata(model, st.claim_name, "storage", owned=False)
+    meta["annotations"] = {ANNOTATION_RETENTION: st.retention_policy}
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+
+
+def cleanup_job(model: Model) -> dict:
+    """Removes kubequant/<name>/ from a claim the operator did not create (retention policy Delete)."""
+    tmp_volume, tmp_mount = _scratch()
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(model, cleanup_job_name(model), "cleanup"),
+        "spec": {
+            "backoffLimit": 2,
+            "ttlSecondsAfterFinished": 600,
+            "template": {
+                "metadata": {"labels": labels(model, "cleanup")},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "enableServiceLinks": False,
+                    "securityContext": copy.deepcopy(POD_SECURITY),
+                    "containers": [{
+                        "name": "cleanup",
+                        "image": model.spec.quantization.image,
+                        "command": ["python", "-c", "import shutil, sys; shutil.rmtree(sys.argv[1], ignore_errors=True)",
+                                    f"{ARTIFACTS_MOUNT}/{model_dir(model)}"],
+                        "env": [{"name": "HOME", "value": "/tmp"}],
+                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+                        "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT}, tmp_mount],
+                        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+                    }],
+                    "volumes": [_artifacts_volume(model, read_only=False), tmp_volume],
+                },
+            },
+        },
+    }
+
+
+def serving_objects(model: Model, artifact: dict) -> list[dict]:
+    """Deployment, Service and, when asked for, the PodDisruptionBudget and ServiceMonitor."""
+    objs = [deployment(model, artifact), service(model)]
+    if model.spec.serving.replicas > 1:
+        objs.append(pod_disruption_budget(model))
+    if model.spec.serving.service_monitor:
+        objs.append(service_monitor(model))
+    return objs
+
+
+def render(model: Model) -> list[dict]:
+    """Every object the operator would create for a new model, for review and GitOps.
+
+    The evaluate Job and the Deployment need the quantize result: they are shown for the
+    artifact the spec asks for, with the perplexities left as placeholders."""
+    placeholder = {"hash": artifact_hash(model), "path": artifact_dir(model),
+                   "baselinePerplexity": "<baseline_ppl>", "fakequantPerplexity": "<fakequant_ppl>"}
+    objs = [persistent_volume_claim(model)] if model.spec.storage.create else []
+    objs.append(quantize_job(model))
+    if model.spec.serving.enabled:
+        objs.append(evaluate_job(model, placeholder))
+        objs += serving_objects(model, placeholder)
+    return objs

@@ -1,0 +1,96 @@
+"""`kubequant`: render what the operator would create, or run the operator.
+
+    kubequant render -f qm.yaml [-n NAMESPACE]   # the children as YAML, for review and GitOps
+    kubequant operator [-n NAMESPACE ... | -A]    # the kopf operator
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from kubequant import builders
+from kubequant.spec import KIND, SpecError, parse_model
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block YAML without &anchors: shared sub-dicts are written out in full."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
+def _render(args: argparse.Namespace) -> int:
+    docs = []
+    for file in args.filename:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text()
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    out = []
+    for doc in docs:
+        if doc.get("kind") != KIND:
+            print(f"skipping {doc.get('kind')} {doc.get('metadata', {}).get('name')}: not a {KIND}", file=sys.stderr)
+            continue
+        doc.setdefault("metadata", {})
+        doc["metadata"]["namespace"] = args.namespace or doc["metadata"].get("namespace") or "default"
+        try:
+            model = parse_model(doc)
+        except SpecError as exc:
+            print(f"{KIND} {doc['metadata'].get('name')}: {exc}", file=sys.stderr)
+            return 2
+        out += builders.render(model)
+    sys.stdout.write(yaml.dump_all(out, Dumper=_Dumper, sort_keys=False, default_flow_style=False))
+    return 0
+
+
+def _operator(args: argparse.Namespace) -> int:
+    # Read by kubequant.handlers when it is imported: set before.
+    os.environ["KUBEQUANT_METRICS_PORT"] = str(args.metrics_port)
+    os.environ["KUBEQUANT_RESYNC_SECONDS"] = str(args.resync_seconds)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import kopf
+
+    import kubequant.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace or (),
+        standalone=True,
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubequant", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("render", help="print the objects the operator would create for QuantizedModels")
+    p.add_argument("-f", "--filename", action="append", required=True, help="YAML file ('-' for stdin); repeatable")
+    p.add_argument("-n", "--namespace", help="namespace of the objects (default: the resource's, else default)")
+    p.set_defaults(func=_render)
+
+    p = sub.add_parser("operator", help="run the operator (kopf)")
+    scope = p.add_mutually_exclusive_group(required=True)
+    scope.add_argument("-n", "--namespace", action="append", help="watch this namespace; repeatable")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port; 0 disables")
+    p.add_argument("--health-port", type=int, default=8081, help="liveness /healthz port; 0 disables")
+    p.add_argument("--resync-seconds", type=float, default=60, help="re-check every model this often")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=_operator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Operator metrics on :8080/metrics (prometheus-client).
+
+Fed from status transitions (a result recorded for the first time), not from every reconcile, so
+that a timer tick or a restart never counts a quantization or a gate outcome twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from kubequant.reconcile import PHASES
+
+RECONCILES = Counter("kubequant_reconciles", "Reconciles of QuantizedModels, by result.", ["result"])
+MODELS = Gauge("kubequant_models", "QuantizedModels known to this operator, by phase.", ["phase"])
+QUANTIZE_SECONDS = Histogram(
+    "kubequant_quantization_duration_seconds", "Duration of successful quantizations.",
+    buckets=(10, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 57600),
+)
+EVALUATE_SECONDS = Histogram(
+    "kubequant_evaluation_duration_seconds", "Duration of evaluate Jobs that reached a verdict.",
+    buckets=(10, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+)
+BASELINE_PPL = Gauge("kubequant_baseline_perplexity", "Perplexity of the unquantized model.", ["namespace", "model"])
+QUANTIZED_PPL = Gauge("kubequant_quantized_perplexity", "Perplexity of the quantized model (served by vLLM when "
+                      "evaluated).", ["namespace", "model"])
+GATE_OUTCOMES = Counter("kubequant_gate_outcomes", "Quality gate verdicts.", ["namespace", "model", "outcome"])
+
+_phases: dict[tuple[str, str], str] = {}
+_lock = threading.Lock()
+_server_started = False
+
+
+def serve(port: int) -> None:
+    global _server_started
+    with _lock:
+        if not _server_started:
+            start_http_server(port)
+            _server_started = True
+
+
+def _set_phases() -> None:
+    counts = dict.fromkeys(PHASES, 0)
+    for phase in _phases.values():
+        counts[phase] = counts.get(phase, 0) + 1
+    for phase, count in counts.items():
+        MODELS.labels(phase=phase).set(count)
+
+
+def record(namespace: str, name: str, old: dict, new: dict) -> None:
+    """Update the metrics from one status transition of one model."""
+    with _lock:
+        if new.get("phase"):
+            _phases[(namespace, name)] = new["phase"]
+            _set_phases()
+    artifact, old_artifact = new.get("artifact") or {}, old.get("artifact") or {}
+    if artifact.get("hash") and artifact.get("hash") != old_artifact.get("hash") and artifact.get("seconds") is not None:
+        QUANTIZE_SECONDS.observe(float(artifact["seconds"]))
+    evaluation, old_evaluation = new.get("evaluation") or {}, old.get("evaluation") or {}
+    if evaluation.get("key") and evaluation.get("key") != old_evaluation.get("key"):
+        GATE_OUTCOMES.labels(namespace=namespace, model=name, outcome=evaluation.get("reason", "Unknown")).inc()
+        if evaluation.get("seconds") is not None:
+            EVALUATE_SECONDS.observe(float(evaluation["seconds"]))
+    if new.get("baselinePerplexity") is not None:
+        BASELINE_PPL.labels(namespace=namespace, model=name).set(new["baselinePerplexity"])
+    if new.get("quantizedPerplexity") is not None:
+        QUANTIZED_PPL.labels(namespace=namespace, model=name).set(new["quantizedPerplexity"])
+
+
+def forget(namespace: str, name: str) -> None:
+    """A deleted model leaves no series behind."""
+    with _lock:
+        _phases.pop((namespace, name), None)
+        _set_phases()
+    for gauge in (BASELINE_PPL, QUANTIZED_PPL):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)
+    for labels in [s.labels for m in GATE_OUTCOMES.collect() for s in m.samples]:
+        if labels.get("namespace") == namespace and labels.get("model") == name and "outcome" in labels:
+            with contextlib.suppress(KeyError):
+                GATE_OUTCOMES.remove(namespace, name, labels["outcome"])

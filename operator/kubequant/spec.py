@@ -1,0 +1,348 @@
+"""The QuantizedModel spec as typed, defaulted dataclasses.
+
+The CRD applies the same defaults and rules in the apiserver; they are repeated here because the
+operator must not trust that (an older CRD, `kubequant render` on a file, an apiserver without CEL).
+tests/test_operator_spec.py checks that these defaults are the CRD's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+GROUP = "kubequant.io"
+VERSION = "v1alpha1"
+PLURAL = "quantizedmodels"
+KIND = "QuantizedModel"
+
+# Images of this release. The operator's environment overrides them (the Helm chart sets these
+# variables), a QuantizedModel's spec overrides both; they are not CRD defaults, so that upgrading
+# the operator upgrades the images of models that do not pin their own.
+QUANTIZER_IMAGE = "ghcr.io/kubequant/kubequant-quantizer:0.1.0"
+EVALUATOR_IMAGE = "ghcr.io/kubequant/kubequant-evaluator:0.1.0"
+VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
+
+
+def _image(variable: str, default: str) -> Any:
+    return field(default_factory=lambda: os.environ.get(variable) or default)
+
+# Flags the operator sets on `vllm serve` itself; extraArgs may not repeat them.
+MANAGED_VLLM_FLAGS = (
+    "--tensor-parallel-size", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
+    "--port", "--quantization", "--model",
+)
+SERVABLE_GROUP_SIZES = (-1, 32, 64, 128)
+NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME_LENGTH = 40
+
+
+class SpecError(ValueError):
+    """The spec cannot be acted on; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class HuggingFaceSource:
+    repo: str
+    revision: str
+    token_secret: str | None = None
+    token_key: str = "HF_TOKEN"
+
+
+@dataclass(frozen=True)
+class PvcSource:
+    claim_name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Exactly one of `path` (on the storage claim) or `config_map` + `key`."""
+
+    path: str | None = None
+    config_map: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    text: TextSource
+    jsonl_field: str = "text"
+    samples: int = 128
+    seq_len: int = 2048
+
+
+@dataclass(frozen=True)
+class Quantization:
+    calibration: Calibration
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = True
+    symmetric: bool = True
+    damp_percent: float = 1.0
+    image: str = _image("KUBEQUANT_QUANTIZER_IMAGE", QUANTIZER_IMAGE)
+    resources: dict = field(default_factory=dict)
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
+    backoff_limit: int = 1
+    active_deadline_seconds: int | None = None
+
+    @property
+    def servable(self) -> bool:
+        return self.bits == 4 and self.symmetric and self.group_size in SERVABLE_GROUP_SIZES
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    text: TextSource
+    jsonl_field: str = "text"
+    seq_len: int = 2048
+    max_windows: int | None = None
+    max_perplexity_increase: float | None = None
+    max_perplexity_ratio: float | None = None
+    engine_tolerance: float = 0.01
+    dtype: str = "float16"
+    image: str = _image("KUBEQUANT_EVALUATOR_IMAGE", EVALUATOR_IMAGE)
+    backoff_limit: int = 1
+
+
+@dataclass(frozen=True)
+class Serving:
+    enabled: bool = True
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    image: str = _image("KUBEQUANT_VLLM_IMAGE", VLLM_IMAGE)
+    served_model_name: str | None = None
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    extra_args: tuple[str, ...] = ()
+    resources: dict = field(default_factory=dict)
+    node_selector: dict = field(default_factory=dict)
+    tolerations: list = field(default_factory=list)
+    shm_size: str = "8Gi"
+    startup_timeout_seconds: int = 1800
+    service_type: str = "ClusterIP"
+    service_port: int = 8000
+    service_monitor: bool = False
+    service_monitor_interval: str = "30s"
+    service_monitor_labels: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Storage:
+    claim_name: str
+    create: bool = False
+    size: str = "100Gi"
+    storage_class_name: str | None = None
+    access_mode: str = "ReadWriteOnce"
+    retention_policy: str = "Retain"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: HuggingFaceSource | PvcSource
+    quantization: Quantization
+    evaluation: Evaluation
+    serving: Serving
+    storage: Storage
+
+
+@dataclass(frozen=True)
+class Model:
+    """A QuantizedModel: identity (for names and ownerReferences) plus its parsed spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: ModelSpec
+
+    @property
+    def served_model_name(self) -> str:
+        return self.spec.serving.served_model_name or self.name
+
+
+def _obj(raw: Any, where: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where} must be an object")
+    return raw
+
+
+def _required(raw: dict, key: str, where: str) -> Any:
+    if raw.get(key) in (None, ""):
+        raise SpecError(f"{where}.{key} is required")
+    return raw[key]
+
+
+def _relative_path(path: str, where: str) -> str:
+    if path.startswith("/") or ".." in path:
+        raise SpecError(f"{where} must be relative to the root of the claim and must not contain '..'")
+    return path
+
+
+def _text(raw: Any, where: str) -> TextSource:
+    raw = _obj(raw, where)
+    has_path, has_cm = "path" in raw, "configMap" in raw
+    if has_path == has_cm:
+        raise SpecError(f"{where} must set exactly one of path or configMap")
+    if has_path:
+        return TextSource(path=_relative_path(str(raw["path"]), f"{where}.path"))
+    cm = _obj(raw["configMap"], f"{where}.configMap")
+    return TextSource(config_map=_required(cm, "name", f"{where}.configMap"), key=_required(cm, "key", f"{where}.configMap"))
+
+
+def _kwargs(raw: dict, names: dict[str, str]) -> dict:
+    """Map present camelCase keys to dataclass field names; absent keys keep the dataclass defaults."""
+    return {attr: raw[key] for key, attr in names.items() if key in raw}
+
+
+def parse_spec(raw: Any) -> ModelSpec:
+    raw = _obj(raw, "spec")
+
+    source_raw = _obj(_required(raw, "source", "spec"), "spec.source")
+    if ("huggingface" in source_raw) == ("pvc" in source_raw):
+        raise SpecError("spec.source must set exactly one of huggingface or pvc")
+    source: HuggingFaceSource | PvcSource
+    if "huggingface" in source_raw:
+        hf = _obj(source_raw["huggingface"], "spec.source.huggingface")
+        token = _obj(hf.get("tokenSecretRef"), "spec.source.huggingface.tokenSecretRef")
+        source = HuggingFaceSource(
+            repo=_required(hf, "repo", "spec.source.huggingface"),
+            revision=str(_required(hf, "revision", "spec.source.huggingface")),
+            token_secret=token.get("name"),
+            token_key=token.get("key", "HF_TOKEN"),
+        )
+    else:
+        pvc = _obj(source_raw["pvc"], "spec.source.pvc")
+        source = PvcSource(
+            claim_name=_required(pvc, "claimName", "spec.source.pvc"),
+            path=_relative_path(_required(pvc, "path", "spec.source.pvc"), "spec.source.pvc.path"),
+        )
+
+    q = _obj(_required(raw, "quantization", "spec"), "spec.quantization")
+    cal = _obj(_required(q, "calibration", "spec.quantization"), "spec.quantization.calibration")
+    quantization = Quantization(
+        calibration=Calibration(
+            text=_text(cal.get("text"), "spec.quantization.calibration.text"),
+            **_kwargs(cal, {"jsonlField": "jsonl_field", "samples": "samples", "seqLen": "seq_len"}),
+        ),
+        **_kwargs(q, {
+            "bits": "bits", "groupSize": "group_size", "actOrder": "act_order", "symmetric": "symmetric",
+            "dampPercent": "damp_percent", "image": "image", "resources": "resources",
+            "nodeSelector": "node_selector", "tolerations": "tolerations", "backoffLimit": "backoff_limit",
+            "activeDeadlineSeconds": "active_deadline_seconds",
+        }),
+    )
+    if quantization.bits not in (2, 3, 4, 8):
+        raise SpecError("spec.quantization.bits must be 2, 3, 4 or 8")
+    if quantization.group_size not in (-1, 32, 64, 128, 256):
+        raise SpecError("spec.quantization.groupSize must be -1, 32, 64, 128 or 256")
+
+    e = _obj(_required(raw, "evaluation", "spec"), "spec.evaluation")
+    evaluation = Evaluation(
+        text=_text(e.get("text"), "spec.evaluation.text"),
+        **_kwargs(e, {
+            "jsonlField": "jsonl_field", "seqLen": "seq_len", "maxWindows": "max_windows",
+            "maxPerplexityIncrease": "max_perplexity_increase", "maxPerplexityRatio": "max_perplexity_ratio",
+            "engineTolerance": "engine_tolerance", "dtype": "dtype", "image": "image",
+            "backoffLimit": "backoff_limit",
+        }),
+    )
+    for name, value, low in (("maxPerplexityIncrease", evaluation.max_perplexity_increase, 0.0),
+                             ("engineTolerance", evaluation.engine_tolerance, 0.0)):
+        if value is not None and value <= low:
+            raise SpecError(f"spec.evaluation.{name} must be positive")
+    if evaluation.max_perplexity_ratio is not None and evaluation.max_perplexity_ratio < 1.0:
+        raise SpecError("spec.evaluation.maxPerplexityRatio must be at least 1.0")
+
+    s = _obj(raw.get("serving"), "spec.serving")
+    service = _obj(s.get("service"), "spec.serving.service")
+    monitor = _obj(s.get("serviceMonitor"), "spec.serving.serviceMonitor")
+    serving = Serving(
+        extra_args=tuple(s.get("extraArgs") or ()),
+        shm_size=str(s.get("shmSize", Serving.shm_size)),
+        **_kwargs(s, {
+            "enabled": "enabled", "replicas": "replicas", "tensorParallelSize": "tensor_parallel_size",
+            "image": "image", "servedModelName": "served_model_name", "maxModelLen": "max_model_len",
+            "gpuMemoryUtilization": "gpu_memory_utilization", "resources": "resources",
+            "nodeSelector": "node_selector", "tolerations": "tolerations",
+            "startupTimeoutSeconds": "startup_timeout_seconds",
+        }),
+        **_kwargs(service, {"type": "service_type", "port": "service_port"}),
+        **_kwargs(monitor, {"enabled": "service_monitor", "interval": "service_monitor_interval",
+                            "labels": "service_monitor_labels"}),
+    )
+    tp = serving.tensor_parallel_size
+    if tp < 1 or tp & (tp - 1):
+        raise SpecError("spec.serving.tensorParallelSize must be a power of two (1, 2, 4, 8, ...)")
+    if serving.enabled and not quantization.servable:
+        raise SpecError("spec.serving.enabled needs a recipe vLLM serves: quantization.bits 4, symmetric true "
+                        "and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)")
+    for arg in serving.extra_args:
+        if any(arg == f or arg.startswith(f + "=") for f in MANAGED_VLLM_FLAGS):
+            raise SpecError(f"spec.serving.extraArgs must not set {arg.split('=')[0]}: the spec sets it")
+
+    st = _obj(_required(raw, "storage", "spec"), "spec.storage")
+    storage = Storage(
+        claim_name=_required(st, "claimName", "spec.storage"),
+        size=str(st.get("size", Storage.size)),
+        **_kwargs(st, {"create": "create", "storageClassName": "storage_class_name",
+                       "accessMode": "access_mode", "retentionPolicy": "retention_policy"}),
+    )
+    if storage.retention_policy not in ("Retain", "Delete"):
+        raise SpecError("spec.storage.retentionPolicy must be Retain or Delete")
+
+    return ModelSpec(source=source, quantization=quantization, evaluation=evaluation, serving=serving, storage=storage)
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict, "list": list, "None": type(None),
+}
+
+
+def _check_types(obj: Any, where: str) -> None:
+    """The schema's types, checked once here so that no builder meets a string where it wants a number."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{where}.{f.name}")
+            continue
+        names = [t.strip().split("[")[0] for t in str(f.type).split("|")]
+        allowed = tuple(t for n in names if n in _TYPES for t in
+                        (_TYPES[n] if isinstance(_TYPES[n], tuple) else (_TYPES[n],)))  # type: ignore[arg-type]
+        if "tuple" in names:
+            allowed += (tuple,)
+        if not allowed:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in allowed
+        if wrong_bool or not isinstance(value, allowed):
+            camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), f.name)
+            raise SpecError(f"{where}.{camel} must be of type {' or '.join(names)}, not {value!r}")
+
+
+def parse_model(body: dict) -> Model:
+    """A QuantizedModel object (as the API returns it) to a Model; raises SpecError."""
+    meta = body.get("metadata", {})
+    name = meta.get("name", "")
+    if not NAME_RE.match(name) or len(name) > MAX_NAME_LENGTH:
+        raise SpecError(f"metadata.name must be at most {MAX_NAME_LENGTH} characters, start with a letter "
+                        "and hold only lowercase letters, digits and '-'")
+    try:
+        spec = parse_spec(body.get("spec"))
+    except SpecError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
+        # A wrong type the CRD schema would have refused (an older CRD, a file given to render).
+        raise SpecError(f"spec: a field has the wrong type ({exc})") from exc
+    _check_types(spec, "spec")
+    return Model(
+        name=name,
+        namespace=meta.get("namespace") or "default",
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 1),
+        spec=spec,
+    )

@@ -1,0 +1,1 @@
+"""Helpers for the operator tests: CRD schema/CEL checks and a Kubernetes API emulator."""

@@ -1,0 +1,268 @@
+"""The manifests: valid Kubernetes 1.33 (kubernetes-validate, strict), deterministic, and what we promise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubequant import builders
+from kubequant.cli import main as cli_main
+from kubequant.spec import Model, SpecError, parse_model, parse_spec
+
+from tests.operator_support import crd
+from tests.operator_support.objects import QUANTIZE_RESULT, example, with_spec
+
+K8S_VERSION = "1.33.0"
+ARTIFACT = {"hash": "0123456789", "path": "kubequant/m/0123456789", "baselinePerplexity": 12.5,
+            "fakequantPerplexity": 12.9, **{"groupSize": QUANTIZE_RESULT["group_size"]}}
+
+
+def _models() -> dict[str, Model]:
+    hf_no_token = example()
+    del hf_no_token["spec"]["source"]["huggingface"]["tokenSecretRef"]
+    config_maps = with_spec(example("tiny.yaml"), "quantization.calibration.text",
+                            {"configMap": {"name": "texts", "key": "calibration.jsonl"}})
+    config_maps = with_spec(config_maps, "evaluation.text", {"configMap": {"name": "texts", "key": "eval.txt"}})
+    other_claim = with_spec(example("tiny.yaml"), "source.pvc.claimName", "models")
+    quantize_only = with_spec(with_spec(example("tiny.yaml"), "serving.enabled", False), "quantization.bits", 3)
+    scheduled = with_spec(example(), "serving.nodeSelector", {"gpu": "h100"})
+    scheduled = with_spec(scheduled, "quantization.activeDeadlineSeconds", 7200)
+    bodies = {"tiny": example("tiny.yaml"), "llama": example(), "hf-no-token": hf_no_token,
+              "config-maps": config_maps, "other-claim": other_claim, "quantize-only": quantize_only,
+              "scheduled": scheduled}
+    return {name: parse_model(body) for name, body in bodies.items()}
+
+
+MODELS = _models()
+
+
+def _every_object(model: Model) -> list[dict]:
+    objs = [builders.quantize_job(model), builders.evaluate_job(model, ARTIFACT), builders.deployment(model, ARTIFACT),
+            builders.service(model), builders.pod_disruption_budget(model), builders.persistent_volume_claim(model),
+            builders.cleanup_job(model)]
+    return objs
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_builders_are_valid_kubernetes(name):
+    for obj in _every_object(MODELS[name]):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_strict_validation_catches_unknown_fields():
+    job = builders.quantize_job(MODELS["tiny"])
+    job["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+
+
+def test_service_monitor_shape():
+    # kubernetes-validate has no schema for custom resources: check what Prometheus Operator reads.
+    sm = builders.service_monitor(MODELS["llama"])
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["kind"] == "ServiceMonitor"
+    service = builders.service(MODELS["llama"])
+    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert service["spec"]["ports"][0]["name"] == "http"
+
+
+def test_names_are_deterministic_and_short():
+    model = dataclasses.replace(MODELS["llama"], name="m" * 40)
+    names = [builders.quantize_job_name(model), builders.evaluate_job_name(model), builders.cleanup_job_name(model)]
+    assert all(len(n) <= 63 for n in names)
+    again = parse_model(example())
+    assert builders.quantize_job(again) == builders.quantize_job(MODELS["llama"])
+    assert builders.deployment(again, ARTIFACT) == builders.deployment(MODELS["llama"], ARTIFACT)
+
+
+# What must not requantize, what must.
+SAME_ARTIFACT = [("serving.replicas", 4), ("serving.extraArgs", ["--enable-prefix-caching"]),
+                 ("serving.tensorParallelSize", 4), ("quantization.image", "registry/q:2"),
+                 ("quantization.resources", {"limits": {"memory": "1Ti"}}), ("evaluation.maxPerplexityRatio", 1.2),
+                 ("storage.retentionPolicy", "Delete"), ("quantization.backoffLimit", 5)]
+NEW_ARTIFACT = [("quantization.groupSize", 64), ("quantization.actOrder", False), ("quantization.dampPercent", 0.5),
+                ("quantization.calibration.samples", 256), ("quantization.calibration.text", {"path": "other.txt"}),
+                ("source.huggingface.revision", "main"), ("evaluation.seqLen", 4096)]
+
+
+@pytest.mark.parametrize(("path", "value"), SAME_ARTIFACT)
+def test_serving_and_job_settings_keep_the_artifact(path, value):
+    changed = parse_model(with_spec(example(), path, value))
+    assert builders.artifact_hash(changed) == builders.artifact_hash(MODELS["llama"])
+    assert builders.quantize_job_name(changed) == builders.quantize_job_name(MODELS["llama"])
+
+
+@pytest.mark.parametrize(("path", "value"), NEW_ARTIFACT)
+def test_recipe_and_source_make_a_new_artifact(path, value):
+    changed = parse_model(with_spec(example(), path, value))
+    assert builders.artifact_hash(changed) != builders.artifact_hash(MODELS["llama"])
+
+
+def test_thresholds_change_only_the_evaluation():
+    changed = parse_model(with_spec(example(), "evaluation.maxPerplexityIncrease", 0.1))
+    assert builders.artifact_hash(changed) == builders.artifact_hash(MODELS["llama"])
+    assert builders.evaluation_key(changed) != builders.evaluation_key(MODELS["llama"])
+
+
+def _container(obj: dict, init: bool = False) -> dict:
+    return obj["spec"]["template"]["spec"]["initContainers" if init else "containers"][0]
+
+
+def test_quantize_job_from_hugging_face():
+    model = MODELS["llama"]
+    job = builders.quantize_job(model)
+    fetch, quantize = _container(job, init=True), _container(job)
+    assert fetch["command"][:4] == ["python", "-m", "quantizer", "fetch"]
+    # The token is a reference to the Secret, in the fetch container only.
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}} in fetch["env"]
+    assert "HF_TOKEN" not in str(quantize)
+    args = quantize["command"]
+    source = fetch["command"][fetch["command"].index("--output") + 1]
+    assert args[args.index("--model") + 1] == source
+    assert args[args.index("--output") + 1] == f"/artifacts/{builders.artifact_dir(model)}"
+    assert args[args.index("--damp") + 1] == "0.01"
+    for flag, value in [("--bits", "4"), ("--group-size", "128"), ("--samples", "128"), ("--seq-len", "2048"),
+                        ("--eval-max-windows", "64"), ("--source-revision", model.spec.source.revision)]:
+        assert args[args.index(flag) + 1] == value
+    assert "--act-order" in args and "--sym" in args and "--overwrite" in args
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never" and spec["backoffLimit"] == 1
+    assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]  # bad input: no retry
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+
+
+def test_quantize_job_from_a_claim():
+    tiny = builders.quantize_job(MODELS["tiny"])
+    assert _container(tiny)["command"][4:6] == ["--model", "/artifacts/tiny-llama"]  # same claim: mounted once
+    assert [v["name"] for v in tiny["spec"]["template"]["spec"]["volumes"]] == ["artifacts", "tmp"]
+    other = builders.quantize_job(MODELS["other-claim"])
+    assert _container(other)["command"][4:6] == ["--model", "/source/tiny-llama"]
+    assert {"name": "source", "mountPath": "/source", "readOnly": True} in _container(other)["volumeMounts"]
+
+
+def test_text_from_config_maps():
+    job = builders.quantize_job(MODELS["config-maps"])
+    args = _container(job)["command"]
+    assert args[args.index("--calibration") + 1] == "/texts/calibration/calibration.jsonl"
+    assert args[args.index("--eval-text") + 1] == "/texts/evaluation/eval.txt"
+
+
+def test_quantize_only_allows_unservable_recipes():
+    assert "--allow-unservable" in _container(builders.quantize_job(MODELS["quantize-only"]))["command"]
+    assert "--allow-unservable" not in _container(builders.quantize_job(MODELS["tiny"]))["command"]
+
+
+def test_evaluate_job_runs_the_gate_like_serving():
+    model = MODELS["llama"]
+    job = builders.evaluate_job(model, ARTIFACT)
+    container = _container(job)
+    args = container["command"]
+    for flag, value in [("--model", "/artifacts/kubequant/m/0123456789"), ("--baseline-ppl", "12.5"),
+                        ("--fakequant-ppl", "12.9"), ("--tensor-parallel-size", "2"), ("--max-ppl-ratio", "1.05"),
+                        ("--max-ppl-increase", "0.5"), ("--engine-tolerance", "0.01"), ("--max-windows", "64")]:
+        assert args[args.index(flag) + 1] == value
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 3]  # verdicts: no retry
+    assert job["spec"]["template"]["spec"]["tolerations"] == model.spec.serving.tolerations
+
+
+def test_deployment_serves_vllm_safely():
+    model = MODELS["llama"]
+    dep = builders.deployment(model, ARTIFACT)
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["vllm", "serve"]
+    assert container["args"] == [
+        "/artifacts/kubequant/m/0123456789", "--tensor-parallel-size", "2", "--served-model-name",
+        "llama-3-8b-instruct", "--max-model-len", "8192", "--gpu-memory-utilization", "0.9", "--port", "8000",
+        "--enable-prefix-caching"]
+    assert "--quantization" not in container["args"]  # vLLM reads GPTQ from config.json
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in container["env"]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["enableServiceLinks"] is False
+    assert {"name": "artifacts", "persistentVolumeClaim": {"claimName": "llama-3-8b-artifacts", "readOnly": True}} \
+        in pod["volumes"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in pod["volumes"]
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] == 1800
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "8000"
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_content_hash_tracks_every_change():
+    a = builders.deployment(MODELS["llama"], ARTIFACT)
+    b = builders.deployment(parse_model(with_spec(example(), "serving.replicas", 3)), ARTIFACT)
+    assert a["metadata"]["annotations"][builders.ANNOTATION_HASH] != b["metadata"]["annotations"][builders.ANNOTATION_HASH]
+
+
+def test_claim_is_never_owned():
+    pvc = builders.persistent_volume_claim(MODELS["llama"])
+    assert "ownerReferences" not in pvc["metadata"]
+    assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "100Gi"}}}
+
+
+def test_spec_defaults_are_the_crds():
+    minimal = {"source": {"pvc": {"claimName": "c", "path": "m"}},
+               "quantization": {"calibration": {"text": {"path": "c.txt"}}},
+               "evaluation": {"text": {"path": "e.txt"}}, "storage": {"claimName": "c"}}
+    defaulted = crd.apply_defaults({"spec": minimal})["spec"]
+    assert parse_spec(minimal) == parse_spec(defaulted)
+    assert crd.validate({"apiVersion": "kubequant.io/v1alpha1", "kind": "QuantizedModel",
+                         "metadata": {"name": "m"}, "spec": minimal}) == []
+
+
+@pytest.mark.parametrize(("path", "value", "words"), [
+    ("serving.tensorParallelSize", 6, "power of two"),
+    ("quantization.bits", 3, "vLLM serves"),
+    ("serving.extraArgs", ["--port=9000"], "--port"),
+    ("evaluation.maxPerplexityRatio", 0.5, "at least 1.0"),
+    ("evaluation.text", {"path": "a", "configMap": {"name": "b", "key": "c"}}, "exactly one"),
+    ("source.pvc", {"claimName": "c", "path": "m"}, "exactly one of huggingface or pvc"),
+    ("serving.replicas", "two", "spec.serving.replicas must be of type int"),
+    ("serving.enabled", "yes", "spec.serving.enabled must be of type bool"),
+    ("quantization.calibration.samples", 1.5, "samples must be of type int"),
+])
+def test_spec_errors_name_the_field(path, value, words):
+    with pytest.raises(SpecError, match=words):
+        parse_model(with_spec(example(), path, value))
+
+
+def test_images_come_from_the_spec_else_the_operator(monkeypatch):
+    tiny = parse_model(example("tiny.yaml"))
+    assert (tiny.spec.quantization.image, tiny.spec.serving.image) == \
+        ("ghcr.io/kubequant/kubequant-quantizer:0.1.0", "vllm/vllm-openai:v0.32.0")
+    monkeypatch.setenv("KUBEQUANT_VLLM_IMAGE", "registry.local/vllm:v0.32.0")
+    assert parse_model(example("tiny.yaml")).spec.serving.image == "registry.local/vllm:v0.32.0"
+    pinned = parse_model(with_spec(example("tiny.yaml"), "serving.image", "vllm/vllm-openai:v0.31.0"))
+    assert pinned.spec.serving.image == "vllm/vllm-openai:v0.31.0"
+
+
+def test_operator_cli_parses():
+    from kubequant.cli import build_parser
+
+    args = build_parser().parse_args(["operator", "-n", "ml", "-n", "ai", "--metrics-port", "0"])
+    assert (args.namespace, args.metrics_port, args.all_namespaces) == (["ml", "ai"], 0, False)
+
+
+def test_render_cli(capsys):
+    assert cli_main(["render", "-f", "examples/llama-3-8b-tp2.yaml", "-n", "team"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in docs] == ["PersistentVolumeClaim", "Job", "Job", "Deployment", "Service",
+                                         "PodDisruptionBudget", "ServiceMonitor"]
+    assert {d["metadata"]["namespace"] for d in docs} == {"team"}
+    for doc in docs[:-1]:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_render_cli_refuses_an_invalid_spec(tmp_path, capsys):
+    body = with_spec(example(), "serving.tensorParallelSize", 3)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(body))
+    assert cli_main(["render", "-f", str(path)]) == 2
+    assert "power of two" in capsys.readouterr().err

@@ -1,0 +1,174 @@
+"""The QuantizedModel CRD: structure, the examples, and every CEL rule failing with its own message."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.operator_support import crd
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _walk_fields(node: dict, path: str = ""):
+    for key, sub in node.get("properties", {}).items():
+        yield f"{path}.{key}", sub
+        yield from _walk_fields(sub, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk_fields(node["items"], f"{path}[]")
+
+
+def _all_rules(node: dict) -> list[dict]:
+    rules = list(node.get("x-kubernetes-validations", []))
+    for _, sub in _walk_fields(node):
+        rules += sub.get("x-kubernetes-validations", [])
+    return rules
+
+
+def test_crd_shape():
+    spec = crd.crd()["spec"]
+    assert spec["group"] == "kubequant.io" and spec["names"]["kind"] == "QuantizedModel"
+    assert spec["names"]["shortNames"] == ["qm"] and spec["names"]["categories"]
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Bits", "Group", "Baseline PPL", "Quantized PPL", "Ready", "Age"]
+
+
+def test_crd_is_a_valid_structural_crd():
+    kubernetes_validate.validate(crd.crd(), "1.33.0", strict=True)
+    for path, node in _walk_fields(crd.schema()):
+        # Structural: every node has a type, except int-or-string ones (whose anyOf only lists types).
+        if node.get("x-kubernetes-int-or-string"):
+            assert all(set(branch) == {"type"} for branch in node["anyOf"]), path
+        else:
+            assert node.get("type"), f"{path} has no type"
+        if node.get("type") == "object" and path != ".metadata":
+            assert "properties" in node or "additionalProperties" in node, f"{path}: an object of what?"
+
+
+def test_every_field_is_described_and_every_default_is_valid():
+    for path, node in _walk_fields(crd.schema()):
+        if path == ".metadata":
+            continue  # the apiserver owns metadata's schema
+        assert node.get("description"), f"{path} has no description"
+        if "default" in node:
+            jsonschema.Draft7Validator(node).validate(node["default"])
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "llama-3-8b-tp2.yaml"])
+def test_examples_are_valid(name):
+    obj = yaml.safe_load((EXAMPLES / name).read_text())
+    assert crd.validate(obj) == []
+
+
+def _base() -> dict:
+    return yaml.safe_load((EXAMPLES / "llama-3-8b-tp2.yaml").read_text())
+
+
+def _set(obj: dict, path: str, value) -> dict:
+    obj = copy.deepcopy(obj)
+    *parents, last = path.split(".")
+    node = obj
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return obj
+
+
+DELETE = object()
+
+# (what is wrong, [(path, value), ...], the message the apiserver must answer with)
+INVALID = [
+    ("two sources", [("spec.source.pvc", {"claimName": "models", "path": "llama"})],
+     "source must set exactly one of huggingface or pvc"),
+    ("no source", [("spec.source.huggingface", DELETE)],
+     "source must set exactly one of huggingface or pvc"),
+    ("absolute model path", [("spec.source", {"pvc": {"claimName": "models", "path": "/llama"}})],
+     "source.pvc.path must be relative to the root of the claim and must not contain '..'"),
+    ("3-bit served", [("spec.quantization.bits", 3)],
+     "serving.enabled needs a recipe vLLM serves: quantization.bits 4, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
+    ("asymmetric served", [("spec.quantization.symmetric", False)],
+     "serving.enabled needs a recipe vLLM serves: quantization.bits 4, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
+    ("group 256 served", [("spec.quantization.groupSize", 256)],
+     "serving.enabled needs a recipe vLLM serves: quantization.bits 4, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
+    ("TP 3", [("spec.serving.tensorParallelSize", 3)],
+     "serving.tensorParallelSize must be a power of two (1, 2, 4, 8, ...)"),
+    ("negative increase", [("spec.evaluation.maxPerplexityIncrease", -0.5)],
+     "evaluation.maxPerplexityIncrease must be positive"),
+    ("ratio below 1", [("spec.evaluation.maxPerplexityRatio", 0.9)],
+     "evaluation.maxPerplexityRatio must be at least 1.0 (it divides the served perplexity by the baseline)"),
+    ("zero engine tolerance", [("spec.evaluation.engineTolerance", 0)],
+     "evaluation.engineTolerance must be positive"),
+    ("text from two places", [("spec.evaluation.text.configMap", {"name": "texts", "key": "eval.txt"})],
+     "a text source must set exactly one of path or configMap"),
+    ("calibration text from nowhere", [("spec.quantization.calibration.text", {})],
+     "a text source must set exactly one of path or configMap"),
+    ("escaping text path", [("spec.quantization.calibration.text.path", "../secrets.txt")],
+     "a text path must be relative to the root of the storage PVC and must not contain '..'"),
+    ("managed flag in extraArgs", [("spec.serving.extraArgs", ["--max-model-len=1024"])],
+     "serving.extraArgs must not set --tensor-parallel-size, --served-model-name, --max-model-len, --gpu-memory-utilization, --port, --quantization or --model: the spec sets them"),
+    ("long name", [("metadata.name", "a" * 41)],
+     "metadata.name must be at most 40 characters: it prefixes the names of the Jobs, Deployment and Service the operator creates"),
+    ("name starting with a digit", [("metadata.name", "3b-model")],
+     "metadata.name must start with a letter and hold only lowercase letters, digits and '-': it also names a Service"),
+]
+
+# (what changes, [(path, value), ...], message) on an update of the base object
+IMMUTABLE = [
+    ("claim", [("spec.storage.claimName", "other")], "storage.claimName is immutable: the artifacts live on that claim"),
+    ("create", [("spec.storage.create", False)], "storage.create is immutable"),
+    ("access mode", [("spec.storage.accessMode", "ReadWriteOnce")], "storage.accessMode is immutable"),
+    ("storage class added", [("spec.storage.storageClassName", "fast")], "storage.storageClassName is immutable"),
+]
+
+
+@pytest.mark.parametrize(("what", "changes", "message"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_resource_fails_with_its_message(what, changes, message):
+    obj = _base()
+    for path, value in changes:
+        obj = _set(obj, path, value)
+    assert crd.validate(obj) == [message]
+
+
+@pytest.mark.parametrize(("what", "changes", "message"), IMMUTABLE, ids=[c[0] for c in IMMUTABLE])
+def test_immutable_fields(what, changes, message):
+    old = _base()
+    new = old
+    for path, value in changes:
+        new = _set(new, path, value)
+    assert crd.validate(new) == []  # fine to create
+    assert crd.validate(new, old=old) == [message]  # not fine to change
+
+
+def test_storage_class_cannot_be_removed_or_changed():
+    old = _set(_base(), "spec.storage.storageClassName", "fast")
+    for new in (_set(old, "spec.storage.storageClassName", DELETE), _set(old, "spec.storage.storageClassName", "slow")):
+        assert crd.validate(new, old=old) == ["storage.storageClassName is immutable"]
+    assert crd.validate(old, old=old) == []
+
+
+def test_serving_disabled_allows_any_recipe():
+    obj = _set(_set(_base(), "spec.quantization.bits", 3), "spec.serving.enabled", False)
+    obj = _set(obj, "spec.quantization.symmetric", False)
+    assert crd.validate(obj) == []
+
+
+def test_schema_rejects_out_of_range_values():
+    assert crd.validate(_set(_base(), "spec.quantization.bits", 5))  # enum
+    assert crd.validate(_set(_base(), "spec.serving.gpuMemoryUtilization", 1.5))  # maximum
+    assert crd.validate(_set(_base(), "spec.serving.replicas", -1))  # minimum
+    assert crd.validate(_set(_base(), "spec.storage.retentionPolicy", "Keep"))  # enum
+
+
+def test_every_rule_is_exercised():
+    tested = {m for *_, m in INVALID} | {m for *_, m in IMMUTABLE}
+    assert {r["message"] for r in _all_rules(crd.schema())} == tested
