@@ -197,6 +197,35 @@ def _pod_failure_policy(container: str, exit_codes: list[int]) -> dict:
     ]}
 
 
+def quantize_command(
+    model: Model, *, model_path: str, output: str, calibration: str, evaluation: str,
+    provenance: list[str] | tuple[str, ...] = (), python: str = "python",
+) -> list[str]:
+    """The quantizer's command line for this spec: the Job's container and `kubequant run` share it."""
+    q, e = model.spec.quantization, model.spec.evaluation
+    args = [
+        python, "-m", "quantizer", "quantize",
+        "--model", model_path,
+        "--output", output,
+        "--calibration", calibration,
+        "--jsonl-field", q.calibration.jsonl_field,
+        "--bits", str(q.bits),
+        "--group-size", str(q.group_size),
+        "--act-order" if q.act_order else "--no-act-order",
+        "--sym" if q.symmetric else "--no-sym",
+        "--damp", repr(q.damp_percent / 100),
+        "--samples", str(q.calibration.samples),
+        "--seq-len", str(q.calibration.seq_len),
+        "--eval-text", evaluation,
+        "--eval-seq-len", str(e.seq_len),
+        *(["--eval-max-windows", str(e.max_windows)] if e.max_windows else []),
+        *provenance,
+    ]
+    if not model.spec.serving.enabled:
+        args.append("--allow-unservable")
+    return args
+
+
 def quantize_job(model: Model) -> dict:
     spec, q = model.spec, model.spec.quantization
     a_hash = artifact_hash(model)
@@ -238,29 +267,12 @@ def quantize_job(model: Model) -> dict:
     eval_path, eval_volumes, eval_mounts = _texts(model, "evaluation", spec.evaluation.text)
     volumes += cal_volumes + eval_volumes
     mounts += cal_mounts + eval_mounts
-    e = spec.evaluation
-    args = [
-        "python", "-m", "quantizer", "quantize",
-        "--model", model_path,
-        "--output", f"{ARTIFACTS_MOUNT}/{artifact_dir(model, a_hash)}",
-        "--calibration", cal_path,
-        "--jsonl-field", q.calibration.jsonl_field,
-        "--bits", str(q.bits),
-        "--group-size", str(q.group_size),
-        "--act-order" if q.act_order else "--no-act-order",
-        "--sym" if q.symmetric else "--no-sym",
-        "--damp", repr(q.damp_percent / 100),
-        "--samples", str(q.calibration.samples),
-        "--seq-len", str(q.calibration.seq_len),
-        "--eval-text", eval_path,
-        "--eval-seq-len", str(e.seq_len),
-        *(["--eval-max-windows", str(e.max_windows)] if e.max_windows else []),
-        *provenance,
-        # The path is keyed by the recipe hash: whatever a failed attempt left there is the same artifact.
-        "--overwrite",
-    ]
-    if not spec.serving.enabled:
-        args.append("--allow-unservable")
+    args = quantize_command(
+        model, model_path=model_path, output=f"{ARTIFACTS_MOUNT}/{artifact_dir(model, a_hash)}",
+        calibration=cal_path, evaluation=eval_path, provenance=provenance,
+    )
+    # The path is keyed by the recipe hash: whatever a failed attempt left there is the same artifact.
+    args.append("--overwrite")
 
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -327,6 +339,32 @@ def _number(value: Any) -> str:
     return repr(float(value)) if isinstance(value, (int, float)) else str(value)
 
 
+def evaluate_command(
+    model: Model, *, artifact_path: str, eval_text: str, baseline_ppl: Any, fakequant_ppl: Any,
+    python: str = "python",
+) -> list[str]:
+    """The evaluator's command line for this spec: the Job's container and `kubequant run` share it."""
+    e, serving = model.spec.evaluation, model.spec.serving
+    return [
+        python, "-m", "quantizer", "evaluate",
+        "--model", artifact_path,
+        "--eval-text", eval_text,
+        "--jsonl-field", e.jsonl_field,
+        "--seq-len", str(e.seq_len),
+        *(["--max-windows", str(e.max_windows)] if e.max_windows else []),
+        "--baseline-ppl", _number(baseline_ppl),
+        "--fakequant-ppl", _number(fakequant_ppl),
+        *(["--max-ppl-increase", repr(float(e.max_perplexity_increase))] if e.max_perplexity_increase else []),
+        *(["--max-ppl-ratio", repr(float(e.max_perplexity_ratio))] if e.max_perplexity_ratio else []),
+        "--engine-tolerance", repr(float(e.engine_tolerance)),
+        "--tensor-parallel-size", str(serving.tensor_parallel_size),
+        # vLLM counts the one token it generates against the model length.
+        "--max-model-len", str(e.seq_len + 1),
+        "--dtype", e.dtype,
+        "--gpu-memory-utilization", repr(float(serving.gpu_memory_utilization)),
+    ]
+
+
 def evaluate_job(model: Model, artifact: dict) -> dict:
     """The gate: vLLM with the serving tensor parallelism and GPUs measures the artifact.
 
@@ -335,23 +373,10 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
     e, serving = model.spec.evaluation, model.spec.serving
     volumes, mounts = _serving_pod_parts(model)
     text_path, text_volumes, text_mounts = _texts(model, "evaluation", e.text)
-    args = [
-        "python", "-m", "quantizer", "evaluate",
-        "--model", f"{ARTIFACTS_MOUNT}/{artifact['path']}",
-        "--eval-text", text_path,
-        "--jsonl-field", e.jsonl_field,
-        "--seq-len", str(e.seq_len),
-        *(["--max-windows", str(e.max_windows)] if e.max_windows else []),
-        "--baseline-ppl", _number(artifact.get("baselinePerplexity")),
-        "--fakequant-ppl", _number(artifact.get("fakequantPerplexity")),
-        *(["--max-ppl-increase", repr(float(e.max_perplexity_increase))] if e.max_perplexity_increase else []),
-        *(["--max-ppl-ratio", repr(float(e.max_perplexity_ratio))] if e.max_perplexity_ratio else []),
-        "--engine-tolerance", repr(float(e.engine_tolerance)),
-        "--tensor-parallel-size", str(serving.tensor_parallel_size),
-        "--max-model-len", str(e.seq_len),
-        "--dtype", e.dtype,
-        "--gpu-memory-utilization", repr(float(serving.gpu_memory_utilization)),
-    ]
+    args = evaluate_command(
+        model, artifact_path=f"{ARTIFACTS_MOUNT}/{artifact['path']}", eval_text=text_path,
+        baseline_ppl=artifact.get("baselinePerplexity"), fakequant_ppl=artifact.get("fakequantPerplexity"),
+    )
     job_labels = {**labels(model, "evaluate"), LABEL_ARTIFACT: artifact.get("hash") or artifact_hash(model)}
     meta = _metadata(model, evaluate_job_name(model), "evaluate")
     meta["labels"] = job_labels
@@ -385,17 +410,23 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
     }
 
 
-def vllm_args(model: Model, artifact_path: str) -> list[str]:
+def vllm_serve_args(model: Model, artifact_path: str, port: int = VLLM_PORT) -> list[str]:
+    """`vllm serve`'s arguments for this spec: the Deployment and `kubequant run` share them. No
+    --quantization flag: vLLM detects GPTQ from the checkpoint's config.json."""
     s = model.spec.serving
     return [
-        f"{ARTIFACTS_MOUNT}/{artifact_path}",
+        artifact_path,
         "--tensor-parallel-size", str(s.tensor_parallel_size),
         "--served-model-name", model.served_model_name,
         "--max-model-len", str(s.max_model_len),
         "--gpu-memory-utilization", repr(float(s.gpu_memory_utilization)),
-        "--port", str(VLLM_PORT),
+        "--port", str(port),
         *s.extra_args,
     ]
+
+
+def vllm_args(model: Model, artifact_path: str) -> list[str]:
+    return vllm_serve_args(model, f"{ARTIFACTS_MOUNT}/{artifact_path}")
 
 
 def deployment(model: Model, artifact: dict) -> dict:

@@ -1,5 +1,6 @@
-"""`kubequant`: render what the operator would create, or run the operator.
+"""`kubequant`: run the pipeline locally, render what the operator would create, or run the operator.
 
+    kubequant run -f qm.yaml --claim NAME=DIR     # quantize -> gate -> serve on this machine
     kubequant render -f qm.yaml [-n NAMESPACE]   # the children as YAML, for review and GitOps
     kubequant operator [-n NAMESPACE ... | -A]    # the kopf operator
 """
@@ -66,9 +67,39 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from kubequant.local import LocalRun, LocalRunError, parse_claims, run_local
+
+    try:
+        run = LocalRun(
+            manifest=Path(args.filename), workdir=Path(args.workdir).resolve(), claims=parse_claims(args.claim),
+            port=args.port, serve=not args.no_serve, serve_seconds=args.serve_seconds, engine=args.engine,
+            device=args.device,
+        )
+        return run_local(run)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except LocalRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubequant", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="quantize -> evaluate -> gate -> serve on this machine, from the same YAML")
+    p.add_argument("-f", "--filename", required=True, help="a QuantizedModel YAML file")
+    p.add_argument("--claim", action="append", default=[], metavar="NAME=DIR",
+                   help="a PersistentVolumeClaim of the spec as a local directory; repeatable")
+    p.add_argument("--workdir", default=".kubequant", help="artifacts and results (default: .kubequant)")
+    p.add_argument("--port", type=int, default=8000, help="vLLM's port on 127.0.0.1")
+    p.add_argument("--engine", choices=("vllm", "torch"), default="vllm", help="the gate's engine")
+    p.add_argument("--device", default="auto", help="quantization device: auto, cpu, cuda")
+    p.add_argument("--no-serve", action="store_true", help="stop after the gate")
+    p.add_argument("--serve-seconds", type=float, help="serve this long, then stop (default: until Ctrl-C)")
+    p.set_defaults(func=_run)
 
     p = sub.add_parser("render", help="print the objects the operator would create for QuantizedModels")
     p.add_argument("-f", "--filename", action="append", required=True, help="YAML file ('-' for stdin); repeatable")

