@@ -104,3 +104,10 @@ def test_serves_with_vllm_and_stops_on_ctrl_c(tmp_path):
     time.sleep(1)
     with pytest.raises(OSError):
         _get(f"{base}/health")
+
+
+def test_readme_example_is_the_example_file():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    example = yaml.safe_load((ROOT / "examples" / "llama-3-8b-tp2.yaml").read_text())
+    assert yaml.safe_load(block) == example
