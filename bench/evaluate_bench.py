@@ -51,7 +51,7 @@ def main() -> None:
     windows = load_evaluation_windows(args.eval_text, tokenizer, args.seq_len)
     device = torch.device(args.device)
     recipe = QuantRecipe()
-    report: dict = {"device": str(device), "eval_windows": windows.shape[0], "seq_len": args.seq_len}
+    report: dict = {"device": str(device), "eval_windows": len(windows), "seq_len": args.seq_len}
 
     with tempfile.TemporaryDirectory() as tmp:
         # 2. The pass without and with the two evaluation streams.
@@ -77,7 +77,7 @@ def main() -> None:
             writer.commit(args.model, {"unservable": []}, "bench")
 
         # 1. Scoring rate, torch vs vLLM.
-        tokens = windows.shape[0] * (windows.shape[1] - 1)
+        tokens = windows.tokens_scored
         start = time.perf_counter()
         model = load_dequantized_model(out, device=str(device))
         loaded = time.perf_counter()
@@ -86,12 +86,12 @@ def main() -> None:
         report["torch"] = {"ppl": reference.ppl, "load_seconds": round(loaded - start, 2),
                            "tokens_per_second": round(tokens / (scored - loaded), 1)}
         start = time.perf_counter()
-        served = served_perplexity(out, windows.tolist())
+        served = served_perplexity(out, windows.ids.tolist())
         total = time.perf_counter() - start
         # Scoring alone: a second generate would need the engine kept alive; estimate it by
         # timing the whole call minus a call on a single window.
         start = time.perf_counter()
-        served_perplexity(out, windows[:1].tolist())
+        served_perplexity(out, windows.ids[:1].tolist())
         startup = time.perf_counter() - start
         report["vllm"] = {"ppl": served["ppl"], "call_seconds": round(total, 2),
                           "single_window_call_seconds": round(startup, 2),

@@ -79,7 +79,7 @@ def main() -> None:
                      "increase": increase, "increase_vs_rtn": ratio, "seconds": round(seconds, 2)})
         print(f"{label:46s} {result.baseline_ppl:9.3f} {result.fakequant_ppl:9.3f} {increase:9.3f} {ratio:7.2f} {seconds:8.1f}")
     print(f"# {args.model.name}: calibration {calibration.samples} x {calibration.seq_len}, "
-          f"evaluation {windows.shape[0]} windows x {windows.shape[1]} tokens, device {device}")
+          f"evaluation {len(windows)} windows x {windows.ids.shape[1]} tokens, device {device}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -48,6 +48,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-text", type=Path, help="also measure baseline and fake-quant perplexity on this text")
     p.add_argument("--eval-seq-len", type=int, help="evaluation window (default: --seq-len)")
     p.add_argument("--eval-max-windows", type=int, help="evaluate at most this many windows")
+    p.add_argument("--eval-stride", type=int, help="sliding windows every N tokens (default: non-overlapping)")
     p.add_argument("--allow-unservable", action="store_true",
                    help="write recipes vLLM cannot serve (marked in the manifest)")
     p.add_argument("--overwrite", action="store_true",
@@ -72,6 +73,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--jsonl-field", default="text")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per window (same as the quantize pass)")
     p.add_argument("--max-windows", type=int, help="at most this many windows, spread evenly")
+    p.add_argument("--stride", type=int, help="sliding windows every N tokens (default: non-overlapping)")
     p.add_argument("--baseline-ppl", type=float, help="FP16/BF16 perplexity from the quantize result")
     p.add_argument("--fakequant-ppl", type=float,
                    help="our perplexity of the quantized weights (measured from the checkpoint when omitted)")
@@ -133,6 +135,7 @@ def _quantize(args) -> dict:
             samples=args.samples, seq_len=args.seq_len, seed=args.seed, jsonl_field=args.jsonl_field,
             device=args.device, method=args.method, solver=args.solver, allow_unservable=args.allow_unservable, overwrite=args.overwrite,
             eval_text=args.eval_text, eval_seq_len=args.eval_seq_len, eval_max_windows=args.eval_max_windows,
+            eval_stride=args.eval_stride,
             batch_size=args.batch_size, offload_activations=args.offload_activations,
             source_repo=args.source_repo, source_revision=args.source_revision, progress=not args.no_progress,
         )
@@ -147,7 +150,7 @@ def _evaluate(args) -> dict:
 
     result = run_evaluate(
         EvaluateOptions(
-            model=args.model, eval_text=args.eval_text, seq_len=args.seq_len, max_windows=args.max_windows,
+            model=args.model, eval_text=args.eval_text, seq_len=args.seq_len, max_windows=args.max_windows, stride=args.stride,
             jsonl_field=args.jsonl_field, baseline_ppl=args.baseline_ppl, fakequant_ppl=args.fakequant_ppl,
             baseline_model=args.baseline_model,
             thresholds=GateThresholds(args.max_ppl_increase, args.max_ppl_ratio, args.engine_tolerance),

@@ -18,7 +18,13 @@ import torch
 from quantizer.checkpoint import read_quantization_config
 from quantizer.errors import InputError
 from quantizer.gate import GateThresholds, decide
-from quantizer.perplexity import Perplexity, load_dequantized_model, load_evaluation_windows, torch_perplexity
+from quantizer.perplexity import (
+    EvalWindows,
+    Perplexity,
+    load_dequantized_model,
+    load_evaluation_windows,
+    torch_perplexity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +37,7 @@ class EvaluateOptions:
     eval_text: Path
     seq_len: int = 2048
     max_windows: int | None = None
+    stride: int | None = None
     jsonl_field: str = "text"
     baseline_ppl: float | None = None
     fakequant_ppl: float | None = None
@@ -50,7 +57,7 @@ def _context_length(model_dir: Path) -> int | None:
     return config.get("max_position_embeddings")
 
 
-def _measure(model_dir: Path, windows: torch.Tensor, opts: EvaluateOptions, engine: str) -> Perplexity:
+def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engine: str) -> Perplexity:
     if engine == "torch":
         if (model_dir / "config.json").exists() and "quantization_config" in (model_dir / "config.json").read_text():
             model = load_dequantized_model(model_dir)
@@ -63,7 +70,8 @@ def _measure(model_dir: Path, windows: torch.Tensor, opts: EvaluateOptions, engi
 
     measured = served_perplexity(
         model_dir,
-        windows.tolist(),
+        windows.ids.tolist(),
+        score_from=windows.score_from,
         dtype=opts.dtype,
         max_model_len=opts.max_model_len,
         tensor_parallel_size=opts.tensor_parallel_size,
@@ -93,7 +101,8 @@ def run_evaluate(opts: EvaluateOptions) -> dict:
     if opts.tensor_parallel_size < 1:
         raise InputError(f"--tensor-parallel-size {opts.tensor_parallel_size} must be at least 1")
     windows = load_evaluation_windows(
-        opts.eval_text, AutoTokenizer.from_pretrained(opts.model), opts.seq_len, opts.max_windows, opts.jsonl_field
+        opts.eval_text, AutoTokenizer.from_pretrained(opts.model), opts.seq_len, opts.max_windows, opts.jsonl_field,
+        opts.stride,
     )
 
     fakequant = opts.fakequant_ppl

@@ -31,25 +31,62 @@ class Perplexity:
         return asdict(self)
 
 
-def evaluation_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows [n, seq_len]; with max_windows, that many spread evenly over the text."""
+@dataclass
+class EvalWindows:
+    """Token windows [n, seq_len] and, per window, the first position whose token is scored: 1 for
+    non-overlapping windows; with a stride, later windows score only the tokens no earlier window
+    scored, each seen with up to seq_len - 1 tokens of context."""
+
+    ids: torch.Tensor
+    score_from: list[int]
+
+    @property
+    def tokens_scored(self) -> int:
+        return sum(self.ids.shape[1] - start for start in self.score_from)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+def evaluation_windows(
+    ids: torch.Tensor, seq_len: int, max_windows: int | None = None, stride: int | None = None
+) -> EvalWindows:
+    """Windows of seq_len tokens every `stride` tokens (default seq_len: non-overlapping); with
+    max_windows, that many spread evenly over the text."""
     if seq_len < 2:
         raise InputError(f"evaluation seq_len must be at least 2 (got {seq_len})")
-    count = ids.numel() // seq_len
-    if count < 1:
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise InputError(f"evaluation stride {stride} must be between 1 and seq_len ({seq_len})")
+    if ids.numel() < seq_len:
         raise InputError(
             f"evaluation text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
             "use more text or a shorter evaluation seq_len"
         )
-    windows = ids[: count * seq_len].view(count, seq_len)
-    if max_windows is not None and max_windows < count:
-        picks = torch.linspace(0, count - 1, max_windows).round().long().unique()
-        windows = windows[picks]
-    return windows
+    starts = torch.arange(0, ids.numel() - seq_len + 1, stride)
+    if max_windows is not None and max_windows < starts.numel():
+        starts = starts[torch.linspace(0, starts.numel() - 1, max_windows).round().long().unique()]
+    windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    score_from = [1 if start == 0 else seq_len - stride for start in starts.tolist()]
+    return EvalWindows(ids=windows, score_from=[max(1, s) for s in score_from])
 
 
-def load_evaluation_windows(path, tokenizer, seq_len: int, max_windows: int | None = None, jsonl_field: str = "text"):
-    return evaluation_windows(tokenize_corpus(tokenizer, read_texts(path, jsonl_field)), seq_len, max_windows)
+def load_evaluation_windows(
+    path, tokenizer, seq_len: int, max_windows: int | None = None, jsonl_field: str = "text",
+    stride: int | None = None,
+) -> EvalWindows:
+    return evaluation_windows(tokenize_corpus(tokenizer, read_texts(path, jsonl_field)), seq_len, max_windows, stride)
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor, score_from: list[int]) -> float:
+    """Summed NLL of each window's tokens from its score_from position on (logits [b, L, V])."""
+    nll = nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(ids.shape[0], -1)
+    # nll[:, j] scores token j + 1.
+    positions = torch.arange(1, ids.shape[1], device=ids.device)
+    scored = positions.unsqueeze(0) >= torch.tensor(score_from, device=ids.device).unsqueeze(1)
+    return float((nll * scored).sum())
 
 
 def from_nll(nll_sum: float, tokens: int, windows: int, engine: str) -> Perplexity:
@@ -57,18 +94,14 @@ def from_nll(nll_sum: float, tokens: int, windows: int, engine: str) -> Perplexi
 
 
 @torch.no_grad()
-def torch_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, engine: str = "torch") -> Perplexity:
+def torch_perplexity(model: nn.Module, windows: EvalWindows, batch_size: int = 4, engine: str = "torch") -> Perplexity:
     device = next(model.parameters()).device
     total = 0.0
-    for start in range(0, windows.shape[0], batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits.float()
-        total += float(
-            nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-        )
-    return from_nll(total, windows.shape[0] * (windows.shape[1] - 1), windows.shape[0], engine)
+    for start in range(0, len(windows), batch_size):
+        batch = windows.ids[start : start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits
+        total += window_nll(logits, batch, windows.score_from[start : start + batch_size])
+    return from_nll(total, windows.tokens_scored, len(windows), engine)
 
 
 def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from quantizer.errors import InputError
 from quantizer.gptq import QuantizedWeight, QuantRecipe, default_block_solver, gptq_quantize, rtn_quantize
+from quantizer.perplexity import EvalWindows, window_nll
 
 log = logging.getLogger(__name__)
 
@@ -272,16 +273,12 @@ def _capture_layer0_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, 
     return torch.cat(captured), kwargs_seen
 
 
-def _nll_sum(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, windows, device, batch_size) -> float:
+def _nll_sum(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, windows: EvalWindows, device, batch_size) -> float:
     total = 0.0
     for start in range(0, hidden.shape[0], batch_size):
-        h = norm(hidden[start : start + batch_size].to(device))
-        logits = lm_head(h).float()
-        targets = windows[start : start + batch_size, 1:].to(device)
-        nll = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        total += float(nll)
+        logits = lm_head(norm(hidden[start : start + batch_size].to(device)))
+        ids = windows.ids[start : start + batch_size].to(device)
+        total += window_nll(logits, ids, windows.score_from[start : start + batch_size])
     return total
 
 
@@ -291,7 +288,7 @@ def quantize_model(
     calibration_windows: torch.Tensor,
     sink: LayerSink,
     device: torch.device,
-    eval_windows: torch.Tensor | None = None,
+    eval_windows: EvalWindows | None = None,
     method: str = "gptq",
     batch_size: int = 1,
     offload_activations: bool = False,
@@ -341,7 +338,7 @@ def quantize_model(
         runner = _LayerRunner(layer_kwargs, batch_size)
         if eval_windows is not None:
             # Its own kwargs: the rotary embeddings and mask depend on the window length.
-            base_stream, eval_kwargs = _capture_layer0_inputs(model, layers, eval_windows, device, store_device)
+            base_stream, eval_kwargs = _capture_layer0_inputs(model, layers, eval_windows.ids, device, store_device)
             eval_runner = _LayerRunner(eval_kwargs, batch_size)
             quant_stream = base_stream.clone()
 
@@ -374,13 +371,13 @@ def quantize_model(
 
     if eval_windows is not None:
         with torch.no_grad(), _timed(result, "evaluate", device):
-            tokens = eval_windows.shape[0] * (eval_windows.shape[1] - 1)
+            tokens = eval_windows.tokens_scored
             base_nll = _nll_sum(base.norm, lm_head, base_stream, eval_windows, device, batch_size)
             quant_nll = _nll_sum(base.norm, lm_head, quant_stream, eval_windows, device, batch_size)
         result.baseline_ppl = math.exp(base_nll / tokens)
         result.fakequant_ppl = math.exp(quant_nll / tokens)
         result.eval_tokens = tokens
-        result.eval_windows = eval_windows.shape[0]
+        result.eval_windows = len(eval_windows)
 
     result.peak_host_bytes = peak_host_bytes()
     if device.type == "cuda":

@@ -45,6 +45,7 @@ class QuantizeOptions:
     eval_text: Path | None = None
     eval_seq_len: int | None = None
     eval_max_windows: int | None = None
+    eval_stride: int | None = None
     batch_size: int = 1
     offload_activations: bool = False
     source_repo: str | None = None
@@ -116,7 +117,7 @@ def run_quantize(opts: QuantizeOptions) -> dict:
         if context and eval_seq_len > context:
             raise InputError(f"--eval-seq-len {eval_seq_len} exceeds the model's context {context}; lower it")
         eval_windows = load_evaluation_windows(
-            opts.eval_text, tokenizer, eval_seq_len, opts.eval_max_windows, opts.jsonl_field
+            opts.eval_text, tokenizer, eval_seq_len, opts.eval_max_windows, opts.jsonl_field, opts.eval_stride
         )
 
     with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite) as writer:

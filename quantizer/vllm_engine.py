@@ -86,8 +86,12 @@ def served_perplexity(
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.9,
     enforce_eager: bool | None = None,
+    score_from: list[int] | None = None,
 ) -> dict:
     """Perplexity of `windows` (lists of token ids) under vLLM serving `model_dir`.
+
+    `score_from[i]` is the first position scored in window i (default 1: every predicted token);
+    sliding windows score only the tokens that earlier windows did not.
 
     Each window is scored on its own: token i >= 1 by log p(ids[i] | ids[:i]); ppl =
     exp(nll_sum / tokens_scored) with tokens_scored = sum(len(w) - 1). `max_model_len` defaults to
@@ -101,6 +105,10 @@ def served_perplexity(
     the engine's processes) unless already set.
     """
     checked = _validate_windows(windows)
+    if score_from is not None and (
+        len(score_from) != len(checked) or any(not 1 <= s < len(w) for s, w in zip(score_from, checked, strict=True))
+    ):
+        raise ValueError("score_from needs one position per window, each in [1, window length)")
     # vLLM counts the one token it must generate against the model length too.
     needed = max(len(ids) for ids in checked) + 1
     if max_model_len is None:
@@ -139,7 +147,7 @@ def served_perplexity(
             [TokensPrompt(prompt_token_ids=ids) for ids in checked], params, use_tqdm=False
         )
         nll_sum = 0.0
-        for ids, output in zip(checked, outputs, strict=True):
+        for index, (ids, output) in enumerate(zip(checked, outputs, strict=True)):
             prompt_logprobs = output.prompt_logprobs
             if prompt_logprobs is None or len(prompt_logprobs) != len(ids):
                 raise RuntimeError(
@@ -147,13 +155,14 @@ def served_perplexity(
                     f"logprobs for a window of {len(ids)} tokens"
                 )
             # Position 0 has no context and comes back as None.
-            nll_sum -= sum(prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids)))
+            first = score_from[index] if score_from else 1
+            nll_sum -= sum(prompt_logprobs[i][ids[i]].logprob for i in range(first, len(ids)))
     finally:
         _stop_engine(llm)
         del llm
         _free_engine_memory(children_before)
 
-    tokens_scored = sum(len(ids) - 1 for ids in checked)
+    tokens_scored = sum(len(ids) - (score_from[i] if score_from else 1) for i, ids in enumerate(checked))
     return {
         "ppl": math.exp(nll_sum / tokens_scored),
         "nll_sum": nll_sum,

@@ -134,3 +134,16 @@ def test_bad_input(checkpoints, tmp_path, capsys, case, message):
     assert quantizer_main(args + gate) == 2
     assert message in capsys.readouterr().err
     assert json.loads((tmp_path / "r.json").read_text())["reason"] == "InvalidInput"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_agrees_on_sliding_windows(checkpoints, tmp_path):
+    """Sliding windows score only their new tokens, in vLLM exactly as in our reference."""
+    path, quantized = checkpoints["gptq-g128"]
+    # The baseline was measured on non-overlapping windows: only the engine agreement matters here.
+    code, result = evaluate_with_vllm(path, tmp_path, "--stride", "128", "--baseline-ppl", repr(quantized["baseline_ppl"]),
+                                      "--max-ppl-ratio", "2")
+    assert code == 0, result
+    assert abs(result["engine_deviation"]) < 0.005
+    assert result["tokens_scored"] < quantized["eval_tokens"]

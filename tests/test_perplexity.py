@@ -1,0 +1,54 @@
+"""Evaluation windows and the torch perplexity, including sliding windows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quantizer.errors import InputError
+from quantizer.perplexity import evaluation_windows, load_evaluation_windows, torch_perplexity
+from tests.conftest import EVALUATION, TINY_MODEL
+
+
+def test_non_overlapping_windows_score_every_token_but_the_first_of_each():
+    windows = evaluation_windows(torch.arange(1000), 100)
+    assert windows.ids.shape == (10, 100)
+    assert windows.score_from == [1] * 10
+    assert windows.tokens_scored == 10 * 99
+
+
+def test_sliding_windows_score_each_token_once():
+    windows = evaluation_windows(torch.arange(1000), 100, stride=50)
+    assert len(windows) == 19
+    assert torch.equal(windows.ids[1], torch.arange(50, 150))
+    assert windows.score_from == [1] + [50] * 18
+    assert windows.tokens_scored == 999  # every token after the first, once
+
+
+def test_max_windows_spreads_evenly():
+    windows = evaluation_windows(torch.arange(1000), 100, max_windows=3)
+    assert [int(w[0]) for w in windows.ids] == [0, 400, 900]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"seq_len": 2000}, "fewer than one window"),
+        ({"seq_len": 1}, "at least 2"),
+        ({"seq_len": 100, "stride": 101}, "stride 101 must be between 1 and seq_len"),
+    ],
+)
+def test_bad_windows(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        evaluation_windows(torch.arange(1000), **kwargs)
+
+
+def test_more_context_lowers_perplexity():
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    # The whole text both ways: about the same tokens scored, sliding windows give each more context.
+    plain = torch_perplexity(model, load_evaluation_windows(EVALUATION, tokenizer, 256), batch_size=32)
+    sliding = torch_perplexity(model, load_evaluation_windows(EVALUATION, tokenizer, 256, stride=64), batch_size=32)
+    assert plain.tokens_scored <= sliding.tokens_scored < plain.tokens_scored + 2 * 256
+    assert sliding.ppl < plain.ppl
