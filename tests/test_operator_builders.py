@@ -168,6 +168,17 @@ def test_evaluate_job_runs_the_gate_like_serving():
     assert job["spec"]["template"]["spec"]["tolerations"] == model.spec.serving.tolerations
 
 
+def test_sliding_windows_reach_both_jobs_and_the_engine_gets_room_for_its_token():
+    model = parse_model(with_spec(example(), "evaluation.stride", 512))
+    quantize = _container(builders.quantize_job(model))["command"]
+    evaluate = _container(builders.evaluate_job(model, ARTIFACT))["command"]
+    assert quantize[quantize.index("--eval-stride") + 1] == "512"
+    assert evaluate[evaluate.index("--stride") + 1] == "512"
+    # vLLM counts the one token it generates against the model length.
+    assert evaluate[evaluate.index("--max-model-len") + 1] == str(model.spec.evaluation.seq_len + 1)
+    assert builders.artifact_hash(model) != builders.artifact_hash(MODELS["llama"])
+
+
 def test_deployment_serves_vllm_safely():
     model = MODELS["llama"]
     dep = builders.deployment(model, ARTIFACT)

@@ -106,6 +106,8 @@ INVALID = [
      "evaluation.maxPerplexityIncrease must be positive"),
     ("ratio below 1", [("spec.evaluation.maxPerplexityRatio", 0.9)],
      "evaluation.maxPerplexityRatio must be at least 1.0 (it divides the served perplexity by the baseline)"),
+    ("stride above the window", [("spec.evaluation.stride", 4096)],
+     "evaluation.stride must not exceed evaluation.seqLen (windows would skip tokens)"),
     ("zero engine tolerance", [("spec.evaluation.engineTolerance", 0)],
      "evaluation.engineTolerance must be positive"),
     ("text from two places", [("spec.evaluation.text.configMap", {"name": "texts", "key": "eval.txt"})],

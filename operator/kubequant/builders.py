@@ -72,7 +72,7 @@ def artifact_hash(model: Model) -> str:
         "calibration": {"text": _text_id(q.calibration.text), "field": q.calibration.jsonl_field,
                         "samples": q.calibration.samples, "seqLen": q.calibration.seq_len},
         "evaluation": {"text": _text_id(e.text), "field": e.jsonl_field, "seqLen": e.seq_len,
-                       "maxWindows": e.max_windows},
+                       "maxWindows": e.max_windows, "stride": e.stride},
     })
 
 
@@ -219,6 +219,7 @@ def quantize_command(
         "--eval-text", evaluation,
         "--eval-seq-len", str(e.seq_len),
         *(["--eval-max-windows", str(e.max_windows)] if e.max_windows else []),
+        *(["--eval-stride", str(e.stride)] if e.stride else []),
         *provenance,
     ]
     if not model.spec.serving.enabled:
@@ -352,6 +353,7 @@ def evaluate_command(
         "--jsonl-field", e.jsonl_field,
         "--seq-len", str(e.seq_len),
         *(["--max-windows", str(e.max_windows)] if e.max_windows else []),
+        *(["--stride", str(e.stride)] if e.stride else []),
         "--baseline-ppl", _number(baseline_ppl),
         "--fakequant-ppl", _number(fakequant_ppl),
         *(["--max-ppl-increase", repr(float(e.max_perplexity_increase))] if e.max_perplexity_increase else []),

@@ -100,6 +100,7 @@ class Evaluation:
     jsonl_field: str = "text"
     seq_len: int = 2048
     max_windows: int | None = None
+    stride: int | None = None
     max_perplexity_increase: float | None = None
     max_perplexity_ratio: float | None = None
     engine_tolerance: float = 0.01
@@ -246,7 +247,7 @@ def parse_spec(raw: Any) -> ModelSpec:
     evaluation = Evaluation(
         text=_text(e.get("text"), "spec.evaluation.text"),
         **_kwargs(e, {
-            "jsonlField": "jsonl_field", "seqLen": "seq_len", "maxWindows": "max_windows",
+            "jsonlField": "jsonl_field", "seqLen": "seq_len", "maxWindows": "max_windows", "stride": "stride",
             "maxPerplexityIncrease": "max_perplexity_increase", "maxPerplexityRatio": "max_perplexity_ratio",
             "engineTolerance": "engine_tolerance", "dtype": "dtype", "image": "image",
             "backoffLimit": "backoff_limit",
@@ -256,6 +257,8 @@ def parse_spec(raw: Any) -> ModelSpec:
                              ("engineTolerance", evaluation.engine_tolerance, 0.0)):
         if value is not None and value <= low:
             raise SpecError(f"spec.evaluation.{name} must be positive")
+    if evaluation.stride is not None and not 1 <= evaluation.stride <= evaluation.seq_len:
+        raise SpecError("spec.evaluation.stride must be between 1 and spec.evaluation.seqLen")
     if evaluation.max_perplexity_ratio is not None and evaluation.max_perplexity_ratio < 1.0:
         raise SpecError("spec.evaluation.maxPerplexityRatio must be at least 1.0")
 
