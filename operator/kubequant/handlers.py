@@ -104,7 +104,12 @@ def _owner(body: kopf.Body) -> str | None:
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_MODEL: kopf.PRESENT})
 @kopf.on.event("apps", "v1", "deployments", labels={builders.LABEL_MODEL: kopf.PRESENT})
-def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **event: Any) -> None:
+    # A child with no status yet is the echo of our own create: nothing has happened to it that the
+    # reconcile which created it does not know. Skipping it saves a full reconcile per child
+    # (37% of the API requests in bench/operator_bench.py); deletions always count.
+    if event.get("type") != "DELETED" and not body.get("status"):
+        return
     owner = _owner(body)
     if owner:
         reconcile(memo, namespace, owner, logger)
