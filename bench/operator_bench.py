@@ -240,25 +240,13 @@ async def _stop(proc: subprocess.Popen) -> resource.struct_rusage:
 async def run_once(n: int, args: argparse.Namespace, log_path: Path) -> dict:
     import kmock
 
-    from tests.operator_support.cluster import QM, SERVICE_MONITORS, VERBS
+    from tests.operator_support.cluster import QM, register_resources, write_kubeconfig
 
     bodies = model_bodies(n)
     async with make_emulator_class(not args.plain_emulator)() as emulator, kmock.Server(emulator) as server:
-        emulator.resources.load_bundled()
-        emulator.resources[QM] = kmock.ResourceInfo(
-            kind="QuantizedModel", singular="quantizedmodel", namespaced=True, shortnames={"qm"},
-            categories={"kubequant"}, subresources={"status"}, verbs=VERBS)
-        emulator.resources[SERVICE_MONITORS] = kmock.ResourceInfo(
-            kind="ServiceMonitor", singular="servicemonitor", namespaced=True, verbs=VERBS)
-        kubeconfig = log_path.with_suffix(".kubeconfig")
+        register_resources(emulator)
         peak_file = log_path.with_suffix(".peak")
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
-            "users": [{"name": "bench", "user": {"token": "bench"}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "bench",
-                                                          "namespace": NAMESPACE}}],
-        }))
+        kubeconfig = write_kubeconfig(log_path.with_suffix(".kubeconfig"), server, NAMESPACE)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(ROOT / "operator")}
         with log_path.open("w") as log:
             proc = subprocess.Popen([sys.executable, __file__, "--operator-child", NAMESPACE,

@@ -152,24 +152,33 @@ class Cluster:
             "conditions": [{"type": "Available", "status": "True", "reason": "MinimumReplicasAvailable"}]}}, "status")
 
 
+def register_resources(emulator) -> None:
+    """The built-in kinds plus the two custom ones the operator reads and writes."""
+    emulator.resources.load_bundled()
+    emulator.resources[QM] = kmock.ResourceInfo(
+        kind="QuantizedModel", singular="quantizedmodel", namespaced=True, shortnames={"qm"},
+        categories={"kubequant"}, subresources={"status"}, verbs=VERBS)
+    emulator.resources[SERVICE_MONITORS] = kmock.ResourceInfo(
+        kind="ServiceMonitor", singular="servicemonitor", namespaced=True, verbs=VERBS)
+
+
+def write_kubeconfig(path: Path, server, namespace: str = NAMESPACE) -> Path:
+    """A kubeconfig pointing at the emulator's server, for kopf and the kubernetes client."""
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
+        "users": [{"name": "test", "user": {"token": "test"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test",
+                                                      "namespace": namespace}}],
+    }))
+    return path
+
+
 @contextlib.asynccontextmanager
 async def emulated_cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     async with Emulator() as emulator, kmock.Server(emulator) as server:
-        emulator.resources.load_bundled()
-        emulator.resources[QM] = kmock.ResourceInfo(
-            kind="QuantizedModel", singular="quantizedmodel", namespaced=True, shortnames={"qm"},
-            categories={"kubequant"}, subresources={"status"}, verbs=VERBS)
-        emulator.resources[SERVICE_MONITORS] = kmock.ResourceInfo(
-            kind="ServiceMonitor", singular="servicemonitor", namespaced=True, verbs=VERBS)
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
-            "users": [{"name": "test", "user": {"token": "test"}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "test",
-                                                          "namespace": NAMESPACE}}],
-        }))
-        yield Cluster(emulator, kubeconfig)
+        register_resources(emulator)
+        yield Cluster(emulator, write_kubeconfig(tmp_path / "kubeconfig", server))
 
 
 @contextlib.asynccontextmanager
