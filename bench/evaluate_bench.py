@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from quantizer.calibration import load_calibration  # noqa: E402
-from quantizer.checkpoint import CheckpointWriter  # noqa: E402
 from quantizer.gptq import QuantRecipe  # noqa: E402
 from quantizer.perplexity import load_dequantized_model, load_evaluation_windows, torch_perplexity  # noqa: E402
 from quantizer.pipeline import quantize_model  # noqa: E402
+from quantizer.quantize import QuantizeOptions, run_quantize  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -65,16 +65,10 @@ def main() -> None:
         report["pass_seconds_with_eval"] = round(timings["with"], 2)
         report["eval_overhead"] = round(timings["with"] / timings["without"] - 1, 3)
 
+        # The checkpoint the gate scores, written exactly as `python -m quantizer quantize` writes it.
         out = Path(tmp) / "ckpt"
-        with CheckpointWriter(out, recipe) as writer:
-            quantize_model(args.model, recipe, calibration.windows, writer.add_layer, device, progress=False)
-            from quantizer.pipeline import SafetensorsCheckpoint
-
-            source = SafetensorsCheckpoint(args.model)
-            for name in source.names():
-                if ".layers." not in name:
-                    writer.add(name, source.get(name))
-            writer.commit(args.model, {"unservable": []}, "bench")
+        run_quantize(QuantizeOptions(model=args.model, output=out, calibration=args.calibration, recipe=recipe,
+                                     samples=args.samples, seq_len=args.seq_len, device=args.device, progress=False))
 
         # 1. Scoring rate, torch vs vLLM.
         tokens = windows.tokens_scored

@@ -199,6 +199,14 @@ def iter_checkpoint_tensors(model_dir: Path):
                 yield name, handle
 
 
+def gptq_part(name: str) -> tuple[str, str] | None:
+    """('model.layers.0.mlp.down_proj', 'qweight') for a GPTQ tensor's name; None for any other tensor."""
+    for suffix in GPTQ_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix[1:]
+    return None
+
+
 def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
     """Check a GPTQ checkpoint against the vLLM 0.32 contract; raise CheckpointError listing every
     problem found. Returns a summary (quantized layer count, shapes)."""
@@ -223,9 +231,8 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
 
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name, handle in iter_checkpoint_tensors(model_dir):
-        for suffix in GPTQ_SUFFIXES:
-            if name.endswith(suffix):
-                tensors.setdefault(name[: -len(suffix)], {})[suffix[1:]] = handle.get_tensor(name)
+        if part := gptq_part(name):
+            tensors.setdefault(part[0], {})[part[1]] = handle.get_tensor(name)
     if not tensors:
         problems.append("no quantized tensors (*.qweight) found")
     pack = 32 // bits if 32 % bits == 0 else None

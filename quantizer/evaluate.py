@@ -8,6 +8,7 @@ written), the baseline from --baseline-model with the same engine as the served 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,16 +51,13 @@ class EvaluateOptions:
     gpu_memory_utilization: float = 0.9
 
 
-def _context_length(model_dir: Path) -> int | None:
-    import json
-
-    config = json.loads((model_dir / "config.json").read_text())
-    return config.get("max_position_embeddings")
+def _config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
 
 
 def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engine: str) -> Perplexity:
     if engine == "torch":
-        if (model_dir / "config.json").exists() and "quantization_config" in (model_dir / "config.json").read_text():
+        if "quantization_config" in _config(model_dir):
             model = load_dequantized_model(model_dir)
         else:
             from transformers import AutoModelForCausalLM
@@ -95,7 +93,9 @@ def run_evaluate(opts: EvaluateOptions) -> dict:
     qconfig = read_quantization_config(opts.model)
     if opts.baseline_ppl is None and opts.baseline_model is None:
         raise InputError("no baseline: pass --baseline-ppl (from the quantize result) or --baseline-model DIR")
-    context = _context_length(opts.model)
+    if opts.baseline_model is not None and not (opts.baseline_model / "config.json").exists():
+        raise InputError(f"--baseline-model {opts.baseline_model}: no config.json; pass the unquantized model directory")
+    context = _config(opts.model).get("max_position_embeddings")
     if context and opts.seq_len > context:
         raise InputError(f"--seq-len {opts.seq_len} exceeds the model's context {context}; lower it")
     if opts.tensor_parallel_size < 1:

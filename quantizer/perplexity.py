@@ -109,7 +109,7 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
     read exactly as stored (g_idx included): the reference vLLM must agree with."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantizer.checkpoint import GPTQ_SUFFIXES, iter_checkpoint_tensors, read_quantization_config
+    from quantizer.checkpoint import gptq_part, iter_checkpoint_tensors, read_quantization_config
     from quantizer.packing import dequantize_gptq
 
     qconfig = read_quantization_config(model_dir)
@@ -122,9 +122,8 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
     state: dict[str, torch.Tensor] = {}
     gptq: dict[str, dict[str, torch.Tensor]] = {}
     for name, handle in iter_checkpoint_tensors(model_dir):
-        suffix = next((s for s in GPTQ_SUFFIXES if name.endswith(s)), None)
-        if suffix:
-            gptq.setdefault(name[: -len(suffix)], {})[suffix[1:]] = handle.get_tensor(name)
+        if part := gptq_part(name):
+            gptq.setdefault(part[0], {})[part[1]] = handle.get_tensor(name)
         else:
             state[name] = handle.get_tensor(name).to(dtype)
     for layer, parts in gptq.items():
