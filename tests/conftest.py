@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,40 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         assert code == 0, result
         made[name] = (root / name, result)
     return made
+
+
+# ---- the real control plane (scripts/cluster.sh) ----------------------------------------------------
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "controlplane: needs the real Kubernetes control plane (scripts/cluster.sh)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """With CI=true a control-plane test that skips fails the run: CI builds the control plane."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") == "true" and item.get_closest_marker("controlplane"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a control-plane test may not skip ({reason})"
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory):
+    """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK's nodes, once per session,
+    with the CRDs applied as a user applies them."""
+    from tests.kube.controlplane import ROOT, ControlPlane, Unavailable, ensure_binaries
+
+    try:
+        ensure_binaries()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    cluster = ControlPlane(tmp_path_factory.mktemp("cluster"))
+    cluster.up()
+    try:
+        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/quantizedmodels.kubequant.io", "--timeout=60s")
+        yield cluster
+    finally:
+        cluster.down()

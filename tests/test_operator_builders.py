@@ -277,3 +277,27 @@ def test_render_cli_refuses_an_invalid_spec(tmp_path, capsys):
     path.write_text(yaml.safe_dump(body))
     assert cli_main(["render", "-f", str(path)]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _tolerations(obj: dict) -> list[dict]:
+    return obj["spec"]["template"]["spec"].get("tolerations", [])
+
+
+def test_gpu_pods_tolerate_the_gpu_taint():
+    """GPU nodes carry nvidia.com/gpu:NoSchedule: a Pod that asks for GPUs tolerates it, others do not."""
+    tiny = MODELS["tiny"]  # no tolerations in the spec; quantizes on the CPU, evaluates and serves on GPUs
+    assert _tolerations(builders.quantize_job(tiny)) == []
+    assert _tolerations(builders.evaluate_job(tiny, ARTIFACT)) == [GPU_TOLERATION]
+    assert _tolerations(builders.deployment(tiny, ARTIFACT)) == [GPU_TOLERATION]
+    # The spec's own tolerations are kept, and one that covers the taint is not doubled.
+    llama = MODELS["llama"]
+    assert _tolerations(builders.quantize_job(llama)) == llama.spec.quantization.tolerations
+    assert _tolerations(builders.deployment(llama, ARTIFACT)) == llama.spec.serving.tolerations
+    other = parse_model(with_spec(example("tiny.yaml"), "serving.tolerations",
+                                  [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]))
+    assert _tolerations(builders.deployment(other, ARTIFACT)) == [*other.spec.serving.tolerations, GPU_TOLERATION]
+    everything = parse_model(with_spec(example("tiny.yaml"), "serving.tolerations", [{"operator": "Exists"}]))
+    assert _tolerations(builders.evaluate_job(everything, ARTIFACT)) == [{"operator": "Exists"}]

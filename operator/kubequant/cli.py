@@ -52,6 +52,7 @@ def _operator(args: argparse.Namespace) -> int:
     # Read by kubequant.handlers when it is imported: set before.
     os.environ["KUBEQUANT_METRICS_PORT"] = str(args.metrics_port)
     os.environ["KUBEQUANT_RESYNC_SECONDS"] = str(args.resync_seconds)
+    os.environ["KUBEQUANT_BIND_ADDRESS"] = args.bind_address
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import kopf
@@ -62,7 +63,7 @@ def _operator(args: argparse.Namespace) -> int:
         clusterwide=args.all_namespaces,
         namespaces=args.namespace or (),
         standalone=True,
-        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None,
+        liveness_endpoint=f"http://{args.bind_address}:{args.health_port}/healthz" if args.health_port else None,
     )
     return 0
 
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port; 0 disables")
     p.add_argument("--health-port", type=int, default=8081, help="liveness /healthz port; 0 disables")
     p.add_argument("--resync-seconds", type=float, default=60, help="re-check every model this often")
+    p.add_argument("--bind-address", default="0.0.0.0",
+                   help="address of the metrics and health endpoints (127.0.0.1: this machine only)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=_operator)
     return parser

@@ -22,6 +22,7 @@ from kubequant.spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_model
 
 RESYNC_SECONDS = float(os.environ.get("KUBEQUANT_RESYNC_SECONDS", "60"))
 METRICS_PORT = int(os.environ.get("KUBEQUANT_METRICS_PORT", "8080"))
+BIND_ADDRESS = os.environ.get("KUBEQUANT_BIND_ADDRESS", "0.0.0.0")
 DELETE_RETRY_SECONDS = float(os.environ.get("KUBEQUANT_DELETE_RETRY_SECONDS", "5"))
 
 
@@ -38,8 +39,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     memo.locks = {}
     memo.locks_guard = threading.Lock()
     if METRICS_PORT > 0:
-        metrics.serve(METRICS_PORT)
-        logger.info("metrics on :%d/metrics", METRICS_PORT)
+        metrics.serve(METRICS_PORT, BIND_ADDRESS)
+        logger.info("metrics on %s:%d/metrics", BIND_ADDRESS, METRICS_PORT)
 
 
 def _now() -> str:

@@ -33,11 +33,11 @@ _lock = threading.Lock()
 _server_started = False
 
 
-def serve(port: int) -> None:
+def serve(port: int, address: str = "0.0.0.0") -> None:
     global _server_started
     with _lock:
         if not _server_started:
-            start_http_server(port)
+            start_http_server(port, addr=address)
             _server_started = True
 
 

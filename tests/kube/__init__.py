@@ -1,0 +1,1 @@
+"""Helpers for the tests that run against the real control plane (scripts/cluster.sh)."""

@@ -1,0 +1,113 @@
+"""The install paths, as a user runs them, against the real apiserver: the CRDs by server-side apply,
+the chart by the helm CLI (install, upgrade, uninstall), `kubectl explain`, the printer columns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.kube.controlplane import MONITORING_CRDS, ROOT, ControlPlane, wait_for
+
+pytestmark = pytest.mark.controlplane
+CHART = ROOT / "charts" / "kubequant"
+
+
+def test_crds_apply_server_side_again_without_conflict(control_plane: ControlPlane):
+    done = control_plane.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+    assert "quantizedmodels.kubequant.io serverside-applied" in done.stdout
+    crd = control_plane.get("crd", "quantizedmodels.kubequant.io")
+    established = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
+    assert established["Established"] == "True" and established["NamesAccepted"] == "True"
+    # The apiserver serves the kind under its short name and category.
+    resources = control_plane.kubectl("api-resources", "--api-group=kubequant.io", "-o", "wide").stdout
+    assert "qm" in resources and "QuantizedModel" in resources and "kubequant" in resources
+
+
+def test_kubectl_explain_prints_the_field_docs(control_plane: ControlPlane):
+    # The apiserver publishes a new CRD's OpenAPI schema a few seconds after it is established.
+    out = wait_for("the CRD's OpenAPI schema", lambda: (done := control_plane.kubectl(
+        "explain", "quantizedmodel.spec.quantization", check=False)).returncode == 0 and done.stdout)
+    schema = yaml.safe_load((ROOT / "crds" / "quantizedmodels.kubequant.io.yaml").read_text())
+    quantization = schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "quantization"]
+    assert "GROUP:      kubequant.io" in out
+    for field, node in quantization["properties"].items():
+        assert field in out, field
+        # The first words of each description, as kubectl wraps them.
+        assert " ".join(node["description"].split()[:4]) in " ".join(out.split()), field
+    recursive = control_plane.kubectl("explain", "qm.spec", "--recursive").stdout
+    assert "tensorParallelSize" in recursive and "retentionPolicy" in recursive
+
+
+def _helm_objects(cluster: ControlPlane, release: str, namespace: str) -> list[tuple[str, str]]:
+    manifest = cluster.helm("get", "manifest", release, "-n", namespace).stdout
+    return [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(manifest) if d]
+
+
+def test_helm_install_upgrade_uninstall_with_default_values(control_plane: ControlPlane):
+    ns = control_plane.create_namespace("kq-helm-default")
+    control_plane.helm("install", "kubequant", str(CHART), "-n", ns)
+    objects = _helm_objects(control_plane, "kubequant", ns)
+    assert ("Deployment", "kubequant") in objects and ("Role", "kubequant") in objects
+    deployment = control_plane.get("deployment", "kubequant", ns)
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "kubequant"
+    # The scheduler places the operator's Pod on the CPU node (it does not tolerate the GPU taint).
+    pod = wait_for("the operator Pod to be scheduled", lambda: next(
+        (p for p in control_plane.list("pods", ns, "app.kubernetes.io/component=operator")
+         if p["spec"].get("nodeName")), None))
+    assert pod["spec"]["nodeName"] == "cpu-1"
+
+    control_plane.helm("upgrade", "kubequant", str(CHART), "-n", ns, "--set", "operator.resyncSeconds=15")
+    args = control_plane.get("deployment", "kubequant", ns)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--resync-seconds=15" in args
+    history = json.loads(control_plane.helm("history", "kubequant", "-n", ns, "-o", "json").stdout)
+    assert [h["revision"] for h in history] == [1, 2] and history[-1]["status"] == "deployed"
+
+    control_plane.helm("uninstall", "kubequant", "-n", ns, "--wait")
+    for kind, name in objects:
+        assert control_plane.get(kind.lower(), name, None if kind.startswith("Cluster") else ns) is None, (kind, name)
+    # The CRDs stay: helm never deletes CRDs, and the models (and their artifacts) with them.
+    assert control_plane.get("crd", "quantizedmodels.kubequant.io") is not None
+
+
+def test_helm_install_with_every_option_on(control_plane: ControlPlane):
+    """The all-on values, with the Prometheus Operator's CRDs (generated from its API types) installed."""
+    assert MONITORING_CRDS.is_dir(), "scripts/cluster.sh build generates the monitoring.coreos.com CRDs"
+    control_plane.kubectl("apply", "--server-side", "-f", str(MONITORING_CRDS))
+    for crd in ("servicemonitors", "prometheusrules"):
+        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{crd}.monitoring.coreos.com",
+                              "--timeout=60s")
+    ns = control_plane.create_namespace("kq-helm-all-on")
+    control_plane.create_namespace("monitoring")
+    values = str(CHART / "ci" / "all-on-values.yaml")
+    control_plane.helm("install", "kq", str(CHART), "-n", ns, "-f", values)
+    objects = _helm_objects(control_plane, "kq", ns)
+    kinds = {kind for kind, _ in objects}
+    assert {"ServiceMonitor", "PrometheusRule", "NetworkPolicy", "ClusterRole", "ClusterRoleBinding",
+            "ConfigMap"} <= kinds
+    dashboard = next(name for kind, name in objects if kind == "ConfigMap")
+    assert control_plane.get("configmap", dashboard, "monitoring") is not None
+    rule = control_plane.get("prometheusrule", next(n for k, n in objects if k == "PrometheusRule"), ns)
+    assert rule["spec"]["groups"], "the PrometheusRule has its alert groups"
+
+    control_plane.helm("upgrade", "kq", str(CHART), "-n", ns, "-f", values, "--set", "operator.resyncSeconds=45")
+    control_plane.helm("uninstall", "kq", "-n", ns, "--wait")
+    assert control_plane.list("servicemonitors", ns) == []
+    assert control_plane.get("clusterrole", next(n for k, n in objects if k == "ClusterRole")) is None
+
+
+def test_printer_columns(control_plane: ControlPlane):
+    ns = control_plane.create_namespace("kq-columns")
+    body = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    control_plane.apply(body, namespace=ns)
+    # The status as the operator writes it; the columns read it.
+    status = {"phase": "Ready", "baselinePerplexity": 30.19, "quantizedPerplexity": 30.33,
+              "conditions": [{"type": "Ready", "status": "True", "reason": "Serving", "message": "m",
+                              "lastTransitionTime": "2026-12-01T00:00:00Z"}]}
+    control_plane.kubectl("patch", "qm", "tiny-llama", "-n", ns, "--subresource=status", "--type=merge",
+                          "-p", json.dumps({"status": status}))
+    header, row = control_plane.kubectl("get", "qm", "-n", ns).stdout.splitlines()
+    assert header.split() == ["NAME", "PHASE", "BITS", "GROUP", "BASELINE", "PPL", "QUANTIZED", "PPL", "READY", "AGE"]
+    assert row.split()[:7] == ["tiny-llama", "Ready", "4", "32", "30.19", "30.33", "True"]

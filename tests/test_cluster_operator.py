@@ -1,0 +1,283 @@
+"""The operator against the real control plane, under the chart's RBAC.
+
+The operator is `kubequant operator` in a process of its own, authenticated with a token of the
+chart's ServiceAccount. The real scheduler binds the Job and Deployment Pods to KWOK's simulated
+nodes; the real Job, Deployment, ReplicaSet and garbage-collector controllers move them along. The
+test plays the kubelet for Job Pods (tests/kube/kubelet.py): the lifecycle test runs their real
+commands (the quantizer and the evaluator, vLLM on the CPU, on the tiny model); the others write the
+terminated state a command would leave.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kube.controlplane import ControlPlane, wait_for
+from tests.kube.kubelet import Kubelet
+from tests.kube.models import (
+    OPERATOR_NAMESPACE,
+    PASSED,
+    QUANTIZE_RESULT,
+    REGRESSED,
+    SERVICE_ACCOUNT,
+    Models,
+    data_volume,
+    example,
+    install_operator_rbac,
+)
+from tests.kube.operator_process import OperatorProcess
+
+pytestmark = pytest.mark.controlplane
+WATCHED = ["kq-life", "kq-tp", "kq-faults", "kq-delete"]
+SA = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}"
+
+
+@pytest.fixture(scope="module")
+def operator_kubeconfig(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    install_operator_rbac(control_plane, WATCHED)
+    return control_plane.token_kubeconfig(SERVICE_ACCOUNT, OPERATOR_NAMESPACE,
+                                          tmp_path_factory.mktemp("operator") / "kubeconfig")
+
+
+def _models(cluster: ControlPlane, namespace: str, tmp_path: Path) -> Models:
+    return Models(cluster, namespace, Kubelet(cluster, namespace, tmp_path))
+
+
+@pytest.fixture
+def operator(operator_kubeconfig: Path, tmp_path: Path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(operator_kubeconfig, WATCHED, tmp_path / "operator.log")
+    with process:
+        yield process
+
+
+def test_the_service_account_can_do_what_it_needs_and_no_more(control_plane: ControlPlane, operator_kubeconfig):
+    def can(*args: str) -> bool:
+        done = control_plane.kubectl("auth", "can-i", f"--as={SA}", *args, check=False)
+        return done.stdout.strip() == "yes"
+
+    needed = [("create", "jobs", "-n", "kq-life"), ("patch", "deployments", "-n", "kq-faults"),
+              ("patch", "quantizedmodels/status", "-n", "kq-tp"), ("list", "pods", "-n", "kq-delete"),
+              ("create", "events", "-n", "kq-life"), ("create", "persistentvolumeclaims", "-n", "kq-life"),
+              ("watch", "customresourcedefinitions.apiextensions.k8s.io")]
+    refused = [("get", "secrets", "-n", "kq-life"), ("list", "secrets", "-A"), ("delete", "namespaces"),
+               ("create", "jobs", "-n", "default"), ("create", "pods", "-n", "kq-life"),
+               ("delete", "quantizedmodels", "-n", "kq-life"), ("update", "clusterroles"),
+               ("create", "rolebindings", "-n", "kq-life"), ("delete", "persistentvolumes"),
+               ("patch", "nodes"), ("create", "serviceaccounts/token", "-n", OPERATOR_NAMESPACE)]
+    assert [a for a in needed if not can(*a)] == []
+    assert [a for a in refused if can(*a)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_tiny_model_lifecycle_with_the_real_quantizer_and_evaluator(control_plane: ControlPlane, operator,
+                                                                    tmp_path: Path):
+    """quantize (real CLI) -> evaluate (vLLM on the CPU) -> serve -> Ready; then a serving-only change,
+    and a stricter gate that fails without touching what serves."""
+    ns = "kq-life"
+    models = _models(control_plane, ns, tmp_path)
+    data = data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
+    models.apply(example("tiny.yaml"))
+
+    quantize = models.wait_job("tiny-llama", "quantize")
+    pod = models.kubelet.running_pod(quantize)
+    assert pod["spec"]["nodeName"] == "cpu-1"  # no GPU asked for: the GPU nodes' taint keeps it off them
+    models.wait_phase("tiny-llama", "Quantizing")
+    terminated = models.kubelet.run(pod)
+    assert terminated["exitCode"] == 0, Path(terminated["log"]).read_text()[-3000:]
+
+    evaluate = models.wait_job("tiny-llama", "evaluate")
+    pod = models.kubelet.running_pod(evaluate)
+    assert pod["spec"]["nodeName"] in ("gpu-1", "gpu-8")  # one GPU; the operator added the GPU toleration
+    models.wait_phase("tiny-llama", "Evaluating")
+    terminated = models.kubelet.run(pod, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert terminated["exitCode"] == 0, Path(terminated["log"]).read_text()[-3000:]
+    verdict = json.loads(terminated["message"])
+    assert verdict["reason"] == "Passed" and verdict["engine"] == "vllm"
+
+    # The Deployment's Pods are scheduled on a GPU node and become Ready (KWOK); the Deployment
+    # controller reports them available; the operator then says Ready.
+    status = models.wait_phase("tiny-llama", "Ready", timeout=120)
+    control_plane.kubectl("wait", "--for=condition=Ready", "qm/tiny-llama", "-n", ns, "--timeout=30s")
+    assert {c["type"]: c["status"] for c in status["conditions"]} == \
+        {"Quantized": "True", "Evaluated": "True", "GatePassed": "True", "Ready": "True"}
+    assert status["observedGeneration"] == models.get("tiny-llama")["metadata"]["generation"]
+    assert status["quantizedPerplexity"] == pytest.approx(verdict["served_ppl"])
+    artifact = data / status["artifact"]["path"]
+    assert (artifact / "kubequant.json").is_file() and (artifact / "config.json").is_file()
+    assert [p["spec"]["nodeName"] in ("gpu-1", "gpu-8") for p in models.serving_pods("tiny-llama")] == [True]
+
+    header, row = control_plane.kubectl("get", "qm", "-n", ns).stdout.splitlines()
+    assert header.split()[:2] == ["NAME", "PHASE"]
+    cells = row.split()
+    assert cells[:4] == ["tiny-llama", "Ready", "4", "32"] and cells[6] == "True"
+    assert float(cells[4]) == pytest.approx(status["baselinePerplexity"], rel=1e-3)
+    assert float(cells[5]) == pytest.approx(status["quantizedPerplexity"], rel=1e-3)
+    wait_for("the phase Events", lambda: {("Normal", p) for p in ("Quantizing", "Evaluating", "Deploying", "Ready")}
+             <= set(models.events("tiny-llama")))
+    labels = {"namespace": ns, "model": "tiny-llama"}
+    assert operator.sample("kubequant_gate_outcomes_total", {**labels, "outcome": "Passed"}) == 1
+    assert operator.sample("kubequant_quantized_perplexity", labels) == pytest.approx(status["quantizedPerplexity"])
+
+    # A serving-only change: the Deployment follows, nothing is quantized or evaluated again.
+    jobs = {j["metadata"]["uid"] for j in models.jobs("tiny-llama")}
+    models.patch_spec("tiny-llama", "serving.replicas", 2)
+    wait_for("two serving replicas", lambda: (models.deployment("tiny-llama") or {}).get("spec", {}).get("replicas") == 2)
+    models.wait_phase("tiny-llama", "Ready", timeout=120)
+    assert {j["metadata"]["uid"] for j in models.jobs("tiny-llama")} == jobs
+    served_args = models.deployment("tiny-llama")["spec"]["template"]["spec"]["containers"][0]["args"]
+    generation = models.deployment("tiny-llama")["metadata"]["generation"]
+
+    # A gate the same artifact cannot pass: a new evaluate Job (no requantization), a real verdict
+    # PerplexityRegression (exit code 3), and the Deployment untouched.
+    models.patch_spec("tiny-llama", "evaluation.maxPerplexityRatio", 1.0)
+    models.patch_spec("tiny-llama", "evaluation.maxPerplexityIncrease", 0.000001)
+    strict = models.wait_job("tiny-llama", "evaluate", exclude={evaluate})
+    terminated = models.kubelet.run(models.kubelet.running_pod(strict), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert terminated["exitCode"] == 3, Path(terminated["log"]).read_text()[-3000:]
+    status = models.wait_phase("tiny-llama", "GateFailed")
+    gate = next(c for c in status["conditions"] if c["type"] == "GatePassed")
+    assert (gate["status"], gate["reason"]) == ("False", "PerplexityRegression")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "True" and "failed the gate" in ready["message"]
+    deployment = models.deployment("tiny-llama")
+    assert deployment["metadata"]["generation"] == generation
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["args"] == served_args
+    assert len(models.jobs("tiny-llama", "quantize")) == 1
+    wait_for("a GateFailed Warning", lambda: ("Warning", "GateFailed") in models.events("tiny-llama"))
+
+
+def test_tensor_parallel_pods_land_where_two_gpus_fit(control_plane: ControlPlane, operator, tmp_path: Path):
+    """The 8B example at TP 2 with 2 replicas: only the 8-GPU node fits a 2-GPU Pod. Midway the
+    apiserver restarts; the operator watches again and finishes."""
+    ns = "kq-tp"
+    models = _models(control_plane, ns, tmp_path)
+    # The example asks for a new ReadWriteMany claim; its volume waits for it, pre-bound.
+    data_volume(control_plane, ns, "llama-3-8b-artifacts", tmp_path / "claim", size="100Gi",
+                access_mode="ReadWriteMany", create_claim=False)
+    models.apply(example("llama-3-8b-tp2.yaml"))
+    wait_for("the claim to bind", lambda: (control_plane.get("pvc", "llama-3-8b-artifacts", ns) or {})
+             .get("status", {}).get("phase") == "Bound")
+    quantize = models.wait_job("llama-3-8b", "quantize")
+    assert models.kubelet.running_pod(quantize)["spec"]["nodeName"] in ("gpu-1", "gpu-8")
+    models.finish(quantize, QUANTIZE_RESULT)
+
+    evaluate = models.wait_job("llama-3-8b", "evaluate")
+    assert models.kubelet.running_pod(evaluate)["spec"]["nodeName"] == "gpu-8"
+    control_plane.restart("kube-apiserver")
+    models.finish(evaluate, PASSED)
+    models.wait_phase("llama-3-8b", "Ready", timeout=120)
+    pods = models.serving_pods("llama-3-8b")
+    assert len(pods) == 2 and {p["spec"]["nodeName"] for p in pods} == {"gpu-8"}
+    for kind in ("service", "poddisruptionbudget"):
+        assert control_plane.get(kind, "llama-3-8b", ns) is not None, kind
+
+
+def test_job_failures_and_operator_kills_in_every_phase(control_plane: ControlPlane, operator_kubeconfig,
+                                                        tmp_path: Path):
+    """Three models; the operator killed with SIGKILL and started again between every step: the same
+    outcomes, no duplicate child. A quantize Pod OOMKilled and an evaluate Pod exiting 1 fail their
+    models with that reason."""
+    ns = "kq-faults"
+    models = _models(control_plane, ns, tmp_path)
+    data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
+    names = ("good", "worse", "broken")
+
+    def children() -> dict[str, int]:
+        return {n: len(models.jobs(n)) + (models.deployment(n) is not None) for n in names}
+
+    def restart(previous: OperatorProcess | None, expect: dict[str, str]) -> OperatorProcess:
+        if previous is not None:
+            previous.kill()
+        process = OperatorProcess(operator_kubeconfig, WATCHED, tmp_path / "operator.log").start()
+        for name, phase in expect.items():
+            models.wait_phase(name, phase)
+        return process
+
+    process = restart(None, {})
+    for name in names:
+        models.apply(example("tiny.yaml", name))
+    quantize = {n: models.wait_job(n, "quantize") for n in names}
+    for name in names:
+        models.kubelet.running_pod(quantize[name])
+    process = restart(process, dict.fromkeys(names, "Quantizing"))
+    assert children() == dict.fromkeys(names, 1)
+
+    models.finish(quantize["good"], QUANTIZE_RESULT)
+    models.finish(quantize["worse"], QUANTIZE_RESULT)
+    process.kill()  # the results land while no operator runs
+    models.finish(quantize["broken"], None, exit_code=137, reason="OOMKilled")
+    process = restart(None, {"good": "Evaluating", "worse": "Evaluating", "broken": "Failed"})
+    assert children() == {"good": 2, "worse": 2, "broken": 1}
+    broken = models.status("broken")
+    assert broken["failure"]["reason"] == "OOMKilled" and broken["failure"]["exitCode"] == 137
+    quantized = next(c for c in broken["conditions"] if c["type"] == "Quantized")
+    assert quantized["reason"] == "OOMKilled" and "memory" in quantized["message"]
+
+    evaluate = {n: models.wait_job(n, "evaluate") for n in ("good", "worse")}
+    models.finish(evaluate["good"], PASSED)
+    models.finish(evaluate["worse"], REGRESSED, exit_code=3)
+    process = restart(process, {"good": "Deploying", "worse": "GateFailed", "broken": "Failed"})
+    assert children() == {"good": 3, "worse": 2, "broken": 1}
+    assert models.deployment("worse") is None  # a failed gate never deploys
+
+    process = restart(process, {"good": "Ready", "worse": "GateFailed", "broken": "Failed"})
+    process = restart(process, {"good": "Ready", "worse": "GateFailed", "broken": "Failed"})
+    assert children() == {"good": 3, "worse": 2, "broken": 1}
+    assert len(models.serving_pods("good")) == 1
+
+    # An evaluate Pod that crashes (exit 1, no verdict): Failed, with the exit code in the condition.
+    models.apply(example("tiny.yaml", "crashing"))
+    models.finish(models.wait_job("crashing", "quantize"), QUANTIZE_RESULT)
+    models.finish(models.wait_job("crashing", "evaluate"), None, exit_code=1)
+    status = models.wait_phase("crashing", "Failed")
+    evaluated = next(c for c in status["conditions"] if c["type"] == "Evaluated")
+    assert status["failure"]["exitCode"] == 1 and "exited with code 1" in evaluated["message"]
+    process.stop()
+
+
+def test_deletion_honours_the_retention_policy(control_plane: ControlPlane, operator, tmp_path: Path):
+    """Delete: vLLM stops, a cleanup Job (its real command) removes the artifacts, the garbage
+    collector removes the children through their ownerReferences; a created claim goes too.
+    Retain: the created claim stays."""
+    ns = "kq-delete"
+    models = _models(control_plane, ns, tmp_path)
+    data = data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
+    for claim in ("keep-claim", "wipe-claim"):
+        data_volume(control_plane, ns, claim, tmp_path / claim, create_claim=False)
+    models.apply(example("tiny.yaml", "wipe", storage__retentionPolicy="Delete"))
+    models.apply(example("tiny.yaml", "keep"))
+    for name, policy in (("keep-claim", "Retain"), ("wipe-claim", "Delete")):
+        models.apply(example("tiny.yaml", name, storage={"claimName": name, "create": True, "size": "1Gi",
+                                                          "retentionPolicy": policy}))
+    models.finish(models.wait_job("wipe", "quantize"), QUANTIZE_RESULT)
+    models.finish(models.wait_job("wipe", "evaluate"), PASSED)
+    models.wait_phase("wipe", "Ready")
+    (data / "kubequant" / "wipe" / "artifact").mkdir(parents=True)
+    for name in ("keep", "keep-claim", "wipe-claim"):
+        models.wait_job(name, "quantize")
+    owned = {name: [j["metadata"]["name"] for j in models.jobs(name)] for name in ("wipe", "keep")}
+
+    for name in ("keep", "wipe", "keep-claim", "wipe-claim"):
+        control_plane.kubectl("delete", "qm", name, "-n", ns, "--wait=false")
+    cleanup = wait_for("the cleanup Job", lambda: next(iter(models.jobs("wipe", "cleanup")), None))
+    wait_for("vLLM to stop", lambda: models.deployment("wipe") is None)
+    assert models.get("wipe") is not None  # the finalizer waits for the cleanup
+    terminated = models.kubelet.run(models.kubelet.running_pod(cleanup["metadata"]["name"]))
+    assert terminated["exitCode"] == 0
+    assert not (data / "kubequant" / "wipe").exists() and (data / "tiny-llama").is_dir()
+
+    for name in ("keep", "wipe", "keep-claim", "wipe-claim"):
+        wait_for(f"{name} to go", lambda n=name: models.get(n) is None)
+    for name, jobs in owned.items():
+        wait_for(f"the garbage collector to remove {name}'s Jobs",
+                 lambda js=jobs: all(control_plane.get("job", j, ns) is None for j in js))
+    assert control_plane.get("service", "wipe", ns) is None
+    assert control_plane.get("pvc", "keep-claim", ns) is not None
+    wait_for("the deleted claim to go", lambda: (c := control_plane.get("pvc", "wipe-claim", ns)) is None
+             or c["metadata"].get("deletionTimestamp"))
+    assert control_plane.get("pvc", "kubequant-data", ns) is not None  # not the operator's to delete
