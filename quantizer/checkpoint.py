@@ -86,8 +86,11 @@ class CheckpointWriter:
             raise InputError(
                 f"--output {output} already exists; choose a new directory, remove it, or pass --overwrite"
             )
-        if not output.parent.is_dir():
-            raise InputError(f"--output {output}: parent directory {output.parent} does not exist")
+        # The operator's layout (kubequant/<model>/<hash> on a fresh claim) has no parents yet.
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise InputError(f"--output {output}: {output.parent} is not a directory") from None
         self.tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
         self._pending: dict[str, torch.Tensor] = {}

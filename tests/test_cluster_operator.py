@@ -97,7 +97,7 @@ def test_tiny_model_lifecycle_with_the_real_quantizer_and_evaluator(control_plan
     terminated = models.kubelet.run(pod, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert terminated["exitCode"] == 0, Path(terminated["log"]).read_text()[-3000:]
     verdict = json.loads(terminated["message"])
-    assert verdict["reason"] == "Passed" and verdict["engine"] == "vllm"
+    assert verdict["reason"] == "Passed" and verdict["engine"].startswith("vllm")
 
     # The Deployment's Pods are scheduled on a GPU node and become Ready (KWOK); the Deployment
     # controller reports them available; the operator then says Ready.
@@ -134,8 +134,7 @@ def test_tiny_model_lifecycle_with_the_real_quantizer_and_evaluator(control_plan
 
     # A gate the same artifact cannot pass: a new evaluate Job (no requantization), a real verdict
     # PerplexityRegression (exit code 3), and the Deployment untouched.
-    models.patch_spec("tiny-llama", "evaluation.maxPerplexityRatio", 1.0)
-    models.patch_spec("tiny-llama", "evaluation.maxPerplexityIncrease", 0.000001)
+    models.patch_spec("tiny-llama", "evaluation", {"maxPerplexityRatio": 1.0, "maxPerplexityIncrease": 0.000001})
     strict = models.wait_job("tiny-llama", "evaluate", exclude={evaluate})
     terminated = models.kubelet.run(models.kubelet.running_pod(strict), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     assert terminated["exitCode"] == 3, Path(terminated["log"]).read_text()[-3000:]
@@ -221,11 +220,10 @@ def test_job_failures_and_operator_kills_in_every_phase(control_plane: ControlPl
     evaluate = {n: models.wait_job(n, "evaluate") for n in ("good", "worse")}
     models.finish(evaluate["good"], PASSED)
     models.finish(evaluate["worse"], REGRESSED, exit_code=3)
-    process = restart(process, {"good": "Deploying", "worse": "GateFailed", "broken": "Failed"})
+    # The Deployment's Pods start at once on KWOK's nodes: Deploying passes quickly into Ready.
+    process = restart(process, {"good": "Ready", "worse": "GateFailed", "broken": "Failed"})
     assert children() == {"good": 3, "worse": 2, "broken": 1}
     assert models.deployment("worse") is None  # a failed gate never deploys
-
-    process = restart(process, {"good": "Ready", "worse": "GateFailed", "broken": "Failed"})
     process = restart(process, {"good": "Ready", "worse": "GateFailed", "broken": "Failed"})
     assert children() == {"good": 3, "worse": 2, "broken": 1}
     assert len(models.serving_pods("good")) == 1

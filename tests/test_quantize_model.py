@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantizer.checkpoint import CheckpointError, verify_checkpoint
+from quantizer.checkpoint import CheckpointError, CheckpointWriter, verify_checkpoint
+from quantizer.errors import InputError
+from quantizer.gptq import QuantRecipe
 from quantizer.perplexity import load_dequantized_model, load_evaluation_windows, torch_perplexity
 from tests.conftest import CALIBRATION, EVALUATION, TINY_MODEL, quantize
 
@@ -155,3 +157,14 @@ def test_calibration_seq_len_is_clamped_to_the_context(tmp_path, caplog):
     assert code == 0
     assert result["calibration"]["seq_len"] == config["max_position_embeddings"]
     assert "exceeds the model's context" in caplog.text
+
+
+def test_missing_parents_of_the_output_are_made(tmp_path):
+    """The operator writes to kubequant/<model>/<hash> on a claim where none of that exists yet."""
+    out = tmp_path / "claim" / "kubequant" / "tiny" / "0123456789"
+    code, result = quantize(out, "--samples", "2", "--method", "rtn")
+    assert code == 0, result
+    assert (out / "config.json").is_file()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="is not a directory"):
+        CheckpointWriter(tmp_path / "file" / "ckpt", QuantRecipe(bits=4, group_size=32, sym=True, act_order=False))

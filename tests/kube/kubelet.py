@@ -47,8 +47,11 @@ class Kubelet:
                 if pod["spec"].get("nodeName") and pod.get("status", {}).get("phase") == "Running":
                     return pod
             return None
-        return wait_for(f"a running Pod of Job {job}", check, timeout,
-                        describe=lambda: json.dumps([p.get("status") for p in self.job_pods(job)])[:2000])
+        def describe() -> str:
+            got = self.cluster.get("job", job, self.namespace)
+            return json.dumps({"job": got and got.get("status"), "deleting": got and got["metadata"].get(
+                "deletionTimestamp"), "pods": [p.get("status") for p in self.job_pods(job)]})[:3000]
+        return wait_for(f"a running Pod of Job {job}", check, timeout, describe=describe)
 
     # ---- running a container ----
 
