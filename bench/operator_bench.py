@@ -106,14 +106,18 @@ class AuditLog:
     def read(self) -> None:
         if not self.path.exists():
             return
-        with self.path.open() as f:
+        with self.path.open("rb") as f:
             f.seek(self.offset)
             for line in f:
-                if not line.endswith("\n"):
-                    break
+                if not line.endswith(b"\n"):
+                    break  # being written: read again next time
                 self.offset += len(line)
+                if not line.strip():
+                    continue
                 event = json.loads(line)
-                if event.get("stage") != "ResponseComplete":
+                # A watch is long-running: it is logged when its response starts (and again when it ends).
+                wanted = "ResponseStarted" if event["verb"] == "watch" else "ResponseComplete"
+                if event.get("stage") != wanted:
                     continue
                 ref = event.get("objectRef") or {}
                 resource = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
