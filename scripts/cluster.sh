@@ -26,7 +26,7 @@ die() { log "$*"; exit 1; }
 build() {
   command -v go >/dev/null || die "Go is needed to build the control plane (Go 1.26: https://go.dev/dl); not found on PATH"
   mkdir -p "$BIN"
-  log "building ${BINARIES[*]} into $BIN (test/controlplane/go.mod; first time: about 15 minutes on 2 cores)"
+  log "building ${BINARIES[*]} into $BIN (test/controlplane/go.mod; first time: about 16 minutes on 2 cores)"
   (
     cd "$ROOT/test/controlplane"
     # The version the binaries report (kubectl version, helm's kubeVersion checks), as Kubernetes'
