@@ -301,3 +301,24 @@ def test_gpu_pods_tolerate_the_gpu_taint():
     assert _tolerations(builders.deployment(other, ARTIFACT)) == [*other.spec.serving.tolerations, GPU_TOLERATION]
     everything = parse_model(with_spec(example("tiny.yaml"), "serving.tolerations", [{"operator": "Exists"}]))
     assert _tolerations(builders.evaluate_job(everything, ARTIFACT)) == [{"operator": "Exists"}]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("spec: [unclosed\n", "not valid YAML at line 2, column 1"),
+        ("- a\n- b\n", "document 1 is a list, not a Kubernetes object"),
+    ],
+    ids=["missing", "broken", "not-an-object"],
+)
+@pytest.mark.parametrize("command", ["render", "run"])
+def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, capsys, command, content, message):
+    path = tmp_path / "qm.yaml"
+    if content is not None:
+        path.write_text(content)
+    args = ["render", "-f", str(path)] if command == "render" else \
+        ["run", "-f", str(path), "--workdir", str(tmp_path / "w"), "--no-serve"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: {message}") and len(err.strip().splitlines()) == 1, err

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from kubequant import builders
-from kubequant.spec import KIND, SpecError, parse_model
+from kubequant.spec import KIND, SpecError, load_documents, parse_model
 
 
 class _Dumper(yaml.SafeDumper):
@@ -28,9 +28,12 @@ class _Dumper(yaml.SafeDumper):
 
 def _render(args: argparse.Namespace) -> int:
     docs = []
-    for file in args.filename:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text()
-        docs += [d for d in yaml.safe_load_all(text) if d]
+    try:
+        for file in args.filename:
+            docs += load_documents(file, sys.stdin.read() if file == "-" else None)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = []
     for doc in docs:
         if doc.get("kind") != KIND:

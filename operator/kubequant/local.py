@@ -21,10 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from kubequant import builders
-from kubequant.spec import Model, PvcSource, SpecError, TextSource, parse_model
+from kubequant.spec import Model, PvcSource, SpecError, TextSource, load_documents, parse_model
 
 EXIT_GATE_FAILED = 3
 
@@ -57,7 +55,7 @@ def parse_claims(values: list[str]) -> dict[str, Path]:
 
 
 def load_model(manifest: Path) -> Model:
-    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+    docs = load_documents(str(manifest))
     models = [d for d in docs if d.get("kind") == "QuantizedModel"]
     if len(models) != 1:
         raise SpecError(f"{manifest}: expected exactly one QuantizedModel, found {len(models)}")

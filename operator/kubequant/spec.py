@@ -11,7 +11,10 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 GROUP = "kubequant.io"
 VERSION = "v1alpha1"
@@ -349,3 +352,29 @@ def parse_model(body: dict) -> Model:
         generation=int(meta.get("generation") or 1),
         spec=spec,
     )
+
+
+def load_documents(file: str, text: str | None = None) -> list[dict]:
+    """The YAML documents of `file` ('-': `text`, read from stdin), or a SpecError naming the file and
+    what is wrong with it: the CLIs report it in one line, with exit code 2."""
+
+    if text is None:
+        try:
+            text = Path(file).read_text()
+        except FileNotFoundError:
+            raise SpecError(f"{file}: no such file") from None
+        except IsADirectoryError:
+            raise SpecError(f"{file}: is a directory, not a YAML file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"{file}: cannot be read ({exc})") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{file}: not valid YAML{where}: {problem}") from None
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            raise SpecError(f"{file}: document {i + 1} is a {type(doc).__name__}, not a Kubernetes object")
+    return docs
