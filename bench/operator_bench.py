@@ -129,14 +129,13 @@ class AuditLog:
         self.requests.clear()
 
 
-def _wait(what: str, check, timeout: float, proc: subprocess.Popen, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
+def _alive(proc: subprocess.Popen, check):
+    """`check`, for wait_for, failing at once when the operator has exited."""
+    def checked():
         if proc.poll() is not None:
-            raise RuntimeError(f"the operator exited ({proc.returncode}) while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+            raise RuntimeError(f"the operator exited ({proc.returncode})")
+        return check()
+    return checked
 
 
 def _stop(proc: subprocess.Popen) -> Any:
@@ -169,7 +168,7 @@ def model_bodies(n: int) -> list[dict]:
 def run_once(n: int, args: argparse.Namespace, workdir: Path) -> dict:
     import kubernetes
 
-    from tests.kube.controlplane import ControlPlane, ensure_binaries
+    from tests.kube.controlplane import ControlPlane, ensure_binaries, wait_for
     from tests.kube.models import OPERATOR_NAMESPACE, SERVICE_ACCOUNT, install_operator_rbac
 
     ensure_binaries()
@@ -197,7 +196,7 @@ def run_once(n: int, args: argparse.Namespace, workdir: Path) -> dict:
             audit.read()
             return {key.split()[1] for key in audit.requests if key.startswith("watch ")} >= WATCHED
 
-        _wait("the operator to watch", watching, 120, proc)
+        wait_for("the operator to watch", _alive(proc, watching), 120)
         time.sleep(1.0)
         result["idle_rss_mib"] = _mib(_proc_kib(proc.pid))
         idle_cpu = _cpu_s(proc.pid)
@@ -219,7 +218,7 @@ def run_once(n: int, args: argparse.Namespace, workdir: Path) -> dict:
                 seen.setdefault(job.metadata.name, time.perf_counter())
             return len(seen) >= n
 
-        _wait(f"{n} quantize Jobs", all_jobs, args.timeout, proc)
+        wait_for(f"{n} quantize Jobs", _alive(proc, all_jobs), args.timeout)
         done = time.perf_counter()
         give_up = done + args.settle_timeout
         while time.perf_counter() < give_up:

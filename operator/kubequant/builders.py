@@ -295,7 +295,8 @@ def quantize_job(model: Model) -> dict:
         pod_spec["initContainers"] = init_containers
     if q.node_selector:
         pod_spec["nodeSelector"] = dict(q.node_selector)
-    tolerations = _tolerations(q.tolerations, q.resources)
+    asks_gpus = any(GPU_RESOURCE in (q.resources.get(part) or {}) for part in ("limits", "requests"))
+    tolerations = _tolerations(q.tolerations, asks_gpus)
     if tolerations:
         pod_spec["tolerations"] = tolerations
 
@@ -329,13 +330,12 @@ def _serving_pod_parts(model: Model) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def _tolerations(tolerations: list, resources: dict) -> list:
+def _tolerations(tolerations: list, wants_gpus: bool) -> list:
     """`tolerations`, plus the GPU nodes' taint when the Pod asks for GPUs and none covers it.
 
     GPU nodes carry the taint nvidia.com/gpu:NoSchedule so that only GPU Pods land there (what the
     ExtendedResourceToleration admission plugin adds, where a cluster enables it)."""
     out = copy.deepcopy(tolerations) if tolerations else []
-    wants_gpus = any(GPU_RESOURCE in ((resources or {}).get(part) or {}) for part in ("limits", "requests"))
     covered = any(t.get("key") == GPU_RESOURCE or (not t.get("key") and t.get("operator") == "Exists") for t in out)
     if wants_gpus and not covered:
         out.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
@@ -346,8 +346,8 @@ def _scheduling(model: Model) -> dict:
     out: dict[str, Any] = {}
     if model.spec.serving.node_selector:
         out["nodeSelector"] = dict(model.spec.serving.node_selector)
-    tolerations = _tolerations(model.spec.serving.tolerations,
-                               _gpu_resources(model.spec.serving.resources, model.spec.serving.tensor_parallel_size))
+    # The evaluate Job and the Deployment always ask for tensorParallelSize GPUs (_gpu_resources).
+    tolerations = _tolerations(model.spec.serving.tolerations, wants_gpus=True)
     if tolerations:
         out["tolerations"] = tolerations
     return out

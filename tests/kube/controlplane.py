@@ -22,8 +22,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SH = ROOT / "scripts" / "cluster.sh"
 TOOLS_BIN = Path(os.environ.get("KUBEQUANT_TOOLS_BIN", ROOT / ".tools" / "bin"))
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm", "kwok",
-            "controller-gen")
 MONITORING_CRDS = ROOT / ".tools" / "crds" / "monitoring.coreos.com"
 
 
@@ -31,18 +29,14 @@ class Unavailable(Exception):
     """The control plane cannot run on this machine; the message says why and what would fix it."""
 
 
-def binaries_missing() -> list[str]:
-    missing = [name for name in BINARIES if not (TOOLS_BIN / name).exists()]
-    return missing + ([] if MONITORING_CRDS.is_dir() else ["the monitoring.coreos.com CRDs"])
-
-
 def ensure_binaries() -> None:
-    missing = binaries_missing()
-    if not missing:
+    """Build the control plane (`scripts/cluster.sh build`) unless `scripts/cluster.sh check` finds it built."""
+    checked = subprocess.run(["bash", str(CLUSTER_SH), "check"], capture_output=True, text=True)
+    if checked.returncode == 0:
         return
     if shutil.which("go") is None:
-        raise Unavailable(f"the control plane's binaries ({', '.join(missing)}) are not in {TOOLS_BIN} and Go is "
-                          "not installed to build them: install Go 1.26, then `scripts/cluster.sh build`")
+        raise Unavailable(f"{checked.stderr.strip().removeprefix('cluster: ')}, and Go is not installed to build "
+                          "them: install Go 1.26, then `scripts/cluster.sh build`")
     subprocess.run(["bash", str(CLUSTER_SH), "build"], check=True)
 
 

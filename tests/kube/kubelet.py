@@ -140,7 +140,3 @@ class Kubelet:
         if log is not None:
             terminated["log"] = str(log)
         return terminated
-
-    def finish(self, job: str, *, exit_code: int = 0, reason: str | None = None, message: str = "") -> dict:
-        """The Job's running Pod ends with this state, without running anything (OOMKilled, a crash)."""
-        return self.terminate(self.running_pod(job), exit_code=exit_code, reason=reason, message=message)

@@ -11,7 +11,7 @@ import yaml
 
 from tests.kube.controlplane import ROOT, ControlPlane, wait_for
 from tests.kube.kubelet import Kubelet
-from tests.operator_support.objects import PASSED, QUANTIZE_RESULT, REGRESSED
+from tests.operator_support.objects import PASSED, QUANTIZE_RESULT, REGRESSED, with_spec
 
 __all__ = ["PASSED", "QUANTIZE_RESULT", "REGRESSED", "Models", "data_volume", "example", "install_operator_rbac"]
 
@@ -26,11 +26,8 @@ def example(name: str, model_name: str | None = None, **spec_changes: object) ->
     if model_name:
         body["metadata"]["name"] = model_name
     for dotted, value in spec_changes.items():
-        node = body["spec"]
-        *parents, last = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+        body = with_spec(body, dotted.replace("__", "."), value)
+    body["metadata"].pop("generation", None)  # the apiserver's to count
     return body
 
 
