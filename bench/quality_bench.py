@@ -33,14 +33,14 @@ VARIANTS = [
     ("RTN g128", "rtn", QuantRecipe(group_size=128)),
     ("GPTQ g128 act-order", "gptq", QuantRecipe(group_size=128)),
     ("GPTQ g128 no act-order", "gptq", QuantRecipe(group_size=128, act_order=False)),
-    ("GPTQ g128 act-order + clip search", "gptq", QuantRecipe(group_size=128, clip_search=True)),
+    ("GPTQ g128 act-order + clip search", "gptq", QuantRecipe(group_size=128, scale_search="clip")),
     ("RTN g32", "rtn", QuantRecipe(group_size=32)),
     ("GPTQ g32 act-order", "gptq", QuantRecipe(group_size=32)),
-    ("GPTQ g32 act-order + clip search", "gptq", QuantRecipe(group_size=32, clip_search=True)),
+    ("GPTQ g32 act-order + clip search", "gptq", QuantRecipe(group_size=32, scale_search="clip")),
     ("RTN 3-bit g32 (unservable)", "rtn", QuantRecipe(bits=3, group_size=32)),
     ("GPTQ 3-bit g32 act-order (unservable)", "gptq", QuantRecipe(bits=3, group_size=32)),
     ("GPTQ 3-bit g32 no act-order (unservable)", "gptq", QuantRecipe(bits=3, group_size=32, act_order=False)),
-    ("GPTQ 3-bit g32 act-order + clip (unservable)", "gptq", QuantRecipe(bits=3, group_size=32, clip_search=True)),
+    ("GPTQ 3-bit g32 act-order + clip (unservable)", "gptq", QuantRecipe(bits=3, group_size=32, scale_search="clip")),
 ]
 
 

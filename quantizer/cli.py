@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 from quantizer.errors import InputError
+from quantizer.gptq import SCALE_SEARCHES, QuantRecipe
+
+DEFAULT_RECIPE = QuantRecipe()
 
 TERMINATION_LOG = Path("/dev/termination-log")
 # Kubernetes truncates termination messages at 4096 bytes.
@@ -35,7 +38,16 @@ def _add_quantize(sub) -> None:
                    help="symmetric grid (default on; vLLM serves only symmetric)")
     p.add_argument("--damp", type=float, default=0.01, help="dampening as a fraction of mean(diag H)")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ lazy-update block size")
-    p.add_argument("--clip-search", action="store_true", help="search a clipping factor per group")
+    p.add_argument("--scale-search", choices=SCALE_SEARCHES, default=DEFAULT_RECIPE.scale_search,
+                   help="group scales: minmax; clip (unweighted search); diag or cost (search weighted by "
+                        "diag(H) or by GPTQ's per-column cost)")
+    p.add_argument("--full-range", action=argparse.BooleanOptionalAction, default=DEFAULT_RECIPE.full_range,
+                   help="symmetric scale -max/2^(bits-1) with the sign kept: every level in use")
+    p.add_argument("--refine-sweeps", type=int, default=DEFAULT_RECIPE.refine_sweeps,
+                   help="coordinate-descent + scale re-fit rounds after GPTQ (0: off)")
+    p.add_argument("--group-aware-order", action=argparse.BooleanOptionalAction,
+                   default=DEFAULT_RECIPE.group_aware_order,
+                   help="act-order by whole groups (GPTQModel's) instead of column by column")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn is the baseline")
     p.add_argument("--solver", choices=("auto", "torch", "triton"), default="auto",
                    help="GPTQ column loop: auto = Triton on CUDA, PyTorch elsewhere")
@@ -122,12 +134,12 @@ def write_result(result: dict, path: Path | None) -> None:
 
 
 def _quantize(args) -> dict:
-    from quantizer.gptq import QuantRecipe
     from quantizer.quantize import QuantizeOptions, run_quantize, summary_lines
 
     recipe = QuantRecipe(
         bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
-        damp=args.damp, block_size=args.block_size, clip_search=args.clip_search,
+        damp=args.damp, block_size=args.block_size, scale_search=args.scale_search, full_range=args.full_range,
+        refine_sweeps=args.refine_sweeps, group_aware_order=args.group_aware_order,
     )
     result = run_quantize(
         QuantizeOptions(

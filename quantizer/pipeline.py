@@ -38,6 +38,10 @@ from quantizer.perplexity import EvalWindows, window_nll
 
 log = logging.getLogger(__name__)
 
+# gptq_quantize's signature: (weight, hessian, recipe, name=, block_solver=) -> QuantizedWeight.
+# The benchmarks put other GPTQ implementations in its place, on the same Hessians.
+MatrixQuantizer = Callable[..., QuantizedWeight]
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Linears of one group read the same input, so one Hessian serves the whole group.
 SEQUENTIAL_GROUPS = (
@@ -294,6 +298,7 @@ def quantize_model(
     offload_activations: bool = False,
     progress: bool = True,
     solver: str = "auto",
+    quantize_matrix: MatrixQuantizer = gptq_quantize,
 ) -> PipelineResult:
     """Quantize every decoder Linear of the model in model_dir; hand each finished layer to sink."""
     from transformers import AutoModelForCausalLM
@@ -351,7 +356,9 @@ def quantize_model(
             if eval_windows is not None:
                 with _timed(result, "evaluate", device):
                     base_stream = eval_runner.forward(layer, base_stream, device)
-            quantized = _quantize_layer(layer, prefix, recipe, method, block_solver, hidden, runner, device, result)
+            quantized = _quantize_layer(
+                layer, prefix, recipe, method, block_solver, hidden, runner, device, result, quantize_matrix
+            )
             with _timed(result, "forward", device):
                 hidden = runner.forward(layer, hidden, device)
             if eval_windows is not None:
@@ -395,6 +402,7 @@ def _quantize_layer(
     runner: _LayerRunner,
     device: torch.device,
     result: PipelineResult,
+    quantize_matrix: MatrixQuantizer,
 ) -> dict[str, QuantizedWeight]:
     modules = dict(layer.named_modules())
     linears = {name for name, m in modules.items() if isinstance(m, nn.Linear)}
@@ -416,7 +424,7 @@ def _quantize_layer(
                 if method == "rtn":
                     qw = rtn_quantize(linear.weight.data, recipe, name=prefix + name)
                 else:
-                    qw = gptq_quantize(linear.weight.data, hessian, recipe, name=prefix + name, block_solver=block_solver)
+                    qw = quantize_matrix(linear.weight.data, hessian, recipe, name=prefix + name, block_solver=block_solver)
                 linear.weight.data = qw.dequantized.to(linear.weight.dtype)
             quantized[name] = qw
             result.linears.append(

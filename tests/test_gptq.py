@@ -89,7 +89,7 @@ def test_dead_inputs_are_zeroed(weight, hessian):
 
 def test_clip_search_never_worse_than_plain_rtn(weight):
     plain = rtn_quantize(weight, QuantRecipe(bits=3, group_size=32))
-    clipped = rtn_quantize(weight, QuantRecipe(bits=3, group_size=32, clip_search=True))
+    clipped = rtn_quantize(weight, QuantRecipe(bits=3, group_size=32, scale_search="clip"))
     eye = torch.eye(weight.shape[1])
     assert relative_output_error(weight, clipped.dequantized, eye) <= relative_output_error(weight, plain.dequantized, eye)
 
