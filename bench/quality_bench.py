@@ -1,11 +1,14 @@
-"""Quality of GPTQ variants vs RTN, side by side in one run: perplexity after quantization.
+"""Model quality of every quantizer variant, side by side in one run: perplexity after quantization.
 
-    python bench/quality_bench.py                                  # the bundled tiny model
+    PYTHONPATH=<llm-compressor deps> python bench/quality_bench.py        # the bundled tiny model
     python bench/quality_bench.py --model DIR --calibration PATH --eval-text PATH --seq-len 2048
 
-Each row quantizes the same model with the same calibration windows and measures baseline and
-fake-quant perplexity on the same evaluation windows (the pipeline's two activation streams), so
-the rows compare directly. Nothing is written to disk.
+Each row quantizes the same model with the same calibration windows through the same layer pipeline
+(the quantizer of each Linear swapped, the Hessians the pipeline's own) and measures baseline and
+fake-quant perplexity on the same held-out windows, so the rows compare directly. The paths are
+those of bench/layer_quality_bench.py (rtn, llm-compressor with its default and imatrix_mse
+observers, our variants); settings beyond what vLLM serves (3-bit) are measured as fake-quant only.
+Nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import peers  # noqa: E402
+from layer_quality_bench import PATHS, PEERS, PLAIN, quantizer_for  # noqa: E402
 
 from quantizer.calibration import load_calibration  # noqa: E402
 from quantizer.gptq import QuantRecipe  # noqa: E402
@@ -27,21 +34,7 @@ from quantizer.perplexity import load_evaluation_windows  # noqa: E402
 from quantizer.pipeline import quantize_model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
-
-VARIANTS = [
-    # label, method, recipe
-    ("RTN g128", "rtn", QuantRecipe(group_size=128)),
-    ("GPTQ g128 act-order", "gptq", QuantRecipe(group_size=128)),
-    ("GPTQ g128 no act-order", "gptq", QuantRecipe(group_size=128, act_order=False)),
-    ("GPTQ g128 act-order + clip search", "gptq", QuantRecipe(group_size=128, scale_search="clip")),
-    ("RTN g32", "rtn", QuantRecipe(group_size=32)),
-    ("GPTQ g32 act-order", "gptq", QuantRecipe(group_size=32)),
-    ("GPTQ g32 act-order + clip search", "gptq", QuantRecipe(group_size=32, scale_search="clip")),
-    ("RTN 3-bit g32 (unservable)", "rtn", QuantRecipe(bits=3, group_size=32)),
-    ("GPTQ 3-bit g32 act-order (unservable)", "gptq", QuantRecipe(bits=3, group_size=32)),
-    ("GPTQ 3-bit g32 no act-order (unservable)", "gptq", QuantRecipe(bits=3, group_size=32, act_order=False)),
-    ("GPTQ 3-bit g32 act-order + clip (unservable)", "gptq", QuantRecipe(bits=3, group_size=32, scale_search="clip")),
-]
+SETTINGS = ("4:128", "4:32", "3:128")
 
 
 def main() -> None:
@@ -52,32 +45,44 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated BITS:GROUP")
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of %(default)s")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
 
+    paths = [x for x in args.paths.split(",") if x]
+    missing = peers.available()
+    if missing:
+        print(f"# {missing}: the lc-* paths are skipped")
+        paths = [x for x in paths if x not in PEERS]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     calibration = load_calibration(args.calibration, tokenizer, args.samples, args.seq_len)
     windows = load_evaluation_windows(args.eval_text, tokenizer, args.seq_len, args.max_windows)
     device = torch.device(args.device)
     rows = []
-    print(f"{'variant':46s} {'baseline':>9s} {'quantized':>9s} {'increase':>9s} {'vs RTN':>7s} {'seconds':>8s}")
-    rtn_increase = {}
-    for label, method, recipe in VARIANTS:
-        start = time.perf_counter()
-        result = quantize_model(args.model, recipe, calibration.windows, lambda *a: None, device,
-                                eval_windows=windows, method=method, progress=False)
-        seconds = time.perf_counter() - start
-        increase = result.fakequant_ppl - result.baseline_ppl
-        key = (recipe.bits, recipe.group_size)
-        if method == "rtn":
-            rtn_increase[key] = increase
-        ratio = increase / rtn_increase[key] if key in rtn_increase else float("nan")
-        rows.append({"variant": label, "baseline_ppl": result.baseline_ppl, "quantized_ppl": result.fakequant_ppl,
-                     "increase": increase, "increase_vs_rtn": ratio, "seconds": round(seconds, 2)})
-        print(f"{label:46s} {result.baseline_ppl:9.3f} {result.fakequant_ppl:9.3f} {increase:9.3f} {ratio:7.2f} {seconds:8.1f}")
+    print(f"{'setting':>7} {'path':>24} {'baseline':>9} {'quantized':>9} {'increase':>9} {'vs imx':>7} {'seconds':>8}")
+    for setting in args.settings.split(","):
+        bits, group = (int(x) for x in setting.split(":"))
+        increases = {}
+        for path in paths:
+            quantize, fields = quantizer_for(path)
+            recipe = QuantRecipe(bits=bits, group_size=group, **(PLAIN | fields))
+            start = time.perf_counter()
+            result = quantize_model(args.model, recipe, calibration.windows, lambda *a: None, device,
+                                    eval_windows=windows, method="rtn" if path == "rtn" else "gptq",
+                                    progress=False, quantize_matrix=quantize)  # fmt: skip
+            seconds = time.perf_counter() - start
+            increase = result.fakequant_ppl - result.baseline_ppl
+            increases[path] = increase
+            vs_imatrix = increase / increases["lc-imatrix"] if "lc-imatrix" in increases else float("nan")
+            rows.append({"setting": setting, "path": path, "baseline_ppl": result.baseline_ppl,
+                         "quantized_ppl": result.fakequant_ppl, "increase": increase,
+                         "increase_vs_lc_imatrix": vs_imatrix, "seconds": round(seconds, 2)})  # fmt: skip
+            print(f"{setting:>7} {path:>24} {result.baseline_ppl:9.3f} {result.fakequant_ppl:9.3f} "
+                  f"{increase:9.4f} {vs_imatrix:7.3f} {seconds:8.1f}", flush=True)  # fmt: skip
     print(f"# {args.model.name}: calibration {calibration.samples} x {calibration.seq_len}, "
           f"evaluation {len(windows)} windows x {windows.ids.shape[1]} tokens, device {device}")
     if args.json:

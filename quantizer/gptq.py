@@ -91,8 +91,9 @@ class QuantRecipe:
     act_order: bool = True  # static act-order (order="static"); False means order="none"
     damp: float = 0.01
     block_size: int = 128
-    scale_search: str = "minmax"
-    full_range: bool = False
+    # The defaults won at model level in bench/quality_bench.py (docs/benchmarks.md).
+    scale_search: str = "cost"
+    full_range: bool = True  # symmetric grids only (an asymmetric grid uses every level already)
     refine_sweeps: int = 0
     group_aware_order: bool = False  # with act_order: whole groups in order (order="group")
 
@@ -109,8 +110,6 @@ class QuantRecipe:
             raise GPTQError(f"block_size={self.block_size} must be positive")
         if self.scale_search not in SCALE_SEARCHES:
             raise GPTQError(f"scale_search={self.scale_search!r}: use one of {', '.join(SCALE_SEARCHES)}")
-        if self.full_range and not self.sym:
-            raise GPTQError("full_range=true needs sym=true: it is a symmetric grid that uses every level")
         if self.refine_sweeps < 0:
             raise GPTQError(f"refine_sweeps={self.refine_sweeps} must be 0 or more (0 turns refinement off)")
         if self.group_aware_order and not self.act_order:

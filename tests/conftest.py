@@ -31,7 +31,8 @@ def quantize(output: Path, *extra: str, model: Path = TINY_MODEL, calibration: P
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """GPTQ and RTN checkpoints of the tiny model at groups 128 and 32, made once."""
+    """GPTQ and RTN checkpoints of the tiny model at groups 128 and 32, and one with full-range
+    (signed) scales, made once."""
     root = tmp_path_factory.mktemp("checkpoints")
     made = {}
     for name, args in {
@@ -39,6 +40,7 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         "gptq-g32": ["--group-size", "32"],
         "rtn-g128": ["--group-size", "128", "--method", "rtn"],
         "rtn-g32": ["--group-size", "32", "--method", "rtn"],
+        "full-range-g32": ["--group-size", "32", "--scale-search", "cost", "--full-range"],
     }.items():
         code, result = quantize(root / name, *args)
         assert code == 0, result

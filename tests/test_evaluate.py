@@ -56,6 +56,21 @@ def test_vllm_serves_the_checkpoint_as_quantized(checkpoints, tmp_path):
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_vllm_serves_negative_full_range_scales(checkpoints, tmp_path):
+    """Full-range scales carry the sign of each group's extreme: about half are negative. vLLM's
+    kernel computes scale * (q - 8) as we do, so its perplexity still matches our reference."""
+    path, quantized = checkpoints["full-range-g32"]
+    scales = torch.cat([t.flatten() for file in path.glob("model-*.safetensors")
+                        for name, t in load_file(file).items() if name.endswith(".scales")])  # fmt: skip
+    assert 0.3 < float((scales < 0).float().mean()) < 0.7
+    code, result = evaluate_with_vllm(path, tmp_path, *_gate_args(quantized))
+    assert code == 0, result
+    assert result["reason"] == "Passed"
+    assert abs(result["served_ppl"] / result["fakequant_ppl"] - 1) < 0.005
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_permuted_g_idx_is_an_engine_mismatch(checkpoints, tmp_path):
     """vLLM ignores g_idx; our reference honours it. Without --fakequant-ppl the reference is measured
     from the checkpoint as written, so a permuted g_idx shows up as a disagreement."""

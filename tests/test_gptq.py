@@ -88,8 +88,8 @@ def test_dead_inputs_are_zeroed(weight, hessian):
 
 
 def test_clip_search_never_worse_than_plain_rtn(weight):
-    plain = rtn_quantize(weight, QuantRecipe(bits=3, group_size=32))
-    clipped = rtn_quantize(weight, QuantRecipe(bits=3, group_size=32, scale_search="clip"))
+    plain = rtn_quantize(weight, QuantRecipe(bits=3, group_size=32, scale_search="minmax", full_range=False))
+    clipped = rtn_quantize(weight, QuantRecipe(bits=3, group_size=32, scale_search="clip", full_range=False))
     eye = torch.eye(weight.shape[1])
     assert relative_output_error(weight, clipped.dequantized, eye) <= relative_output_error(weight, plain.dequantized, eye)
 

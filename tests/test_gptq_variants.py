@@ -40,6 +40,7 @@ def damped(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 RECIPES = [
     QuantRecipe(),
+    QuantRecipe(scale_search="minmax", full_range=False),
     QuantRecipe(bits=3, group_size=32, sym=False),
     QuantRecipe(group_size=-1, act_order=False),
     QuantRecipe(bits=8, group_size=64),
@@ -85,7 +86,7 @@ def test_weighted_search_is_never_worse_than_min_max(weight, bits, sym, full_ran
 
 
 def test_full_range_puts_each_groups_extreme_on_code_zero(weight):
-    recipe = QuantRecipe(group_size=32, full_range=True, act_order=False)
+    recipe = QuantRecipe(group_size=32, scale_search="minmax", full_range=True, act_order=False)
     q = rtn_quantize(weight, recipe)
     groups = weight.reshape(64, 8, 32)
     at = groups.abs().argmax(dim=-1, keepdim=True)
@@ -144,7 +145,6 @@ def test_group_aware_scales_are_fitted_when_the_group_starts(weight, hessian):
     "recipe,fragment",
     [
         (QuantRecipe(scale_search="best"), "scale_search='best'"),
-        (QuantRecipe(sym=False, full_range=True), "full_range=true needs sym=true"),
         (QuantRecipe(refine_sweeps=-1), "refine_sweeps=-1"),
         (QuantRecipe(act_order=False, group_aware_order=True), "needs act_order=true"),
     ],

@@ -7,7 +7,7 @@ import dataclasses
 import kubernetes_validate
 import pytest
 import yaml
-from kubequant import builders
+from kubequant import builders, spec
 from kubequant.cli import main as cli_main
 from kubequant.spec import Model, SpecError, parse_model, parse_spec
 
@@ -83,6 +83,8 @@ SAME_ARTIFACT = [("serving.replicas", 4), ("serving.extraArgs", ["--enable-prefi
                  ("quantization.resources", {"limits": {"memory": "1Ti"}}), ("evaluation.maxPerplexityRatio", 1.2),
                  ("storage.retentionPolicy", "Delete"), ("quantization.backoffLimit", 5)]
 NEW_ARTIFACT = [("quantization.groupSize", 64), ("quantization.actOrder", False), ("quantization.dampPercent", 0.5),
+                ("quantization.scaleSearch", "minmax"), ("quantization.fullRange", False),
+                ("quantization.refineSweeps", 1), ("quantization.groupAwareOrder", True),
                 ("quantization.calibration.samples", 256), ("quantization.calibration.text", {"path": "other.txt"}),
                 ("source.huggingface.revision", "main"), ("evaluation.seqLen", 4096)]
 
@@ -238,10 +240,30 @@ def test_spec_defaults_are_the_crds():
     ("serving.replicas", "two", "spec.serving.replicas must be of type int"),
     ("serving.enabled", "yes", "spec.serving.enabled must be of type bool"),
     ("quantization.calibration.samples", 1.5, "samples must be of type int"),
+    ("quantization.scaleSearch", "best", "scaleSearch must be one of minmax, clip, diag, cost"),
+    ("quantization.refineSweeps", 9, "refineSweeps must be between 0 and 8"),
 ])
 def test_spec_errors_name_the_field(path, value, words):
     with pytest.raises(SpecError, match=words):
         parse_model(with_spec(example(), path, value))
+
+
+def test_group_aware_order_needs_act_order():
+    with pytest.raises(SpecError, match="spec.quantization.groupAwareOrder .* needs actOrder true"):
+        parse_model(with_spec(with_spec(example(), "quantization.groupAwareOrder", True), "quantization.actOrder", False))
+
+
+def test_the_recipe_defaults_and_choices_are_the_quantizers():
+    # The operator image has no torch: spec.py repeats these, and this test keeps them equal.
+    from quantizer import gptq
+
+    q = parse_model(example("tiny.yaml")).spec.quantization
+    recipe = gptq.QuantRecipe()
+    assert spec.SCALE_SEARCHES == gptq.SCALE_SEARCHES
+    assert (q.scale_search, q.full_range, q.refine_sweeps, q.group_aware_order) == \
+        (recipe.scale_search, recipe.full_range, recipe.refine_sweeps, recipe.group_aware_order)
+    assert (q.act_order, q.symmetric, q.damp_percent / 100) == \
+        (recipe.act_order, recipe.sym, recipe.damp)
 
 
 def test_images_come_from_the_spec_else_the_operator(monkeypatch):

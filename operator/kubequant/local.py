@@ -127,12 +127,20 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise LocalRunError(f"vLLM was not healthy within {timeout:.0f} s (serving.startupTimeoutSeconds)")
 
 
+def _recipe_line(recipe: dict) -> str:
+    order = ("group-aware" if recipe.get("group_aware_order") else "static") if recipe["act_order"] else "off"
+    parts = [f"{recipe['bits']}-bit", f"group {recipe['group_size']}", f"act-order {order}",
+             f"scales {recipe.get('scale_search', 'minmax')}{', full-range' if recipe.get('full_range') else ''}"]
+    if recipe.get("refine_sweeps"):
+        parts.append(f"{recipe['refine_sweeps']} refinement sweep(s)")
+    return ", ".join(parts)
+
+
 def _summary(model: Model, quantized: dict, gate: dict, endpoint: str | None) -> str:
     mib = 1 / 2**20
     rows = [
         ("model", f"{model.namespace}/{model.name}"),
-        ("recipe", f"{quantized['recipe']['bits']}-bit, group {quantized['recipe']['group_size']}, "
-                   f"act-order {'static' if quantized['recipe']['act_order'] else 'off'}"),
+        ("recipe", _recipe_line(quantized["recipe"])),
         ("size", f"{quantized['size_before_bytes'] * mib:.1f} MiB -> {quantized['size_after_bytes'] * mib:.1f} MiB"),
         ("baseline perplexity", f"{gate['baseline_ppl']:.4f}"),
         ("quantized perplexity (ours)", f"{gate['fakequant_ppl']:.4f}"),

@@ -38,6 +38,9 @@ MANAGED_VLLM_FLAGS = (
     "--port", "--quantization", "--model",
 )
 SERVABLE_GROUP_SIZES = (-1, 32, 64, 128)
+# The quantizer's choices (quantizer.gptq.SCALE_SEARCHES; the operator image has no torch to import it).
+SCALE_SEARCHES = ("minmax", "clip", "diag", "cost")
+MAX_REFINE_SWEEPS = 8
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 40
 
@@ -85,6 +88,10 @@ class Quantization:
     act_order: bool = True
     symmetric: bool = True
     damp_percent: float = 1.0
+    scale_search: str = "cost"
+    full_range: bool = True
+    refine_sweeps: int = 0
+    group_aware_order: bool = False
     image: str = _image("KUBEQUANT_QUANTIZER_IMAGE", QUANTIZER_IMAGE)
     resources: dict = field(default_factory=dict)
     node_selector: dict = field(default_factory=dict)
@@ -236,15 +243,22 @@ def parse_spec(raw: Any) -> ModelSpec:
         ),
         **_kwargs(q, {
             "bits": "bits", "groupSize": "group_size", "actOrder": "act_order", "symmetric": "symmetric",
-            "dampPercent": "damp_percent", "image": "image", "resources": "resources",
-            "nodeSelector": "node_selector", "tolerations": "tolerations", "backoffLimit": "backoff_limit",
-            "activeDeadlineSeconds": "active_deadline_seconds",
+            "dampPercent": "damp_percent", "scaleSearch": "scale_search", "fullRange": "full_range",
+            "refineSweeps": "refine_sweeps", "groupAwareOrder": "group_aware_order", "image": "image",
+            "resources": "resources", "nodeSelector": "node_selector", "tolerations": "tolerations",
+            "backoffLimit": "backoff_limit", "activeDeadlineSeconds": "active_deadline_seconds",
         }),
     )
     if quantization.bits not in (2, 3, 4, 8):
         raise SpecError("spec.quantization.bits must be 2, 3, 4 or 8")
     if quantization.group_size not in (-1, 32, 64, 128, 256):
         raise SpecError("spec.quantization.groupSize must be -1, 32, 64, 128 or 256")
+    if quantization.scale_search not in SCALE_SEARCHES:
+        raise SpecError(f"spec.quantization.scaleSearch must be one of {', '.join(SCALE_SEARCHES)}")
+    if not 0 <= quantization.refine_sweeps <= MAX_REFINE_SWEEPS:
+        raise SpecError(f"spec.quantization.refineSweeps must be between 0 and {MAX_REFINE_SWEEPS}")
+    if quantization.group_aware_order and not quantization.act_order:
+        raise SpecError("spec.quantization.groupAwareOrder is a kind of act-order: it needs actOrder true")
 
     e = _obj(_required(raw, "evaluation", "spec"), "spec.evaluation")
     evaluation = Evaluation(
