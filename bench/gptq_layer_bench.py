@@ -7,8 +7,12 @@ log-normal scales plus a few 10x outlier channels, like a transformer layer's in
 Paths
   torch          quantizer.gptq.gptq_quantize(..., block_solver=solve_block_torch)
   triton         quantizer.gptq.gptq_quantize(..., block_solver=solve_block_triton)   (CUDA only)
-  llmcompressor  llmcompressor.modifiers.gptq.gptq_quantize.quantize_weight (0.14), when it imports
-                 (min-max qparams, act-order as its "static" ordering, its own Triton kernel)
+  llmcompressor  llm-compressor 0.14's weight observer and quantize_weight (bench/peers.py), when it
+                 imports: --lc-observer imatrix_mse (default, its best) or minmax; static act-order,
+                 its own Triton kernel where it has one; the observer's time is in its time_s
+Our paths run the recipe given by the flags (default: the default recipe, --scale-search minmax
+--no-full-range for plain GPTQ). For the quality of each variant side by side, see
+bench/layer_quality_bench.py.
 
 Columns
   time_s     wall time of one whole-layer call, CUDA-synchronized, median of --repeats runs after
@@ -22,9 +26,9 @@ Columns
                cholesky_inverse (2 in^3/3), Cholesky of H^-1 (in^3/3); llm-compressor does that,
                ours needs 2/3 in^3 (one Cholesky of the flipped H, one triangular inverse) but is
                credited with the same nominal count.
-             Not counted: quantization arithmetic (O(out * in)), and the relative-error evaluation
-             that gptq_quantize runs at its end (two out x in x in matmuls, inside our paths' time,
-             not llm-compressor's).
+             Not counted: quantization arithmetic and the scale search (O(out * in) each), and
+             the ||W X||^2 matmul of the error gptq_quantize reports (out x in x in, inside our
+             time_s); llm-compressor's error is measured after its timed call.
   speedup    torch time_s / this path's time_s
   loop_s     time spent inside the block solver alone (one extra run, synchronized around each
              block; the torch path's cost is dominated by ~8 kernel launches per column)
@@ -56,7 +60,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
+import peers
+
 from quantizer.gptq import (
+    SCALE_SEARCHES,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     QuantRecipe,
@@ -138,43 +145,19 @@ def ours(name: str, solver: Callable, W: torch.Tensor, H: torch.Tensor, recipe: 
     return Runner(name, run, loop_run)
 
 
-def llmcompressor_path(W: torch.Tensor, H: torch.Tensor, recipe: QuantRecipe) -> tuple[Runner | None, str]:
-    """llm-compressor 0.14's quantize_weight(weights[b, rows, cols], hessians[b, cols, cols], scale,
-    zero_point, global_scale, quant_args, blocksize, percdamp): min-max qparams from compressed-tensors
-    (what its default observer computes), static act-order as its "static" ordering. It picks its own
-    Triton block kernel when it supports the recipe. Returns the runner, or None and why it is skipped."""
-    try:
-        import llmcompressor
-        from compressed_tensors.quantization import QuantizationArgs
-        from compressed_tensors.quantization.utils import calculate_qparams
-        from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-    except Exception as exc:  # ImportError, or a broken install
-        return None, f"not installed ({type(exc).__name__}: {exc})"
-    args: dict[str, Any] = {"num_bits": recipe.bits, "type": "int", "symmetric": recipe.sym}
-    group = W.shape[1] if recipe.group_size == -1 else recipe.group_size
-    if recipe.group_size == -1:
-        args["strategy"] = "channel"
-    else:
-        args.update(strategy="group", group_size=recipe.group_size)
-    if recipe.act_order:
-        args["actorder"] = "static"
-    try:
-        qargs = QuantizationArgs(**args)
-        grouped = W.reshape(W.shape[0], -1, group)
-        scale, zero_point = calculate_qparams(grouped.amin(dim=-1), grouped.amax(dim=-1), qargs)
-    except Exception as exc:
-        return None, f"QuantizationArgs({args}) failed: {exc}"
+def llmcompressor_path(W: torch.Tensor, H: torch.Tensor, recipe: QuantRecipe, observer: str) -> tuple[Runner | None, str]:
+    """llm-compressor 0.14's observer and GPTQ (bench/peers.py) on the same W and H; its own Triton
+    block kernel when it supports the recipe. Returns the runner, or None and why it is skipped."""
+    missing = peers.available()
+    if missing:
+        return None, missing
+    quantize = peers.llmcompressor_gptq(observer)
 
     def run() -> dict[str, Any]:
-        # quantize_weight overwrites its inputs: hand it copies, as its modifier does.
-        wq, *_ = quantize_weight(
-            W.unsqueeze(0).clone(), H.unsqueeze(0).clone(), scale.unsqueeze(0), zero_point.unsqueeze(0), None,
-            qargs, blocksize=recipe.block_size, percdamp=recipe.damp,
-        )
-        wq = wq[0].float()
-        return {"codes": None, "dequantized": wq, "rel_err": relative_output_error(W, wq, H)}
+        q = quantize(W, H, recipe)
+        return {"codes": None, "dequantized": q.dequantized, "rel_err": None}  # measured after timing
 
-    return Runner("llmcompressor", run, None), f"llmcompressor {llmcompressor.__version__}: {args}"
+    return Runner("llmcompressor", run, None), f"{peers.version()}, observer {observer}"
 
 
 def measure(path: Runner, device: torch.device, warmup: int, repeats: int) -> dict[str, Any]:
@@ -229,7 +212,7 @@ def bench_shape(
             else:
                 runners.append(ours("triton", solve_block_triton, W, H, recipe))
     if "llmcompressor" in paths:
-        runner, note = llmcompressor_path(W, H, recipe)
+        runner, note = llmcompressor_path(W, H, recipe, args.lc_observer)
         notes["llmcompressor"] = note
         if runner:
             runners.append(runner)
@@ -239,6 +222,8 @@ def bench_shape(
     for runner in runners:
         try:
             results[runner.name] = measure(runner, device, args.warmup, args.repeats)
+            if results[runner.name]["rel_err"] is None:
+                results[runner.name]["rel_err"] = relative_output_error(W, results[runner.name]["dequantized"], H)
         except Exception as exc:  # one broken path must not hide the others' numbers
             notes[runner.name] = f"failed: {type(exc).__name__}: {exc}"
         if device.type == "cuda":
@@ -310,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--scale-search", choices=SCALE_SEARCHES, default=QuantRecipe.scale_search)
+    p.add_argument("--full-range", action=argparse.BooleanOptionalAction, default=QuantRecipe.full_range)
+    p.add_argument("--refine-sweeps", type=int, default=QuantRecipe.refine_sweeps)
+    p.add_argument("--lc-observer", choices=peers.OBSERVERS, default="imatrix_mse",
+                   help="llm-compressor's weight observer (default: its best, imatrix_mse)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
@@ -335,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown paths {sorted(unknown)}; choose from {PATHS}")
     recipe = QuantRecipe(
         bits=args.bits, group_size=args.group, sym=args.sym, act_order=args.act_order,
-        damp=args.damp, block_size=args.block_size,
+        damp=args.damp, block_size=args.block_size, scale_search=args.scale_search,
+        full_range=args.full_range, refine_sweeps=args.refine_sweeps,
     )  # fmt: skip
     recipe.validate()
 

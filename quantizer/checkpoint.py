@@ -1,6 +1,6 @@
 """The GPTQ checkpoint vLLM 0.32 serves as it is, written atomically, and its verification.
 
-Layout and dtypes follow ../shared/notes/vllm-gptq-contract.md. The checkpoint is assembled in a
+Layout and dtypes follow docs/development.md ("The checkpoint contract"). The checkpoint is assembled in a
 hidden temporary directory next to the target and renamed into place only when it is complete and
 verified, so a failure never leaves a half-written model where a server could pick it up.
 """
@@ -61,14 +61,16 @@ def quantization_config(recipe: QuantRecipe, version: str) -> dict:
         "quant_method": "gptq",
         "bits": recipe.bits,
         "group_size": recipe.group_size,
-        # Static act-order keeps g_idx trivial, which is what desc_act=false means to every loader.
+        # Static and group-aware act-order keep g_idx trivial, which is what desc_act=false means to every loader.
         "desc_act": False,
         "sym": recipe.sym,
         "lm_head": False,
         "true_sequential": True,
         "damp_percent": recipe.damp,
         "checkpoint_format": "gptq",
-        "meta": {"quantizer": [f"kubequant:{version}"], "act_order": "static" if recipe.act_order else "none"},
+        "meta": {"quantizer": [f"kubequant:{version}"], "act_order": recipe.order,
+                 "scales": recipe.scale_search + (", full-range" if recipe.full_range and recipe.sym else ""),
+                 "refine_sweeps": recipe.refine_sweeps},
     }
 
 

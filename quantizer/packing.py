@@ -1,4 +1,4 @@
-"""GPTQ tensor packing in the layout vLLM 0.32 loads (../shared/notes/vllm-gptq-contract.md).
+"""GPTQ tensor packing in the layout vLLM 0.32 loads (docs/development.md, "The checkpoint contract").
 
 Codes are a little-endian bit stream along the packed dimension, in int32 words: for 2/4/8 bits the
 word r holds codes r*(32/bits) + i at bit offset bits*i (low bits first); for 3 bits the same stream

