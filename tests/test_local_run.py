@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -89,6 +90,9 @@ def test_serves_with_vllm_and_stops_on_ctrl_c(tmp_path):
             output.append(line)
             if "serving; Ctrl-C stops it" in line:
                 break
+        # Keep reading: vLLM logs to the same pipe every few seconds, and a full pipe would block
+        # both it and `kubequant run` (which prints as it stops) on their next write.
+        threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
         assert process.poll() is None, "".join(output[-40:])
         text = "".join(output)
         assert f"endpoint                     {base}" in text and f"{base}/metrics" in text
