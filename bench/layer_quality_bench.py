@@ -23,8 +23,8 @@ Paths (all 4-bit symmetric unless --settings says otherwise, static act-order, d
 
 Columns
   rel_err   ||(W - Wq) X||^2 / ||W X||^2, computed the same way for every path
-            (quantizer.gptq.relative_output_error); for tiny-llama, the sum over layers of the
-            numerators over the sum of the denominators
+            (quantizer.gptq.output_energy of W - Wq and of W); for tiny-llama, the sum over layers
+            of the numerators over the sum of the denominators
   vs_lc     rel_err / lc-minmax's;  vs_imx: rel_err / lc-imatrix's
   time_s    wall time of one call (median of --repeats), the error evaluation not included
   vs_gptq   time_s / plain gptq's;  vs_lc_t: time_s / lc-imatrix's
@@ -38,7 +38,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import peers  # noqa: E402
 from gptq_layer_bench import synthetic_layer  # noqa: E402
 
-from quantizer.gptq import QuantizedWeight, QuantRecipe, gptq_quantize, relative_output_error, rtn_quantize  # noqa: E402
+from quantizer.gptq import QuantRecipe, gptq_quantize, output_energy, rtn_quantize  # noqa: E402
+from quantizer.pipeline import MatrixQuantizer  # noqa: E402
 
 CPU_SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 QUICK_SHAPES = ["512x1024"]
@@ -70,9 +70,6 @@ OURS: dict[str, dict[str, Any]] = {
 PEERS = ("lc-minmax", "lc-imatrix")
 PATHS = ("rtn", *PEERS, *OURS)
 
-MatrixQuantizer = Callable[..., QuantizedWeight]
-
-
 def quantizer_for(path: str) -> tuple[MatrixQuantizer, dict[str, Any]]:
     if path == "rtn":
         return (lambda w, h, recipe, name="": rtn_quantize(w, recipe, name)), {}
@@ -82,10 +79,11 @@ def quantizer_for(path: str) -> tuple[MatrixQuantizer, dict[str, Any]]:
 
 
 def run_path(path: str, problems: list[tuple[str, torch.Tensor, torch.Tensor]], recipe: QuantRecipe,
-             repeats: int) -> dict[str, Any]:  # fmt: skip
+             repeats: int, energy: float) -> dict[str, Any]:  # fmt: skip
+    """Time and error of one path over the problems; `energy` is their summed ||W X||^2."""
     quantize, fields = quantizer_for(path)
     recipe = QuantRecipe(**{**recipe.to_dict(), **fields})
-    seconds, numerator, denominator = 0.0, 0.0, 0.0
+    seconds, error = 0.0, 0.0
     for name, W, H in problems:
         times = []
         for _ in range(repeats):
@@ -95,10 +93,8 @@ def run_path(path: str, problems: list[tuple[str, torch.Tensor, torch.Tensor]], 
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         seconds += statistics.median(times)
-        energy = float(torch.sum((W @ H) * W))
-        numerator += relative_output_error(W, q.dequantized, H) * energy
-        denominator += energy
-    return {"time_s": seconds, "rel_err": numerator / denominator}
+        error += output_energy(W - q.dequantized, H)
+    return {"time_s": seconds, "rel_err": error / energy}
 
 
 def tiny_llama_problems(device: torch.device, samples: int, seq_len: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -159,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_tiny_llama:
         problem_sets.append(("tiny-llama", tiny_llama_problems(device, 128, 256)))
 
+    energies = {label: sum(output_energy(W, H) for _, W, H in problems) for label, problems in problem_sets}
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "threads": torch.get_num_threads(),
            "peers": None if missing else peers.version()}  # fmt: skip
@@ -173,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             if any(W.shape[1] % group for _, W, _ in problems):
                 print(f"# {label}: group {group} does not divide every in_features; skipped")
                 continue
-            results = {path: run_path(path, problems, recipe, args.repeats) for path in paths}
+            results = {path: run_path(path, problems, recipe, args.repeats, energies[label]) for path in paths}
             for path, r in results.items():
                 row = {"problem": label, "setting": setting, "path": path, **r,
                        "vs_lc": ratio(results, path, "rel_err", "lc-minmax"),

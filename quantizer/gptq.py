@@ -194,11 +194,6 @@ def shrunk_grid(
     return scale, torch.round(-xmin / scale)
 
 
-def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of the min-max grid over the last dim of w ([..., n] -> [...], [...])."""
-    return shrunk_grid(w, bits, sym)
-
-
 def quantize_to_grid(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,7 +458,7 @@ def column_order(diag_h: torch.Tensor, group: int, order: str) -> torch.Tensor:
     return (groups.unsqueeze(1) * group + within).flatten()
 
 
-def _output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
+def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> float:
     """||W X||^2 = sum((W @ H) * W) (up to H's constant), the denominator of the reported error.
     On GPUs its matmul runs in TF32, which moves the figure by about 1e-3 relative."""
     previous = torch.backends.cuda.matmul.allow_tf32
@@ -604,10 +599,11 @@ def refine(
     objective = float(torch.sum((weight - dequantized) * gradient, dtype=torch.float64))
     for sweep in range(recipe.refine_sweeps):
         objective += _descend_codes(codes, dequantized, gradient, scales, zeros, damped_h, recipe.maxq, block_size)
-        step, change = _refit_scales(codes - zeros[:, g_idx], gradient, scales, damped_h, group)
+        centred = codes - zeros[:, g_idx]
+        step, change = _refit_scales(centred, gradient, scales, damped_h, group)
         objective += change
         scales += step
-        delta_q = step[:, g_idx] * (codes - zeros[:, g_idx])
+        delta_q = step[:, g_idx] * centred
         dequantized += delta_q
         if sweep + 1 < recipe.refine_sweeps:
             gradient -= delta_q @ damped_h
@@ -700,4 +696,4 @@ def relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian
     directly: two [out, in] x [in, in] matmuls (TF32 on GPUs). gptq_quantize gets the same figure from
     its own solve; this is the check for it and the metric for other quantizers."""
     delta = weight.float() - quantized.float()
-    return _relative(_output_energy(delta, hessian), _output_energy(weight.float(), hessian))
+    return _relative(output_energy(delta, hessian), output_energy(weight.float(), hessian))
