@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from quantizer.calibration import load_calibration  # noqa: E402
 from quantizer.gptq import QuantRecipe  # noqa: E402
 from quantizer.perplexity import load_dequantized_model, load_evaluation_windows, torch_perplexity  # noqa: E402
-from quantizer.pipeline import quantize_model  # noqa: E402
+from quantizer.pipeline import SourceModel, quantize_model  # noqa: E402
 from quantizer.quantize import QuantizeOptions, run_quantize  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -58,7 +58,7 @@ def main() -> None:
         timings = {}
         for label, eval_windows in (("without", None), ("with", windows)):
             start = time.perf_counter()
-            quantize_model(args.model, recipe, calibration.windows, lambda *a: None, device,
+            quantize_model(SourceModel.open(args.model), recipe, calibration.windows, lambda *a: None, device,
                            eval_windows=eval_windows, progress=False)
             timings[label] = time.perf_counter() - start
         report["pass_seconds_without_eval"] = round(timings["without"], 2)

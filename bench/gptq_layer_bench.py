@@ -62,10 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import peers
 
+from quantizer.contract import GROUP_SIZES, QUANTIZABLE_BITS, SCALE_SEARCHES
 from quantizer.gptq import (
-    SCALE_SEARCHES,
-    SUPPORTED_BITS,
-    SUPPORTED_GROUP_SIZES,
     QuantRecipe,
     gptq_quantize,
     relative_output_error,
@@ -290,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help=f"small shapes {','.join(QUICK_SHAPES)}")
     p.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of %(default)s")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
-    p.add_argument("--bits", type=int, default=4, choices=SUPPORTED_BITS)
-    p.add_argument("--group", type=int, default=128, choices=SUPPORTED_GROUP_SIZES)
+    p.add_argument("--bits", type=int, default=4, choices=QUANTIZABLE_BITS)
+    p.add_argument("--group", type=int, default=128, choices=GROUP_SIZES)
     p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--damp", type=float, default=0.01)

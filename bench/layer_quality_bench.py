@@ -101,7 +101,7 @@ def tiny_llama_problems(device: torch.device, samples: int, seq_len: int) -> lis
     from transformers import AutoTokenizer
 
     from quantizer.calibration import load_calibration
-    from quantizer.pipeline import quantize_model
+    from quantizer.pipeline import SourceModel, quantize_model
 
     fixtures = ROOT / "tests" / "fixtures"
     tokenizer = AutoTokenizer.from_pretrained(fixtures / "tiny-llama")
@@ -112,7 +112,7 @@ def tiny_llama_problems(device: torch.device, samples: int, seq_len: int) -> lis
         captured.append((name, weight.float().clone(), hessian.clone()))
         return gptq_quantize(weight, hessian, recipe, name=name, block_solver=block_solver)
 
-    quantize_model(fixtures / "tiny-llama", QuantRecipe(), calibration.windows, lambda *a: None, device,
+    quantize_model(SourceModel.open(fixtures / "tiny-llama"), QuantRecipe(), calibration.windows, lambda *a: None, device,
                    progress=False, quantize_matrix=capture)  # fmt: skip
     return captured
 

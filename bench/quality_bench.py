@@ -31,7 +31,7 @@ from layer_quality_bench import PATHS, PEERS, PLAIN, quantizer_for  # noqa: E402
 from quantizer.calibration import load_calibration  # noqa: E402
 from quantizer.gptq import QuantRecipe  # noqa: E402
 from quantizer.perplexity import load_evaluation_windows  # noqa: E402
-from quantizer.pipeline import quantize_model  # noqa: E402
+from quantizer.pipeline import SourceModel, quantize_model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 SETTINGS = ("4:128", "4:32", "3:128")
@@ -71,7 +71,7 @@ def main() -> None:
             quantize, fields = quantizer_for(path)
             recipe = QuantRecipe(bits=bits, group_size=group, **(PLAIN | fields))
             start = time.perf_counter()
-            result = quantize_model(args.model, recipe, calibration.windows, lambda *a: None, device,
+            result = quantize_model(SourceModel.open(args.model), recipe, calibration.windows, lambda *a: None, device,
                                     eval_windows=windows, method="rtn" if path == "rtn" else "gptq",
                                     progress=False, quantize_matrix=quantize)  # fmt: skip
             seconds = time.perf_counter() - start

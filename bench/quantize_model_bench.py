@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantizer.gptq import QuantRecipe
 from quantizer.packing import gptq_tensors
-from quantizer.pipeline import quantize_model
+from quantizer.pipeline import SourceModel, quantize_model
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -39,10 +39,13 @@ SHAPES = {
 }
 
 
-def write_synthetic_model(path: Path, shape: str, dtype: torch.dtype, device: torch.device) -> None:
+def write_synthetic_model(path: Path, shape: str, dtype: torch.dtype, device: torch.device,
+                          layers: int | None = None) -> None:
+    """The model of `shape`, with `layers` decoder layers instead of the shape's own depth if given."""
     from transformers import LlamaConfig
 
-    hidden, inter, layers, heads, kv_heads, vocab = SHAPES[shape]
+    hidden, inter, depth, heads, kv_heads, vocab = SHAPES[shape]
+    layers = layers or depth
     config = LlamaConfig(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=8192, rope_theta=500000.0,
@@ -113,7 +116,7 @@ def main() -> None:
     runs = []
     for solver in args.solvers.split(","):
         start = time.perf_counter()
-        result = quantize_model(model_dir, recipe, windows, sink, device, solver=solver)
+        result = quantize_model(SourceModel.open(model_dir), recipe, windows, sink, device, solver=solver)
         wall = time.perf_counter() - start
         runs.append({
             "solver": result.solver,

@@ -12,17 +12,21 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quantizer.contract import unservable_reasons
 from quantizer.errors import InputError
 from quantizer.gptq import QuantizedWeight, QuantRecipe
 from quantizer.packing import gptq_tensors
 
-MAX_SHARD_BYTES = 5 * 10**9
+# The writer holds a shard in host memory until it is written (safetensors writes a file at once),
+# so this bounds the writer's memory whatever the model's size: 1 GB, not the Hub's usual 5 GB.
+MAX_SHARD_BYTES = 10**9
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "kubequant.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
@@ -135,9 +139,9 @@ class CheckpointWriter:
         self._shards.append((file, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
-    def commit(self, source_dir: Path, manifest: dict, version: str) -> dict:
-        """Write shards, index, configs, copied files and the manifest; verify; rename into place.
-        Returns the manifest as written."""
+    def finish(self, source_dir: Path, version: str, allow_unservable: bool = False) -> int:
+        """Write the last shard, the index, the configs and the copied files, and verify the result.
+        Returns the weights' size in bytes. What remains is `commit`: the manifest and the rename."""
         self._flush()
         total = len(self._shards)
         weight_map = {}
@@ -156,14 +160,17 @@ class CheckpointWriter:
         for name in COPIED_FILES:
             if (source_dir / name).is_file():
                 shutil.copy2(source_dir / name, self.tmp / name)
+        verify_checkpoint(self.tmp, allow_unservable=allow_unservable)
+        return total_size
 
+    def commit(self, manifest: dict) -> dict:
+        """Write the manifest (with every file's checksum) and rename the checkpoint into place.
+        Returns the manifest as written."""
         manifest = dict(manifest)
-        manifest["size_after_bytes"] = total_size
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(self.tmp.iterdir())
         }
         _write_json(self.tmp / MANIFEST_FILE, manifest)
-        verify_checkpoint(self.tmp, allow_unservable=bool(manifest.get("unservable")))
         if not self.output.exists():
             os.rename(self.tmp, self.output)
         elif self.overwrite:
@@ -212,6 +219,21 @@ def gptq_part(name: str) -> tuple[str, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Header:
+    """One tensor as its file's header describes it; `read` loads it."""
+
+    file: Path
+    name: str
+    shape: list[int]
+    dtype: str  # safetensors' names: I32, F16, BF16, ...
+
+    def read(self) -> torch.Tensor:
+        # Opened for this tensor alone: a handle kept open keeps every page read through it resident.
+        with safe_open(self.file, framework="pt") as handle:
+            return handle.get_tensor(self.name)
+
+
 def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
     """Check a GPTQ checkpoint against the vLLM 0.32 contract; raise CheckpointError listing every
     problem found. Returns a summary (quantized layer count, shapes)."""
@@ -223,9 +245,8 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
     bits, group_size = qconfig.get("bits", 4), qconfig.get("group_size", -1)
     if qconfig.get("desc_act"):
         problems.append("desc_act is true: vLLM 0.32 refuses dynamic act-order with groups; write static act-order")
-    recipe = QuantRecipe(bits=bits, group_size=group_size, sym=bool(qconfig.get("sym", True)))
     if not allow_unservable:
-        problems.extend(recipe.unservable_reasons())
+        problems.extend(unservable_reasons(bits, group_size, bool(qconfig.get("sym", True))))
 
     index_path = model_dir / INDEX_FILE
     if index_path.exists():
@@ -234,15 +255,20 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
             if not (model_dir / file).exists():
                 problems.append(f"index names {file}, which is missing")
 
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for name, handle in iter_checkpoint_tensors(model_dir):
-        if part := gptq_part(name):
-            tensors.setdefault(part[0], {})[part[1]] = handle.get_tensor(name)
-    if not tensors:
+    # Shapes and dtypes come from the files' headers; only scales and g_idx are read, one tensor at a
+    # time, so verifying takes the memory of one layer's scales whatever the model's size.
+    parts_of: dict[str, dict[str, _Header]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                if part := gptq_part(name):
+                    info = handle.get_slice(name)
+                    parts_of.setdefault(part[0], {})[part[1]] = _Header(file, name, info.get_shape(), info.get_dtype())
+    if not parts_of:
         problems.append("no quantized tensors (*.qweight) found")
     pack = 32 // bits if 32 % bits == 0 else None
     shapes = {}
-    for layer, parts in sorted(tensors.items()):
+    for layer, parts in sorted(parts_of.items()):
         missing = {"qweight", "scales", "qzeros"} - set(parts)
         if missing:
             problems.append(f"{layer}: missing {sorted(missing)}")
@@ -252,9 +278,9 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
         n = qweight.shape[1]
         shapes[layer] = [n, k]
         group = k if group_size == -1 else group_size
-        if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        if qweight.dtype != "I32" or qzeros.dtype != "I32":
             problems.append(f"{layer}: qweight/qzeros must be int32")
-        if scales.dtype != torch.float16:
+        if scales.dtype != "F16":
             problems.append(f"{layer}: scales must be float16, found {scales.dtype}")
         if k % group:
             problems.append(f"{layer}: in_features {k} not divisible by group_size {group}")
@@ -263,15 +289,15 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
             problems.append(f"{layer}: scales shape {tuple(scales.shape)} != {(k // group, n)}")
         if pack and tuple(qzeros.shape) != (k // group, n // pack):
             problems.append(f"{layer}: qzeros shape {tuple(qzeros.shape)} != {(k // group, n // pack)}")
-        if not torch.isfinite(scales.float()).all():
+        if not torch.isfinite(scales.read().float()).all():
             problems.append(f"{layer}: scales hold NaN or inf")
         if "g_idx" in parts:
             expected = torch.arange(k, dtype=torch.int32) // group
-            if not torch.equal(parts["g_idx"].to(torch.int32), expected):
+            if not torch.equal(parts["g_idx"].read().to(torch.int32), expected):
                 problems.append(
                     f"{layer}: g_idx is not arange(in_features) // group_size; vLLM ignores g_idx and would "
                     "serve this layer with the wrong scales"
                 )
     if problems:
         raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
-    return {"quantized_linears": len(tensors), "shapes": shapes}
+    return {"quantized_linears": len(parts_of), "shapes": shapes}

@@ -1,27 +1,32 @@
 """Command line of the quantization and evaluation Jobs.
 
-Exit codes: 0 success, 2 bad input (the message names the field and the fix), 1 anything else.
-The JSON result goes to --result-file, by default /dev/termination-log when it exists, where
+Exit codes (quantizer.contract): 0 success, 2 bad input (the message names the field and the fix),
+3 a gate that did not pass, 1 anything else. The JSON result goes to --result-file, by default /dev/termination-log when it exists, where
 Kubernetes picks it up as the container's termination message for the operator.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
+from quantizer import contract
+from quantizer.contract import (
+    EVALUATION_FAILED,
+    INVALID_INPUT,
+    SCALE_SEARCHES,
+    DoneResult,
+    FailedResult,
+    Result,
+)
 from quantizer.errors import InputError
-from quantizer.gptq import SCALE_SEARCHES, QuantRecipe
+from quantizer.gptq import QuantRecipe
 
 DEFAULT_RECIPE = QuantRecipe()
 
 TERMINATION_LOG = Path("/dev/termination-log")
-# Kubernetes truncates termination messages at 4096 bytes.
-RESULT_LIMIT_BYTES = 4096
-EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_GATE_FAILED = 0, 1, 2, 3
 
 
 def _add_quantize(sub) -> None:
@@ -120,20 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_result(result: dict, path: Path | None) -> None:
+def write_result(result: Result, path: Path | None) -> None:
     if path is None and TERMINATION_LOG.exists():
         path = TERMINATION_LOG
-    if path is None:
-        return
-    text = json.dumps(result, separators=(",", ":"), default=str)
-    if len(text.encode()) > RESULT_LIMIT_BYTES:
-        # Never truncate JSON mid-way: drop to the fields the operator needs.
-        keep = ("status", "reason", "message", "output", "baseline_ppl", "fakequant_ppl", "served_ppl", "passed")
-        text = json.dumps({k: result[k] for k in keep if k in result}, separators=(",", ":"))
-    path.write_text(text)
+    if path is not None:
+        path.write_text(result.encode(), encoding="utf-8")
 
 
-def _quantize(args) -> dict:
+def _quantize(args) -> Result:
     from quantizer.quantize import QuantizeOptions, run_quantize, summary_lines
 
     recipe = QuantRecipe(
@@ -156,7 +155,7 @@ def _quantize(args) -> dict:
     return result
 
 
-def _evaluate(args) -> dict:
+def _evaluate(args) -> Result:
     from quantizer.evaluate import EvaluateOptions, run_evaluate, summary_lines
     from quantizer.gate import GateThresholds
 
@@ -174,15 +173,15 @@ def _evaluate(args) -> dict:
     return result
 
 
-def _verify(args) -> dict:
+def _verify(args) -> Result:
     from quantizer.checkpoint import verify_checkpoint
 
     summary = verify_checkpoint(args.model, allow_unservable=args.allow_unservable)
     print(f"{args.model}: OK, {summary['quantized_linears']} quantized linears match the vLLM GPTQ contract")
-    return {"status": "Succeeded", "quantized_linears": summary["quantized_linears"]}
+    return DoneResult(details={"quantized_linears": summary["quantized_linears"]})
 
 
-def _fetch(args) -> dict:
+def _fetch(args) -> Result:
     """The model files only (safetensors, configs, tokenizer): no .bin/.pt duplicates, no other formats."""
     import os
 
@@ -204,7 +203,7 @@ def _fetch(args) -> dict:
     except RepositoryNotFoundError as exc:
         raise InputError(f"--repo {args.repo} not found (or private: provide HF_TOKEN)") from exc
     print(f"fetched {args.repo}@{args.revision} into {path}")
-    return {"status": "Succeeded", "repo": args.repo, "revision": args.revision, "output": str(path)}
+    return DoneResult(details={"repo": args.repo, "revision": args.revision, "output": str(path)})
 
 
 COMMANDS = {"quantize": _quantize, "verify": _verify, "evaluate": _evaluate, "fetch": _fetch}
@@ -219,13 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         result = COMMANDS[args.command](args)
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        write_result({"status": "Failed", "reason": "InvalidInput", "message": str(exc)}, args.result_file)
-        return EXIT_BAD_INPUT
+        result = FailedResult(reason=INVALID_INPUT, message=str(exc))
     except Exception as exc:
         logging.getLogger("quantizer").exception("failed")
         # The evaluator's failures are gate reasons too, so the operator can tell them apart.
-        reason = "EvaluationFailed" if args.command == "evaluate" else "Error"
-        write_result({"status": "Failed", "reason": reason, "message": f"{type(exc).__name__}: {exc}"}, args.result_file)
-        return EXIT_ERROR
+        reason = EVALUATION_FAILED if args.command == "evaluate" else contract.ERROR
+        result = FailedResult(reason=reason, message=f"{type(exc).__name__}: {exc}")
     write_result(result, args.result_file)
-    return EXIT_GATE_FAILED if result.get("passed") is False else EXIT_OK
+    return contract.exit_code(result)

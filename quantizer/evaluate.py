@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from quantizer.checkpoint import read_quantization_config
+from quantizer.contract import EvaluateResult
 from quantizer.errors import InputError
 from quantizer.gate import GateThresholds, decide
 from quantizer.perplexity import (
@@ -81,8 +82,8 @@ def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engin
     )
 
 
-def run_evaluate(opts: EvaluateOptions) -> dict:
-    """Measure, decide, and return the result (the caller maps `passed` to the exit code)."""
+def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
+    """Measure, decide, and return the verdict (contract.exit_code maps a failed gate to its code)."""
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
@@ -113,29 +114,34 @@ def run_evaluate(opts: EvaluateOptions) -> dict:
         baseline = _measure(opts.baseline_model, windows, opts, opts.engine).ppl
     served = _measure(opts.model, windows, opts, opts.engine)
     decision = decide(baseline, fakequant, served.ppl, opts.thresholds)
-    return {
-        "status": "Succeeded",
-        **decision.to_dict(),
-        "engine": served.engine,
-        "windows": served.windows,
-        "tokens_scored": served.tokens_scored,
-        "seq_len": opts.seq_len,
-        "recipe": {k: qconfig.get(k) for k in ("bits", "group_size", "sym", "desc_act")},
-        "thresholds": {
-            "max_ppl_increase": opts.thresholds.max_ppl_increase,
-            "max_ppl_ratio": opts.thresholds.effective_ratio(),
-            "engine_tolerance": opts.thresholds.engine_tolerance,
+    return EvaluateResult(
+        passed=decision.passed, reason=decision.reason, message=decision.message, baseline_ppl=baseline,
+        fakequant_ppl=fakequant, served_ppl=served.ppl, engine=served.engine,
+        details={
+            "ppl_ratio": decision.ppl_ratio,
+            "ppl_increase": decision.ppl_increase,
+            "engine_deviation": decision.engine_deviation,
+            "windows": served.windows,
+            "tokens_scored": served.tokens_scored,
+            "seq_len": opts.seq_len,
+            "recipe": {k: qconfig.get(k) for k in ("bits", "group_size", "sym", "desc_act")},
+            "thresholds": {
+                "max_ppl_increase": opts.thresholds.max_ppl_increase,
+                "max_ppl_ratio": opts.thresholds.effective_ratio(),
+                "engine_tolerance": opts.thresholds.engine_tolerance,
+            },
+            "tensor_parallel_size": opts.tensor_parallel_size,
+            "seconds": round(time.perf_counter() - started, 2),
         },
-        "tensor_parallel_size": opts.tensor_parallel_size,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    )
 
 
-def summary_lines(result: dict) -> list[str]:
-    verdict = "PASSED" if result["passed"] else f"FAILED ({result['reason']})"
+def summary_lines(result: EvaluateResult) -> list[str]:
+    verdict = "PASSED" if result.passed else f"FAILED ({result.reason})"
+    details = result.details
     return [
-        f"gate {verdict}: {result['message']}",
-        f"baseline {result['baseline_ppl']:.4f} | fake-quant {result['fakequant_ppl']:.4f} | "
-        f"served {result['served_ppl']:.4f} ({result['engine']}, {result['windows']} windows x {result['seq_len']} "
-        f"tokens) in {result['seconds']:.1f} s",
+        f"gate {verdict}: {result.message}",
+        f"baseline {result.baseline_ppl:.4f} | fake-quant {result.fakequant_ppl:.4f} | "
+        f"served {result.served_ppl:.4f} ({result.engine}, {details['windows']} windows x {details['seq_len']} "
+        f"tokens) in {details['seconds']:.1f} s",
     ]

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from quantizer.contract import ENGINE_MISMATCH, PASSED, PERPLEXITY_REGRESSION
 from quantizer.errors import InputError
 
 DEFAULT_MAX_RATIO = 1.05
 DEFAULT_ENGINE_TOLERANCE = 0.01
-
-PASSED = "Passed"
-PERPLEXITY_REGRESSION = "PerplexityRegression"
-ENGINE_MISMATCH = "EngineMismatch"
-EVALUATION_FAILED = "EvaluationFailed"
 
 
 @dataclass(frozen=True)

@@ -48,19 +48,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from quantizer.contract import GROUP_SIZES, QUANTIZABLE_BITS, SCALE_SEARCHES, unservable_reasons
 from quantizer.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
-# What vLLM 0.32 serves (docs/development.md, "The checkpoint contract"): symmetric 4- or 8-bit, these groups.
-SERVABLE_BITS = (4, 8)
-SERVABLE_GROUP_SIZES = (-1, 32, 64, 128)
-
-# How each group's scale is chosen: min-max; the unweighted clipping search; the importance-weighted
-# searches (diag(H), GPTQ's per-column cost).
-SCALE_SEARCHES = ("minmax", "clip", "diag", "cost")
 # Orders of the columns: none, static act-order, group-aware act-order.
 ORDERS = ("none", "static", "group")
 
@@ -98,11 +90,11 @@ class QuantRecipe:
     group_aware_order: bool = False  # with act_order: whole groups in order (order="group")
 
     def validate(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise GPTQError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
+        if self.bits not in QUANTIZABLE_BITS:
+            raise GPTQError(f"bits={self.bits} is not supported; use one of {QUANTIZABLE_BITS}")
+        if self.group_size not in GROUP_SIZES:
             raise GPTQError(
-                f"group_size={self.group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}"
+                f"group_size={self.group_size} is not supported; use one of {GROUP_SIZES}"
             )
         if not 0.0 < self.damp < 1.0:
             raise GPTQError(f"damp={self.damp} must be in (0, 1); 0.01 is the usual choice")
@@ -123,14 +115,7 @@ class QuantRecipe:
 
     def unservable_reasons(self) -> list[str]:
         """Why vLLM 0.32 would refuse a checkpoint made with this recipe (empty when it serves it)."""
-        reasons = []
-        if not self.sym:
-            reasons.append("asymmetric grids (sym=false) are not served by vLLM's GPTQ kernels")
-        if self.bits not in SERVABLE_BITS:
-            reasons.append(f"{self.bits}-bit GPTQ is not served by vLLM (only 4 and 8)")
-        if self.group_size not in SERVABLE_GROUP_SIZES:
-            reasons.append(f"group_size {self.group_size} is not served by vLLM (only -1, 32, 64, 128)")
-        return reasons
+        return unservable_reasons(self.bits, self.group_size, self.sym)
 
     def to_dict(self) -> dict:
         return asdict(self)

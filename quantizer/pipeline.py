@@ -10,9 +10,9 @@ that input has been seen), then GPTQ solves each Linear and its weight is replac
 one, so later groups calibrate against the already-quantized part of the layer. A final pass gives
 the next layer's inputs.
 
-With evaluation windows, two more activation streams run through every layer: the original layer
-(baseline) and the quantized one (fake-quant), giving both perplexities at the end at no extra
-device memory beyond the two streams.
+With evaluation windows, two more activation streams run through every layer (EvalStreams): the
+original layer (baseline) and the quantized one (fake-quant), giving both perplexities at the end at
+no extra device memory beyond the two streams.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -119,6 +120,25 @@ def load_config(model_dir: Path):
     if getattr(config, "quantization_config", None):
         raise InputError(f"--model {model_dir}: the model is already quantized; start from FP16/BF16 weights")
     return config
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A Hugging Face model directory, opened once: its config (checked) and its safetensors weights."""
+
+    path: Path
+    config: Any
+    weights: SafetensorsCheckpoint
+
+    @classmethod
+    def open(cls, path: Path) -> SourceModel:
+        config = load_config(path)
+        return cls(path, config, SafetensorsCheckpoint(path))
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
 
 
 def source_dtype(config, checkpoint: SafetensorsCheckpoint) -> torch.dtype:
@@ -286,8 +306,35 @@ def _nll_sum(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, windows:
     return total
 
 
+class EvalStreams:
+    """The evaluation windows through every layer twice: as it was (baseline), and as quantized
+    (fake-quant, each layer after its Linears are replaced by their dequantized weights)."""
+
+    def __init__(self, model, layers: nn.ModuleList, windows: EvalWindows, device, store_device, batch_size: int):
+        self.windows = windows
+        self.device = device
+        self.batch_size = batch_size
+        # Its own kwargs: the rotary embeddings and mask depend on the window length.
+        self.baseline, kwargs = _capture_layer0_inputs(model, layers, windows.ids, device, store_device)
+        self.runner = _LayerRunner(kwargs, batch_size)
+        self.fakequant = self.baseline.clone()
+
+    def through_original(self, layer: nn.Module) -> None:
+        self.baseline = self.runner.forward(layer, self.baseline, self.device)
+
+    def through_quantized(self, layer: nn.Module) -> None:
+        self.fakequant = self.runner.forward(layer, self.fakequant, self.device)
+
+    def perplexities(self, norm: nn.Module, lm_head: nn.Module) -> tuple[float, float]:
+        """(baseline, fake-quant) perplexity over the windows' scored tokens."""
+        tokens = self.windows.tokens_scored
+        nll = [_nll_sum(norm, lm_head, stream, self.windows, self.device, self.batch_size)
+               for stream in (self.baseline, self.fakequant)]
+        return math.exp(nll[0] / tokens), math.exp(nll[1] / tokens)
+
+
 def quantize_model(
-    model_dir: Path,
+    source: SourceModel,
     recipe: QuantRecipe,
     calibration_windows: torch.Tensor,
     sink: LayerSink,
@@ -300,11 +347,10 @@ def quantize_model(
     solver: str = "auto",
     quantize_matrix: MatrixQuantizer = gptq_quantize,
 ) -> PipelineResult:
-    """Quantize every decoder Linear of the model in model_dir; hand each finished layer to sink."""
+    """Quantize every decoder Linear of the source model; hand each finished layer to sink."""
     from transformers import AutoModelForCausalLM
 
-    config = load_config(model_dir)
-    checkpoint = SafetensorsCheckpoint(model_dir)
+    config, checkpoint = source.config, source.weights
     dtype = source_dtype(config, checkpoint)
     # fp16/bf16 matmuls are slow and less exact on CPUs; GPUs run the source dtype.
     compute_dtype = dtype if device.type == "cuda" else torch.float32
@@ -337,15 +383,12 @@ def quantize_model(
     lm_head.to_empty(device=device)
     lm_head.load_state_dict({"weight": checkpoint.get(lm_head_key).to(device, compute_dtype)}, assign=True)
 
-    runner: _LayerRunner
+    evaluation: EvalStreams | None = None
     with torch.no_grad(), _timed(result, "forward", device):
         hidden, layer_kwargs = _capture_layer0_inputs(model, layers, calibration_windows, device, store_device)
         runner = _LayerRunner(layer_kwargs, batch_size)
         if eval_windows is not None:
-            # Its own kwargs: the rotary embeddings and mask depend on the window length.
-            base_stream, eval_kwargs = _capture_layer0_inputs(model, layers, eval_windows.ids, device, store_device)
-            eval_runner = _LayerRunner(eval_kwargs, batch_size)
-            quant_stream = base_stream.clone()
+            evaluation = EvalStreams(model, layers, eval_windows, device, store_device, batch_size)
 
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
     for index in bar:
@@ -353,17 +396,17 @@ def quantize_model(
         prefix = f"{layers_name}.{index}."
         layer = layers[index]
         with torch.no_grad(), materialized(layer, prefix, checkpoint, device, compute_dtype):
-            if eval_windows is not None:
+            if evaluation is not None:
                 with _timed(result, "evaluate", device):
-                    base_stream = eval_runner.forward(layer, base_stream, device)
+                    evaluation.through_original(layer)
             quantized = _quantize_layer(
                 layer, prefix, recipe, method, block_solver, hidden, runner, device, result, quantize_matrix
             )
             with _timed(result, "forward", device):
                 hidden = runner.forward(layer, hidden, device)
-            if eval_windows is not None:
+            if evaluation is not None:
                 with _timed(result, "evaluate", device):
-                    quant_stream = eval_runner.forward(layer, quant_stream, device)
+                    evaluation.through_quantized(layer)
             others = {
                 f"{prefix}{name}": checkpoint.get(f"{prefix}{name}")
                 for name, _ in layer.named_parameters()
@@ -376,15 +419,11 @@ def quantize_model(
         worst = max(s.relative_error for s in result.linears[-len(quantized) :])
         bar.set_postfix(seconds=f"{seconds:.1f}", worst_rel_err=f"{worst:.2e}")
 
-    if eval_windows is not None:
+    if evaluation is not None:
         with torch.no_grad(), _timed(result, "evaluate", device):
-            tokens = eval_windows.tokens_scored
-            base_nll = _nll_sum(base.norm, lm_head, base_stream, eval_windows, device, batch_size)
-            quant_nll = _nll_sum(base.norm, lm_head, quant_stream, eval_windows, device, batch_size)
-        result.baseline_ppl = math.exp(base_nll / tokens)
-        result.fakequant_ppl = math.exp(quant_nll / tokens)
-        result.eval_tokens = tokens
-        result.eval_windows = len(eval_windows)
+            result.baseline_ppl, result.fakequant_ppl = evaluation.perplexities(base.norm, lm_head)
+        result.eval_tokens = evaluation.windows.tokens_scored
+        result.eval_windows = len(evaluation.windows)
 
     result.peak_host_bytes = peak_host_bytes()
     if device.type == "cuda":

@@ -11,16 +11,18 @@ from pathlib import Path
 import torch
 
 from quantizer import __version__
-from quantizer.calibration import clamp_seq_len, load_calibration
+from quantizer.calibration import Calibration, clamp_seq_len, load_calibration
 from quantizer.checkpoint import MANIFEST_FILE, CheckpointWriter, sha256_file
+from quantizer.contract import QuantizeResult
 from quantizer.errors import InputError, UnservableRecipeError
 from quantizer.gptq import QuantRecipe
 from quantizer.perplexity import load_evaluation_windows
 from quantizer.pipeline import (
     ROW_PARALLEL,
-    SafetensorsCheckpoint,
+    PipelineResult,
+    SourceModel,
     check_linear_shapes,
-    load_config,
+    peak_host_bytes,
     quantize_model,
 )
 
@@ -84,10 +86,105 @@ def library_versions() -> dict:
     return versions
 
 
-def run_quantize(opts: QuantizeOptions) -> dict:
-    """Quantize, write the checkpoint atomically, return the machine-readable result."""
-    from transformers import AutoTokenizer
+@dataclass
+class QuantizeReport:
+    """Everything one quantization measured: the manifest and the result are two views of it."""
 
+    opts: QuantizeOptions
+    unservable: list[str]
+    calibration: Calibration
+    pipeline: PipelineResult
+    device: str
+    size_before_bytes: int
+    size_after_bytes: int
+    seconds: float
+    peak_host_bytes: int  # sampled after the checkpoint was written and verified
+
+    @property
+    def row_parallel_in_features(self) -> list[int]:
+        return sorted({s.shape[1] for s in self.pipeline.linears if s.name.endswith(ROW_PARALLEL)})
+
+    def _perplexity(self) -> dict:
+        p = self.pipeline
+        if p.baseline_ppl is None:
+            return {}
+        return {"baseline_ppl": p.baseline_ppl, "fakequant_ppl": p.fakequant_ppl,
+                "eval_windows": p.eval_windows, "eval_tokens": p.eval_tokens}
+
+    def manifest(self) -> dict:
+        opts, p = self.opts, self.pipeline
+        row_parallel = {
+            suffix: sorted({tuple(s.shape) for s in p.linears if s.name.endswith(suffix)}) for suffix in ROW_PARALLEL
+        }
+        return {
+            "kind": "kubequant.io/checkpoint",
+            "version": 1,
+            "source": {"path": str(opts.model), "repo": opts.source_repo, "revision": opts.source_revision},
+            "method": opts.method,
+            "recipe": opts.recipe.to_dict(),
+            "unservable": self.unservable,
+            "calibration": self.calibration.describe() | {"seed": opts.seed},
+            "versions": library_versions(),
+            "device": self.device,
+            "solver": p.solver,
+            "size_before_bytes": self.size_before_bytes,
+            "size_after_bytes": self.size_after_bytes,
+            "row_parallel_shapes": {k: [list(s) for s in v] for k, v in row_parallel.items()},
+            "group_size": opts.recipe.group_size,
+            "timings": {
+                "total_seconds": self.seconds,
+                "stages": self.stage_seconds(),
+                "layers": [round(s, 3) for s in p.layer_seconds],
+            },
+            "peak_memory": {"host_bytes": self.peak_host_bytes, "device_bytes": p.peak_device_bytes},
+            "perplexity": self._perplexity(),
+            "linears": [
+                {"name": s.name, "shape": list(s.shape), "relative_error": s.relative_error, "damp": s.damp,
+                 "seconds": round(s.seconds, 4)}
+                for s in p.linears
+            ],
+        }
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.pipeline.stage_seconds.items()}
+
+    def result(self, manifest_sha256: str) -> QuantizeResult:
+        p = self.pipeline
+        perplexity = self._perplexity()
+        worst = max(p.linears, key=lambda s: s.relative_error)
+        errors = [s.relative_error for s in p.linears]
+        return QuantizeResult(
+            output=str(self.opts.output),
+            recipe=self.opts.recipe.to_dict(),
+            size_before_bytes=self.size_before_bytes,
+            size_after_bytes=self.size_after_bytes,
+            seconds=self.seconds,
+            group_size=self.opts.recipe.group_size,
+            row_parallel_in_features=self.row_parallel_in_features,
+            baseline_ppl=perplexity.get("baseline_ppl"),
+            fakequant_ppl=perplexity.get("fakequant_ppl"),
+            details={
+                "method": self.opts.method,
+                "servable": not self.unservable,
+                "solver": p.solver,
+                "device": self.device,
+                "calibration": {"samples": self.calibration.samples, "seq_len": self.calibration.seq_len,
+                                "digest": self.calibration.digest},
+                "quantized_linears": len(p.linears),
+                "mean_relative_error": sum(errors) / len(errors),
+                "worst_linear": {"name": worst.name, "relative_error": worst.relative_error},
+                **{k: v for k, v in perplexity.items() if k.startswith("eval_")},
+                "stage_seconds": self.stage_seconds(),
+                "peak_host_bytes": self.peak_host_bytes,
+                "peak_device_bytes": p.peak_device_bytes,
+                "manifest": MANIFEST_FILE,
+                "manifest_sha256": manifest_sha256,
+            },
+        )
+
+
+def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
+    """Quantize, write the checkpoint atomically, return the machine-readable result."""
     started = time.perf_counter()
     recipe = opts.recipe
     recipe.validate()
@@ -104,11 +201,10 @@ def run_quantize(opts: QuantizeOptions) -> dict:
             f"--output {opts.output} already exists; choose a new directory, remove it, or pass --overwrite"
         )
     device = resolve_device(opts.device)
-    config = load_config(opts.model)
-    source = SafetensorsCheckpoint(opts.model)
-    check_linear_shapes(config, source, recipe.group_size)
-    tokenizer = AutoTokenizer.from_pretrained(opts.model)
-    context = getattr(config, "max_position_embeddings", None)
+    source = SourceModel.open(opts.model)
+    check_linear_shapes(source.config, source.weights, recipe.group_size)
+    tokenizer = source.tokenizer()
+    context = getattr(source.config, "max_position_embeddings", None)
     seq_len = clamp_seq_len(opts.seq_len, context, "calibration")
     calibration = load_calibration(opts.calibration, tokenizer, opts.samples, seq_len, opts.seed, opts.jsonl_field)
     eval_windows = None
@@ -122,7 +218,7 @@ def run_quantize(opts: QuantizeOptions) -> dict:
 
     with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite) as writer:
         pipeline = quantize_model(
-            opts.model,
+            source,
             recipe,
             calibration.windows,
             writer.add_layer,
@@ -136,69 +232,19 @@ def run_quantize(opts: QuantizeOptions) -> dict:
         )
         # Embeddings, final norm and lm_head stay in the source dtype, copied as they are.
         layers_prefix = _layers_prefix(writer.quantized_shapes)
-        for name in source.names():
+        for name in source.weights.names():
             if not name.startswith(layers_prefix):
-                writer.add(name, source.get(name))
-        errors = [s.relative_error for s in pipeline.linears]
-        worst = max(pipeline.linears, key=lambda s: s.relative_error)
-        row_parallel = {
-            suffix: sorted({tuple(s.shape) for s in pipeline.linears if s.name.endswith(suffix)})
-            for suffix in ROW_PARALLEL
-        }
-        manifest = {
-            "kind": "kubequant.io/checkpoint",
-            "version": 1,
-            "source": {"path": str(opts.model), "repo": opts.source_repo, "revision": opts.source_revision},
-            "method": opts.method,
-            "recipe": recipe.to_dict(),
-            "unservable": unservable if opts.allow_unservable and unservable else [],
-            "calibration": calibration.describe() | {"seed": opts.seed},
-            "versions": library_versions(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "solver": pipeline.solver,
-            "size_before_bytes": source.size_bytes(),
-            "row_parallel_shapes": {k: [list(s) for s in v] for k, v in row_parallel.items()},
-            "group_size": recipe.group_size,
-            "timings": {
-                "total_seconds": round(time.perf_counter() - started, 3),
-                "stages": {k: round(v, 3) for k, v in pipeline.stage_seconds.items()},
-                "layers": [round(s, 3) for s in pipeline.layer_seconds],
-            },
-            "peak_memory": {"host_bytes": pipeline.peak_host_bytes, "device_bytes": pipeline.peak_device_bytes},
-            "perplexity": _perplexity_block(pipeline),
-            "linears": [
-                {"name": s.name, "shape": list(s.shape), "relative_error": s.relative_error, "damp": s.damp,
-                 "seconds": round(s.seconds, 4)}
-                for s in pipeline.linears
-            ],
-        }
-        manifest = writer.commit(opts.model, manifest, __version__)
-
-    return {
-        "status": "Succeeded",
-        "output": str(opts.output),
-        "method": opts.method,
-        "recipe": recipe.to_dict(),
-        "servable": not unservable,
-        "solver": pipeline.solver,
-        "device": manifest["device"],
-        "calibration": {"samples": calibration.samples, "seq_len": calibration.seq_len, "digest": calibration.digest},
-        "size_before_bytes": manifest["size_before_bytes"],
-        "size_after_bytes": manifest["size_after_bytes"],
-        "quantized_linears": len(pipeline.linears),
-        "group_size": recipe.group_size,
-        # What the operator's tensor-parallel preflight needs, without reading the artifact volume.
-        "row_parallel_in_features": sorted({s.shape[1] for s in pipeline.linears if s.name.endswith(ROW_PARALLEL)}),
-        "mean_relative_error": sum(errors) / len(errors),
-        "worst_linear": {"name": worst.name, "relative_error": worst.relative_error},
-        **_perplexity_block(pipeline),
-        "seconds": round(time.perf_counter() - started, 2),
-        "stage_seconds": manifest["timings"]["stages"],
-        "peak_host_bytes": pipeline.peak_host_bytes,
-        "peak_device_bytes": pipeline.peak_device_bytes,
-        "manifest": MANIFEST_FILE,
-        "manifest_sha256": sha256_file(opts.output / MANIFEST_FILE),
-    }
+                writer.add(name, source.weights.get(name))
+        size_after = writer.finish(opts.model, __version__, allow_unservable=bool(unservable))
+        report = QuantizeReport(
+            opts=opts, unservable=unservable, calibration=calibration, pipeline=pipeline,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            size_before_bytes=source.weights.size_bytes(), size_after_bytes=size_after,
+            seconds=round(time.perf_counter() - started, 2),
+            peak_host_bytes=max(pipeline.peak_host_bytes, peak_host_bytes()),
+        )
+        writer.commit(report.manifest())
+    return report.result(sha256_file(opts.output / MANIFEST_FILE))
 
 
 def _layers_prefix(quantized_shapes: dict[str, list[int]]) -> str:
@@ -209,18 +255,8 @@ def _layers_prefix(quantized_shapes: dict[str, list[int]]) -> str:
     return ".".join(parts[:index]) + "."
 
 
-def _perplexity_block(pipeline) -> dict:
-    if pipeline.baseline_ppl is None:
-        return {}
-    return {
-        "baseline_ppl": pipeline.baseline_ppl,
-        "fakequant_ppl": pipeline.fakequant_ppl,
-        "eval_windows": pipeline.eval_windows,
-        "eval_tokens": pipeline.eval_tokens,
-    }
-
-
-def summary_lines(result: dict) -> list[str]:
+def summary_lines(quantized: QuantizeResult) -> list[str]:
+    result = quantized.to_dict()
     mb = 1 / 2**20
     lines = [
         f"quantized {result['quantized_linears']} linears -> {result['output']} "

@@ -34,6 +34,8 @@ def evaluate_with_vllm(model: Path, tmp_path: Path, *extra: str) -> tuple[int, d
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert result_file.exists(), done.stderr[-3000:]
+    # A result written and then a crash on the way out is still a failed Job: say where it died.
+    assert done.returncode >= 0, f"the evaluator died of signal {-done.returncode}:\n{done.stderr[-3000:]}"
     return done.returncode, json.loads(result_file.read_text())
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from quantizer.contract import ENGINE_MISMATCH, PASSED, PERPLEXITY_REGRESSION
 from quantizer.errors import InputError
-from quantizer.gate import ENGINE_MISMATCH, PASSED, PERPLEXITY_REGRESSION, GateThresholds, decide
+from quantizer.gate import GateThresholds, decide
 
 # Powers of two keep served/baseline and served - baseline exact in floating point at the boundaries.
 CASES = [

@@ -33,9 +33,8 @@ if not ON_GPU:
 pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[triton]')")
 
 from quantizer import gptq_triton  # noqa: E402
+from quantizer.contract import GROUP_SIZES, QUANTIZABLE_BITS  # noqa: E402
 from quantizer.gptq import (  # noqa: E402
-    SUPPORTED_BITS,
-    SUPPORTED_GROUP_SIZES,
     QuantRecipe,
     gptq_quantize,
     solve_block_torch,
@@ -81,12 +80,12 @@ def random_weight(rows: int, cols: int, seed: int = 1) -> torch.Tensor:
 
 
 def recipe_grid(cols: int) -> list[tuple[int, int, bool, bool]]:
-    groups = [g for g in SUPPORTED_GROUP_SIZES if g == -1 or cols % g == 0]
+    groups = [g for g in GROUP_SIZES if g == -1 or cols % g == 0]
     if FULL_PRODUCT:
-        return [(b, g, a, s) for b in SUPPORTED_BITS for g in groups for a, s in ACT_SYM]
+        return [(b, g, a, s) for b in QUANTIZABLE_BITS for g in groups for a, s in ACT_SYM]
     return [
         (b, g, *ACT_SYM[(bi + gi) % len(ACT_SYM)])
-        for bi, b in enumerate(SUPPORTED_BITS)
+        for bi, b in enumerate(QUANTIZABLE_BITS)
         for gi, g in enumerate(groups)
     ]
 

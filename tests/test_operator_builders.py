@@ -7,7 +7,7 @@ import dataclasses
 import kubernetes_validate
 import pytest
 import yaml
-from kubequant import builders, spec
+from kubequant import builders
 from kubequant.cli import main as cli_main
 from kubequant.spec import Model, SpecError, parse_model, parse_spec
 
@@ -254,12 +254,11 @@ def test_group_aware_order_needs_act_order():
 
 
 def test_the_recipe_defaults_and_choices_are_the_quantizers():
-    # The operator image has no torch: spec.py repeats these, and this test keeps them equal.
+    # The spec's defaults are the CRD's (applied by the apiserver) and must be the quantizer's own.
     from quantizer import gptq
 
     q = parse_model(example("tiny.yaml")).spec.quantization
     recipe = gptq.QuantRecipe()
-    assert spec.SCALE_SEARCHES == gptq.SCALE_SEARCHES
     assert (q.scale_search, q.full_range, q.refine_sweeps, q.group_aware_order) == \
         (recipe.scale_search, recipe.full_range, recipe.refine_sweeps, recipe.group_aware_order)
     assert (q.act_order, q.symmetric, q.damp_percent / 100) == \
@@ -344,3 +343,14 @@ def test_cli_bad_file_is_one_line_and_exit_2(tmp_path, capsys, command, content,
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: {message}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_spec_error_is_reported_at_once():
+    body = with_spec(with_spec(with_spec(example(), "quantization.bits", 5), "serving.replicas", "two"),
+                     "storage.retentionPolicy", "Keep")
+    body["metadata"]["name"] = "Not_A_Name"
+    with pytest.raises(SpecError) as raised:
+        parse_model(body)
+    assert [p.split(" ")[0] for p in raised.value.problems] == [
+        "metadata.name", "spec.quantization.bits", "spec.serving.replicas", "spec.storage.retentionPolicy"]
+    assert str(raised.value) == "; ".join(raised.value.problems)

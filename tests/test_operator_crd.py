@@ -9,7 +9,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from kubequant.spec import SpecError, parse_model
 
+from quantizer import contract
 from tests.operator_support import crd
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -95,11 +97,11 @@ INVALID = [
     ("absolute model path", [("spec.source", {"pvc": {"claimName": "models", "path": "/llama"}})],
      "source.pvc.path must be relative to the root of the claim and must not contain '..'"),
     ("3-bit served", [("spec.quantization.bits", 3)],
-     "serving.enabled needs a recipe vLLM serves: quantization.bits 4, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
+     "serving.enabled needs a recipe vLLM serves: quantization.bits 4 or 8, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
     ("asymmetric served", [("spec.quantization.symmetric", False)],
-     "serving.enabled needs a recipe vLLM serves: quantization.bits 4, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
+     "serving.enabled needs a recipe vLLM serves: quantization.bits 4 or 8, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
     ("group 256 served", [("spec.quantization.groupSize", 256)],
-     "serving.enabled needs a recipe vLLM serves: quantization.bits 4, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
+     "serving.enabled needs a recipe vLLM serves: quantization.bits 4 or 8, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
     ("group-aware order without act-order", [("spec.quantization.groupAwareOrder", True),
                                               ("spec.quantization.actOrder", False)],
      "quantization.groupAwareOrder is a kind of act-order: it needs actOrder true"),
@@ -177,3 +179,31 @@ def test_schema_rejects_out_of_range_values():
 def test_every_rule_is_exercised():
     tested = {m for *_, m in INVALID} | {m for *_, m in IMMUTABLE}
     assert {r["message"] for r in _all_rules(crd.schema())} == tested
+
+
+def test_recipe_choices_are_the_contracts():
+    quantization = crd.schema()["properties"]["spec"]["properties"]["quantization"]["properties"]
+    assert tuple(quantization["bits"]["enum"]) == contract.QUANTIZABLE_BITS
+    assert tuple(quantization["groupSize"]["enum"]) == contract.GROUP_SIZES
+    assert tuple(quantization["scaleSearch"]["enum"]) == contract.SCALE_SEARCHES
+    assert quantization["refineSweeps"]["maximum"] == contract.MAX_REFINE_SWEEPS
+
+
+@pytest.mark.parametrize("bits", contract.QUANTIZABLE_BITS)
+def test_what_may_be_served_is_the_contracts(bits):
+    """The CRD's rule, the operator's spec and the quantizer's contract agree on every recipe."""
+    for group in contract.GROUP_SIZES:
+        for symmetric in (True, False):
+            obj = _set(_set(_set(_base(), "spec.quantization.bits", bits), "spec.quantization.groupSize", group),
+                       "spec.quantization.symmetric", symmetric)
+            servable = not contract.unservable_reasons(bits, group, symmetric)
+            refused_by_crd = any("serving.enabled needs a recipe vLLM serves" in e for e in crd.validate(obj))
+            assert refused_by_crd is not servable, (bits, group, symmetric)
+            obj["metadata"]["namespace"] = "ml"
+            try:
+                parse_model(obj)
+                refused_by_spec = False
+            except SpecError as exc:
+                assert "serving.enabled needs a recipe vLLM serves" in str(exc)
+                refused_by_spec = True
+            assert refused_by_spec is not servable, (bits, group, symmetric)

@@ -19,12 +19,32 @@ from typing import Any
 from kubequant.spec import (
     GROUP,
     KIND,
+    PLURAL,
     VERSION,
     HuggingFaceSource,
     Model,
     PvcSource,
     TextSource,
 )
+from quantizer.contract import EXIT_BAD_INPUT, EXIT_GATE_FAILED
+
+# kind -> (apiVersion, plural) of everything the operator reads or writes: the builders, the
+# reconciler's deletes and the API paths of k8s.py all take them from here.
+KINDS: dict[str, tuple[str, str]] = {
+    KIND: (f"{GROUP}/{VERSION}", PLURAL),
+    "Job": ("batch/v1", "jobs"),
+    "Pod": ("v1", "pods"),
+    "Deployment": ("apps/v1", "deployments"),
+    "Service": ("v1", "services"),
+    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
+}
+
+
+def api_version(kind: str) -> str:
+    return KINDS[kind][0]
+
 
 LABEL_MODEL = f"{GROUP}/model"
 LABEL_ARTIFACT = f"{GROUP}/artifact"
@@ -40,9 +60,6 @@ VLLM_PORT = 8000
 QUANTIZE_CONTAINER = "quantize"
 FETCH_CONTAINER = "fetch"
 EVALUATE_CONTAINER = "evaluate"
-# Exit codes of `python -m quantizer`: retrying bad input or a failed gate cannot help.
-EXIT_BAD_INPUT = 2
-EXIT_GATE_FAILED = 3
 
 
 def digest(data: Any, length: int = 10) -> str:
@@ -125,7 +142,7 @@ def selector(model: Model) -> dict[str, str]:
 
 
 def owner_reference(model: Model) -> dict:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": model.name, "uid": model.uid,
+    return {"apiVersion": api_version(KIND), "kind": KIND, "name": model.name, "uid": model.uid,
             "controller": True, "blockOwnerDeletion": True}
 
 
@@ -281,41 +298,51 @@ def quantize_job(model: Model) -> dict:
     # The path is keyed by the recipe hash: whatever a failed attempt left there is the same artifact.
     args.append("--overwrite")
 
+    asks_gpus = any(GPU_RESOURCE in (q.resources.get(part) or {}) for part in ("limits", "requests"))
+    scheduling: dict[str, Any] = {"nodeSelector": dict(q.node_selector)} if q.node_selector else {}
+    if tolerations := _tolerations(q.tolerations, asks_gpus):
+        scheduling["tolerations"] = tolerations
+    return _job(
+        model, quantize_job_name(model), "quantize",
+        {"name": QUANTIZE_CONTAINER, "image": q.image, "command": args, "env": copy.deepcopy(BASE_ENV),
+         "resources": copy.deepcopy(q.resources), "volumeMounts": mounts},
+        volumes, backoff_limit=q.backoff_limit, permanent_exit_codes=[EXIT_BAD_INPUT], artifact=a_hash,
+        init_containers=init_containers, scheduling=scheduling,
+        active_deadline_seconds=q.active_deadline_seconds,
+    )
+
+
+def _job(model: Model, name: str, component: str, container: dict, volumes: list[dict], *, backoff_limit: int,
+         permanent_exit_codes: list[int] | None = None, artifact: str | None = None,
+         init_containers: list[dict] | None = None, scheduling: dict | None = None,
+         active_deadline_seconds: int | None = None, ttl_seconds_after_finished: int | None = None) -> dict:
+    """A Job of one container (after `init_containers`), run once per Pod as the kubequant user.
+
+    `permanent_exit_codes` fail the Job at once: a retry cannot help (bad input, a failed gate).
+    `artifact` labels the Job and its Pods with the artifact hash they work on."""
+    job_labels = labels(model, component)
+    if artifact:
+        job_labels[LABEL_ARTIFACT] = artifact
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "enableServiceLinks": False,
         "securityContext": copy.deepcopy(POD_SECURITY),
-        "containers": [{
-            "name": QUANTIZE_CONTAINER,
-            "image": q.image,
-            "command": args,
-            "env": copy.deepcopy(BASE_ENV),
-            "resources": copy.deepcopy(q.resources),
-            "volumeMounts": mounts,
-            "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-        }],
+        **({"initContainers": init_containers} if init_containers else {}),
+        "containers": [{**container, "securityContext": copy.deepcopy(CONTAINER_SECURITY)}],
         "volumes": volumes,
+        **(scheduling or {}),
     }
-    if init_containers:
-        pod_spec["initContainers"] = init_containers
-    if q.node_selector:
-        pod_spec["nodeSelector"] = dict(q.node_selector)
-    asks_gpus = any(GPU_RESOURCE in (q.resources.get(part) or {}) for part in ("limits", "requests"))
-    tolerations = _tolerations(q.tolerations, asks_gpus)
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
-
-    job_labels = {**labels(model, "quantize"), LABEL_ARTIFACT: a_hash}
-    job_spec: dict[str, Any] = {
-        "backoffLimit": q.backoff_limit,
-        "podFailurePolicy": _pod_failure_policy(QUANTIZE_CONTAINER, [EXIT_BAD_INPUT]),
-        "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
-    }
-    if q.active_deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = q.active_deadline_seconds
-    meta = _metadata(model, quantize_job_name(model), "quantize")
-    meta["labels"] = job_labels
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+    spec: dict[str, Any] = {"backoffLimit": backoff_limit}
+    if permanent_exit_codes:
+        spec["podFailurePolicy"] = _pod_failure_policy(container["name"], permanent_exit_codes)
+    if active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = active_deadline_seconds
+    if ttl_seconds_after_finished is not None:
+        spec["ttlSecondsAfterFinished"] = ttl_seconds_after_finished
+    spec["template"] = {"metadata": {"labels": job_labels}, "spec": pod_spec}
+    meta = _metadata(model, name, component)
+    meta["labels"] = copy.deepcopy(job_labels)
+    return {"apiVersion": api_version("Job"), "kind": "Job", "metadata": meta, "spec": spec}
 
 
 def _serving_pod_parts(model: Model) -> tuple[list[dict], list[dict]]:
@@ -401,37 +428,15 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
         model, artifact_path=f"{ARTIFACTS_MOUNT}/{artifact['path']}", eval_text=text_path,
         baseline_ppl=artifact.get("baselinePerplexity"), fakequant_ppl=artifact.get("fakequantPerplexity"),
     )
-    job_labels = {**labels(model, "evaluate"), LABEL_ARTIFACT: artifact.get("hash") or artifact_hash(model)}
-    meta = _metadata(model, evaluate_job_name(model), "evaluate")
-    meta["labels"] = job_labels
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": meta,
-        "spec": {
-            "backoffLimit": e.backoff_limit,
-            "podFailurePolicy": _pod_failure_policy(EVALUATE_CONTAINER, [EXIT_BAD_INPUT, EXIT_GATE_FAILED]),
-            "template": {
-                "metadata": {"labels": job_labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "enableServiceLinks": False,
-                    "securityContext": copy.deepcopy(POD_SECURITY),
-                    "containers": [{
-                        "name": EVALUATE_CONTAINER,
-                        "image": e.image,
-                        "command": args,
-                        "env": copy.deepcopy(BASE_ENV),
-                        "resources": _gpu_resources(serving.resources, serving.tensor_parallel_size),
-                        "volumeMounts": mounts + text_mounts,
-                        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-                    }],
-                    "volumes": volumes + text_volumes,
-                    **_scheduling(model),
-                },
-            },
-        },
-    }
+    return _job(
+        model, evaluate_job_name(model), "evaluate",
+        {"name": EVALUATE_CONTAINER, "image": e.image, "command": args, "env": copy.deepcopy(BASE_ENV),
+         "resources": _gpu_resources(serving.resources, serving.tensor_parallel_size),
+         "volumeMounts": mounts + text_mounts},
+        volumes + text_volumes, backoff_limit=e.backoff_limit,
+        permanent_exit_codes=[EXIT_BAD_INPUT, EXIT_GATE_FAILED],
+        artifact=artifact.get("hash") or artifact_hash(model), scheduling=_scheduling(model),
+    )
 
 
 def vllm_serve_args(model: Model, artifact_path: str, port: int = VLLM_PORT) -> list[str]:
@@ -461,7 +466,7 @@ def deployment(model: Model, artifact: dict) -> dict:
     startup_period = 10
     pod_labels = {**labels(model, "server"), LABEL_ARTIFACT: artifact["hash"]}
     obj = {
-        "apiVersion": "apps/v1",
+        "apiVersion": api_version("Deployment"),
         "kind": "Deployment",
         "metadata": _metadata(model, model.name, "server"),
         "spec": {
@@ -511,7 +516,7 @@ def service(model: Model) -> dict:
     meta = _metadata(model, model.name, "server")
     meta["labels"][f"{GROUP}/metrics"] = "true"  # vLLM's /metrics is on the same port
     return _with_hash({
-        "apiVersion": "v1",
+        "apiVersion": api_version("Service"),
         "kind": "Service",
         "metadata": meta,
         "spec": {
@@ -524,7 +529,7 @@ def service(model: Model) -> dict:
 
 def pod_disruption_budget(model: Model) -> dict:
     return _with_hash({
-        "apiVersion": "policy/v1",
+        "apiVersion": api_version("PodDisruptionBudget"),
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(model, model.name, "server"),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(model)}},
@@ -536,7 +541,7 @@ def service_monitor(model: Model) -> dict:
     meta = _metadata(model, model.name, "server")
     meta["labels"].update(s.service_monitor_labels)
     return _with_hash({
-        "apiVersion": "monitoring.coreos.com/v1",
+        "apiVersion": api_version("ServiceMonitor"),
         "kind": "ServiceMonitor",
         "metadata": meta,
         "spec": {
@@ -555,40 +560,22 @@ def persistent_volume_claim(model: Model) -> dict:
         spec["storageClassName"] = st.storage_class_name
     meta = _metadata(model, st.claim_name, "storage", owned=False)
     meta["annotations"] = {ANNOTATION_RETENTION: st.retention_policy}
-    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+    return {"apiVersion": api_version("PersistentVolumeClaim"), "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
 
 
 def cleanup_job(model: Model) -> dict:
     """Removes kubequant/<name>/ from a claim the operator did not create (retention policy Delete)."""
     tmp_volume, tmp_mount = _scratch()
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": _metadata(model, cleanup_job_name(model), "cleanup"),
-        "spec": {
-            "backoffLimit": 2,
-            "ttlSecondsAfterFinished": 600,
-            "template": {
-                "metadata": {"labels": labels(model, "cleanup")},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "enableServiceLinks": False,
-                    "securityContext": copy.deepcopy(POD_SECURITY),
-                    "containers": [{
-                        "name": "cleanup",
-                        "image": model.spec.quantization.image,
-                        "command": ["python", "-c", "import shutil, sys; shutil.rmtree(sys.argv[1], ignore_errors=True)",
-                                    f"{ARTIFACTS_MOUNT}/{model_dir(model)}"],
-                        "env": [{"name": "HOME", "value": "/tmp"}],
-                        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-                        "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT}, tmp_mount],
-                        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-                    }],
-                    "volumes": [_artifacts_volume(model, read_only=False), tmp_volume],
-                },
-            },
-        },
-    }
+    return _job(
+        model, cleanup_job_name(model), "cleanup",
+        {"name": "cleanup", "image": model.spec.quantization.image,
+         "command": ["python", "-c", "import shutil, sys; shutil.rmtree(sys.argv[1], ignore_errors=True)",
+                     f"{ARTIFACTS_MOUNT}/{model_dir(model)}"],
+         "env": [{"name": "HOME", "value": "/tmp"}],
+         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+         "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT}, tmp_mount]},
+        [_artifacts_volume(model, read_only=False), tmp_volume], backoff_limit=2, ttl_seconds_after_finished=600,
+    )
 
 
 def serving_objects(model: Model, artifact: dict) -> list[dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -52,17 +51,16 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    # Read by kubequant.handlers when it is imported: set before.
-    os.environ["KUBEQUANT_METRICS_PORT"] = str(args.metrics_port)
-    os.environ["KUBEQUANT_RESYNC_SECONDS"] = str(args.resync_seconds)
-    os.environ["KUBEQUANT_BIND_ADDRESS"] = args.bind_address
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import kopf
 
-    import kubequant.handlers  # noqa: F401  (registers the handlers)
+    from kubequant.handlers import OperatorSettings  # importing registers the handlers
 
+    settings = OperatorSettings(metrics_port=args.metrics_port, bind_address=args.bind_address,
+                                resync_seconds=args.resync_seconds)
     kopf.run(
+        memo=kopf.Memo(settings=settings),
         clusterwide=args.all_namespaces,
         namespaces=args.namespace or (),
         standalone=True,

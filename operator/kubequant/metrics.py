@@ -1,7 +1,7 @@
 """Operator metrics on :8080/metrics (prometheus-client).
 
 Fed from status transitions (a result recorded for the first time), not from every reconcile, so
-that a timer tick or a restart never counts a quantization or a gate outcome twice.
+that a resync tick or a restart never counts a quantization or a gate outcome twice.
 """
 
 from __future__ import annotations

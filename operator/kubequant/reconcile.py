@@ -1,18 +1,20 @@
 """The reconciler's one decision: (QuantizedModel, observed children, now) -> (actions, new status, events).
 
 Pure and level-triggered: it reads only its arguments, so a restarted operator, a missed watch event
-or a timer tick all reach the same decision from the same state. Results that the cluster does not
+or a resync tick all reach the same decision from the same state. Results that the cluster does not
 keep forever (a Pod's termination message) are copied into the status once observed.
 
-The flow for the artifact the spec asks for:
-    quantize Job -> artifact record -> evaluate Job (the gate) -> preflight -> Deployment.
+The flow for the artifact the spec asks for is a table of stages (STAGES), run in order:
+    quantize (Job -> artifact record) -> gate (evaluate Job -> verdict) -> preflight -> serve.
+Each returns its conditions, the records it keeps in status and the actions it needs; the phase is
+derived in one place, from the first stage that failed or is not done.
+
 Safe rollout: the Deployment is only ever built from an artifact that passed the gate. While a new
 artifact is quantized or evaluated, or when it fails, the last one that passed keeps serving.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,16 +22,13 @@ from typing import Any
 
 from kubequant import builders
 from kubequant.spec import Model, SpecError, parse_model
+from quantizer.contract import GATE_VERDICTS, EvaluateResult, QuantizeResult, decode
 
 PENDING, QUANTIZING, EVALUATING, DEPLOYING, READY, FAILED, GATE_FAILED = (
     "Pending", "Quantizing", "Evaluating", "Deploying", "Ready", "Failed", "GateFailed")
 PHASES = (PENDING, QUANTIZING, EVALUATING, DEPLOYING, READY, FAILED, GATE_FAILED)
 CONDITION_TYPES = ("Quantized", "Evaluated", "GatePassed", "Ready")
-GATE_VERDICTS = ("Passed", "PerplexityRegression", "EngineMismatch")
 MESSAGE_LIMIT = 1024
-# List items carry no apiVersion: deletes name it from here.
-API_VERSIONS = {"Deployment": "apps/v1", "Service": "v1", "PodDisruptionBudget": "policy/v1",
-                "ServiceMonitor": "monitoring.coreos.com/v1"}
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -93,18 +92,10 @@ def redact(text: str) -> str:
     return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
 
 
-def _parse_result(message: str | None) -> dict | None:
-    try:
-        result = json.loads(message or "")
-    except ValueError:
-        return None
-    return result if isinstance(result, dict) else None
-
-
 @dataclass(frozen=True)
 class JobOutcome:
     state: str  # missing, pending, running, succeeded, failed
-    result: dict | None = None  # the main container's JSON termination message
+    result: dict | None = None  # the main container's termination message, decoded
     reason: str = ""
     message: str = ""
     exit_code: int | None = None
@@ -142,7 +133,7 @@ def job_outcome(job: dict | None, pods: list[dict], container: str) -> JobOutcom
         seconds = _duration(status.get("startTime"), status.get("completionTime"))
         for name, terminated in terminations:
             if name == container and terminated.get("exitCode") == 0:
-                return JobOutcome("succeeded", result=_parse_result(terminated.get("message")), seconds=seconds)
+                return JobOutcome("succeeded", result=decode(terminated.get("message")), seconds=seconds)
         return JobOutcome("succeeded", seconds=seconds)
 
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
@@ -152,7 +143,7 @@ def job_outcome(job: dict | None, pods: list[dict], container: str) -> JobOutcom
             code = terminated.get("exitCode")
             if code in (None, 0):
                 continue
-            result = _parse_result(terminated.get("message"))
+            result = decode(terminated.get("message"))
             if terminated.get("reason") == "OOMKilled":
                 reason, message = "OOMKilled", f"container {name} ran out of memory (exit code {code}); raise its memory limit"
             elif result and result.get("reason"):
@@ -217,29 +208,29 @@ def rollout(dep: dict | None, desired_hash: str, replicas: int) -> tuple[str, st
 
 # ---- records kept in status ---------------------------------------------------------------------
 
-def _artifact_record(model: Model, a_hash: str, result: dict) -> dict:
+def _artifact_record(model: Model, a_hash: str, result: QuantizeResult) -> dict:
     record = {
         "hash": a_hash,
         "path": builders.artifact_dir(model, a_hash),
-        "baselinePerplexity": result.get("baseline_ppl"),
-        "fakequantPerplexity": result.get("fakequant_ppl"),
-        "sizeBeforeBytes": result.get("size_before_bytes"),
-        "sizeAfterBytes": result.get("size_after_bytes"),
-        "seconds": result.get("seconds"),
-        "groupSize": result.get("group_size", model.spec.quantization.group_size),
-        "rowParallelInFeatures": result.get("row_parallel_in_features"),
+        "baselinePerplexity": result.baseline_ppl,
+        "fakequantPerplexity": result.fakequant_ppl,
+        "sizeBeforeBytes": result.size_before_bytes,
+        "sizeAfterBytes": result.size_after_bytes,
+        "seconds": result.seconds,
+        "groupSize": result.group_size,
+        "rowParallelInFeatures": result.row_parallel_in_features,
     }
     return {k: v for k, v in record.items() if v is not None}
 
 
-def _evaluation_record(model: Model, e_key: str, a_hash: str, result: dict, seconds: float | None) -> dict:
+def _evaluation_record(model: Model, e_key: str, a_hash: str, verdict: EvaluateResult, seconds: float | None) -> dict:
     record = {
         "key": e_key,
         "artifactHash": a_hash,
-        "passed": bool(result.get("passed")),
-        "reason": str(result.get("reason")),
-        "message": redact(str(result.get("message", ""))),
-        "servedPerplexity": result.get("served_ppl"),
+        "passed": verdict.passed,
+        "reason": verdict.reason,
+        "message": redact(verdict.message),
+        "servedPerplexity": verdict.served_ppl,
         "tensorParallelSize": model.spec.serving.tensor_parallel_size,
         "seconds": seconds,
     }
@@ -289,7 +280,9 @@ def _action_events(actions: list[Action]) -> list[Event]:
     return out
 
 
-def _invalid(body: dict, old: dict, error: SpecError, now: str) -> Decision:
+def invalid_spec(body: dict, error: SpecError, now: str) -> Decision:
+    """The status of a model whose spec cannot be acted on: nothing is created, what serves stays."""
+    old: dict = body.get("status") or {}
     generation = int((body.get("metadata") or {}).get("generation") or 1)
     message = str(error)
     waiting = _Stage("Unknown", "InvalidSpec", message)
@@ -315,140 +308,229 @@ def _record_for(key_name: str, key: str, *records: dict | None) -> dict | None:
     return None
 
 
-def decide(body: dict, observed: Observed, now: str) -> Decision:
-    """The next actions and the new status for one QuantizedModel (`body` as the API returns it)."""
-    old: dict = body.get("status") or {}
-    try:
-        model = parse_model(body)
-    except SpecError as exc:
-        return _invalid(body, old, exc, now)
+@dataclass
+class _Context:
+    """One model's decision in progress: the inputs, and what the stages before have found."""
 
-    spec = model.spec
-    a_hash, e_key = builders.artifact_hash(model), builders.evaluation_key(model)
-    q_name, e_name = builders.quantize_job_name(model), builders.evaluate_job_name(model)
-    served: dict = old.get("serving") or {}
-    actions: list[Action] = []
+    model: Model
+    observed: Observed
+    old: dict  # the status as it was
+    a_hash: str
+    e_key: str
+    conditions: dict[str, _Stage] = field(default_factory=dict)
+    artifact: dict | None = None  # the record of the artifact the spec asks for, once quantized
+    evaluation: dict | None = None  # its verdict, once evaluated
+    candidate: dict | None = None  # {"artifact", "evaluation"} when it passed the gate and the preflight
+    preflight_error: str | None = None
+    failure: dict | None = None  # the first stage's failure
+
+    @property
+    def served(self) -> dict:
+        return self.old.get("serving") or {}
+
+    @property
+    def serving_enabled(self) -> bool:
+        return self.model.spec.serving.enabled
+
+
+@dataclass
+class _StageResult:
+    """What one stage decided: its conditions, the status records it keeps, the actions it needs,
+    and, when the model stands at this stage, its phase and message (None: the stage is done)."""
+
+    conditions: dict[str, _Stage] = field(default_factory=dict)
+    records: dict = field(default_factory=dict)
+    actions: list[Action] = field(default_factory=list)
     failure: dict | None = None
-    status: dict[str, Any] = {"artifactHash": a_hash, "observedGeneration": model.generation}
+    phase: str | None = None
+    message: str = ""
 
-    if spec.storage.create and observed.pvc is None:
-        actions.append(Create(builders.persistent_volume_claim(model)))
 
-    # Jobs of earlier specs: whatever they would produce is no longer wanted (and holds GPUs).
-    for name, job in sorted(observed.jobs.items()):
-        component = ((job.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
-        if component in ("quantize", "evaluate") and name not in (q_name, e_name):
-            actions.append(Delete("batch/v1", "Job", name))
-
-    # 1. The artifact: recorded, reused from what serves (a reverted spec), or the quantize Job's result.
-    artifact = _record_for("hash", a_hash, old.get("artifact"), served.get("artifact"))
+def _quantize(ctx: _Context) -> _StageResult:
+    """The artifact: recorded, reused from what serves (a reverted spec), or the quantize Job's result."""
+    model = ctx.model
+    out = _StageResult()
+    artifact = _record_for("hash", ctx.a_hash, ctx.old.get("artifact"), ctx.served.get("artifact"))
     if artifact:
         quantized = _Stage("True", "Quantized", _artifact_summary(artifact))
     else:
-        outcome = job_outcome(observed.jobs.get(q_name), observed.pods.get(q_name, []), builders.QUANTIZE_CONTAINER)
-        quantized, artifact, failure = _quantize_stage(model, a_hash, q_name, outcome, actions)
-    if artifact:
-        status["artifact"] = artifact
-    elif old.get("artifact"):
-        status["artifact"] = old["artifact"]  # the latest result, until a newer one replaces it
+        name = builders.quantize_job_name(model)
+        outcome = job_outcome(ctx.observed.jobs.get(name), ctx.observed.pods.get(name, []),
+                              builders.QUANTIZE_CONTAINER)
+        quantized, artifact, out.failure = _quantize_job(model, ctx.a_hash, name, outcome, out.actions)
+    ctx.artifact = artifact
+    out.conditions["Quantized"] = quantized
+    if artifact or ctx.old.get("artifact"):
+        out.records["artifact"] = artifact or ctx.old["artifact"]  # the latest result, until a newer one
+    if quantized.status != "True":
+        out.phase = PENDING if quantized.reason == "JobPending" else QUANTIZING
+        out.message = quantized.message
+    return out
 
-    # 2. The gate, then 3. the preflight and the Deployment.
-    evaluation = None
-    gate = _Stage("Unknown", "NotEvaluated", "the artifact has not been evaluated yet")
+
+def _gate(ctx: _Context) -> _StageResult:
+    """The evaluate Job: the artifact measured in the serving engine, and the verdict."""
+    out = _StageResult()
+    if ctx.old.get("evaluation"):
+        out.records["evaluation"] = ctx.old["evaluation"]  # kept until a newer verdict replaces it
+    if not ctx.serving_enabled:
+        out.conditions["Evaluated"] = _Stage("Unknown", "ServingDisabled",
+                                             "serving is disabled: the artifact is not evaluated")
+        out.conditions["GatePassed"] = _Stage("Unknown", "ServingDisabled", "serving is disabled: the artifact is not gated")
+        return out
     evaluated = _Stage("Unknown", "WaitingForArtifact", "evaluation starts when the artifact is ready")
-    preflight_error = None
-    ready: _Stage
-    phase_override: str | None = None
-
-    if not spec.serving.enabled:
-        evaluated = _Stage("Unknown", "ServingDisabled", "serving is disabled: the artifact is not evaluated")
-        gate = _Stage("Unknown", "ServingDisabled", "serving is disabled: the artifact is not gated")
-        for kind, present in (("Deployment", observed.deployment), ("Service", observed.service),
-                              ("PodDisruptionBudget", observed.pdb), ("ServiceMonitor", observed.service_monitor)):
-            if present:
-                actions.append(Delete(API_VERSIONS[kind], kind, present["metadata"]["name"]))
-        ready = _Stage("True", "ArtifactReady", f"serving is disabled; the artifact is at {artifact['path']}") \
-            if artifact else _Stage("False", "ServingDisabled", "serving is disabled; the artifact is not ready yet")
-        if old.get("evaluation"):
-            status["evaluation"] = old["evaluation"]  # kept for when serving is enabled again
-    else:
-        if artifact and failure is None:
-            evaluation = _record_for("key", e_key, old.get("evaluation"), served.get("evaluation"))
-            if evaluation is None:
-                outcome = job_outcome(observed.jobs.get(e_name), observed.pods.get(e_name, []),
-                                      builders.EVALUATE_CONTAINER)
-                evaluated, evaluation, failure = _evaluate_stage(model, e_key, a_hash, e_name, artifact, outcome, actions)
-            if evaluation:
-                status["evaluation"] = evaluation
-                evaluated = _Stage("True", "Evaluated", f"served perplexity {evaluation.get('servedPerplexity')}")
-                gate = _Stage("True" if evaluation["passed"] else "False", evaluation["reason"], evaluation["message"])
-        if "evaluation" not in status and old.get("evaluation"):
-            status["evaluation"] = old["evaluation"]
-
-        # What to serve: the new artifact if it passed and fits the GPUs, else the last one that did.
-        tp = spec.serving.tensor_parallel_size
-        candidate = None
-        if artifact and evaluation and evaluation["passed"]:
-            preflight_error = preflight(artifact, tp)
-            if preflight_error is None:
-                candidate = {"artifact": artifact, "evaluation": evaluation}
-        previous = served if served.get("artifact") and preflight(served["artifact"], tp) is None else None
-        target = candidate or previous
-
-        if target:
-            dep_hash = _converge_serving(model, target["artifact"], observed, actions)
-            status["serving"] = {**target, "servingHash": dep_hash}
-            state, detail = rollout(observed.deployment, dep_hash, spec.serving.replicas)
-            what = f"artifact {target['artifact']['hash']}"
-            if state == "available" and target is candidate:
-                ready = _Stage("True", "Serving", f"serving {what} ({detail})")
-            elif state == "available":
-                ready = _Stage("True", "ServingPreviousArtifact",
-                               f"serving {what}, the last that passed the gate; {_why_not_current(quantized, evaluated, gate, preflight_error)}")
-            elif state == "failed":
-                ready = _Stage("False", "ProgressDeadlineExceeded", detail)
-                if target is candidate and failure is None:
-                    failure = {"stage": "Deploy", "key": dep_hash, "reason": "ProgressDeadlineExceeded", "message": detail}
-            else:
-                ready = _Stage("False", "RollingOut", f"rolling out {what}: {detail}")
-                if target is candidate:
-                    phase_override = DEPLOYING
-        else:
-            if served:
-                status["serving"] = served  # the Deployment is left as it is
-            ready = _Stage("False", "NothingToServe", "no artifact has passed the gate yet" if not served else
-                           f"the serving artifact {served.get('artifact', {}).get('hash')} does not fit "
-                           f"tensorParallelSize {tp}; the Deployment is left unchanged")
-        if preflight_error and failure is None:
-            failure = {"stage": "Preflight", "key": e_key, "reason": "TensorParallelMismatch", "message": preflight_error}
-
-    # The phase, from the first stage that is not done.
-    if failure:
-        phase, message = FAILED, failure["message"]
-    elif quantized.status != "True":
-        phase, message = (PENDING if quantized.reason == "JobPending" else QUANTIZING), quantized.message
-    elif not spec.serving.enabled:
-        phase, message = READY, ready.message
-    elif evaluated.status != "True":
-        phase, message = EVALUATING, evaluated.message
+    gate = _Stage("Unknown", "NotEvaluated", "the artifact has not been evaluated yet")
+    evaluation = None
+    if ctx.artifact and ctx.failure is None:
+        evaluation = _record_for("key", ctx.e_key, ctx.old.get("evaluation"), ctx.served.get("evaluation"))
+        if evaluation is None:
+            name = builders.evaluate_job_name(ctx.model)
+            outcome = job_outcome(ctx.observed.jobs.get(name), ctx.observed.pods.get(name, []),
+                                  builders.EVALUATE_CONTAINER)
+            evaluated, evaluation, out.failure = _evaluate_job(ctx.model, ctx.e_key, ctx.a_hash, name, ctx.artifact,
+                                                               outcome, out.actions)
+        if evaluation:
+            out.records["evaluation"] = evaluation
+            evaluated = _Stage("True", "Evaluated", f"served perplexity {evaluation.get('servedPerplexity')}")
+            gate = _Stage("True" if evaluation["passed"] else "False", evaluation["reason"], evaluation["message"])
+    ctx.evaluation = evaluation
+    out.conditions.update(Evaluated=evaluated, GatePassed=gate)
+    if evaluated.status != "True":
+        out.phase, out.message = EVALUATING, evaluated.message
     elif gate.status != "True":
-        phase, message = GATE_FAILED, f"{gate.reason}: {gate.message}"
-    elif phase_override:
-        phase, message = phase_override, ready.message
+        out.phase, out.message = GATE_FAILED, f"{gate.reason}: {gate.message}"
+    return out
+
+
+def _preflight(ctx: _Context) -> _StageResult:
+    """Does the artifact that passed fit the GPUs (whole groups per tensor-parallel shard)?"""
+    out = _StageResult()
+    if not (ctx.serving_enabled and ctx.artifact and ctx.evaluation and ctx.evaluation["passed"]):
+        return out
+    ctx.preflight_error = preflight(ctx.artifact, ctx.model.spec.serving.tensor_parallel_size)
+    if ctx.preflight_error is None:
+        ctx.candidate = {"artifact": ctx.artifact, "evaluation": ctx.evaluation}
+    else:
+        out.failure = {"stage": "Preflight", "key": ctx.e_key, "reason": "TensorParallelMismatch",
+                       "message": ctx.preflight_error}
+    return out
+
+
+def _serve(ctx: _Context) -> _StageResult:
+    """The Deployment and its companions: the new artifact if it passed and fits, else the last one that did."""
+    if not ctx.serving_enabled:
+        return _serving_disabled(ctx)
+    model, observed, served = ctx.model, ctx.observed, ctx.served
+    out = _StageResult()
+    tp = model.spec.serving.tensor_parallel_size
+    previous = served if served.get("artifact") and preflight(served["artifact"], tp) is None else None
+    target = ctx.candidate or previous
+    if not target:
+        if served:
+            out.records["serving"] = served  # the Deployment is left as it is
+        out.conditions["Ready"] = _Stage("False", "NothingToServe", "no artifact has passed the gate yet" if not served
+                                         else f"the serving artifact {served.get('artifact', {}).get('hash')} does "
+                                         f"not fit tensorParallelSize {tp}; the Deployment is left unchanged")
+        return out
+    dep_hash = _converge_serving(model, target["artifact"], observed, out.actions)
+    out.records["serving"] = {**target, "servingHash": dep_hash}
+    state, detail = rollout(observed.deployment, dep_hash, model.spec.serving.replicas)
+    what = f"artifact {target['artifact']['hash']}"
+    current = target is ctx.candidate
+    if state == "available" and current:
+        ready = _Stage("True", "Serving", f"serving {what} ({detail})")
+    elif state == "available":
+        ready = _Stage("True", "ServingPreviousArtifact",
+                       f"serving {what}, the last that passed the gate; {_why_not_current(ctx)}")
+    elif state == "failed":
+        ready = _Stage("False", "ProgressDeadlineExceeded", detail)
+        if current:
+            out.failure = {"stage": "Deploy", "key": dep_hash, "reason": "ProgressDeadlineExceeded", "message": detail}
+    else:
+        ready = _Stage("False", "RollingOut", f"rolling out {what}: {detail}")
+        if current:
+            out.phase, out.message = DEPLOYING, ready.message
+    out.conditions["Ready"] = ready
+    return out
+
+
+def _serving_disabled(ctx: _Context) -> _StageResult:
+    out = _StageResult()
+    current = {"Deployment": ctx.observed.deployment, "Service": ctx.observed.service,
+               "PodDisruptionBudget": ctx.observed.pdb, "ServiceMonitor": ctx.observed.service_monitor}
+    for kind, present in current.items():
+        if present:
+            out.actions.append(Delete(builders.api_version(kind), kind, present["metadata"]["name"]))
+    out.conditions["Ready"] = _Stage("True", "ArtifactReady", f"serving is disabled; the artifact is at "
+                                     f"{ctx.artifact['path']}") if ctx.artifact else \
+        _Stage("False", "ServingDisabled", "serving is disabled; the artifact is not ready yet")
+    return out
+
+
+# The stages in order. Each sees what the earlier ones found; the model's phase is that of the first
+# stage that failed or is not done, READY when none.
+STAGES = (_quantize, _gate, _preflight, _serve)
+
+
+def _housekeeping(model: Model, observed: Observed, names: tuple[str, ...]) -> list[Action]:
+    actions: list[Action] = []
+    if model.spec.storage.create and observed.pvc is None:
+        actions.append(Create(builders.persistent_volume_claim(model)))
+    # Jobs of earlier specs: whatever they would produce is no longer wanted (and holds GPUs).
+    for name, job in sorted(observed.jobs.items()):
+        component = ((job.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
+        if component in ("quantize", "evaluate") and name not in names:
+            actions.append(Delete(builders.api_version("Job"), "Job", name))
+    return actions
+
+
+def decide(body: dict, observed: Observed, now: str) -> Decision:
+    """The next actions and the new status for one QuantizedModel (`body` as the API returns it)."""
+    try:
+        model = parse_model(body)
+    except SpecError as exc:
+        return invalid_spec(body, exc, now)
+    return decide_model(model, body.get("status") or {}, observed, now)
+
+
+def observed_claim(model: Model) -> str | None:
+    """The claim whose absence decide_model acts on: the one the spec asks the operator to create."""
+    return model.spec.storage.claim_name if model.spec.storage.create else None
+
+
+def decide_model(model: Model, old: dict, observed: Observed, now: str) -> Decision:
+    """decide() for a parsed spec; `old` is the status as it was."""
+    ctx = _Context(model, observed, old, builders.artifact_hash(model), builders.evaluation_key(model))
+    actions = _housekeeping(model, observed, (builders.quantize_job_name(model), builders.evaluate_job_name(model)))
+    status: dict[str, Any] = {"artifactHash": ctx.a_hash, "observedGeneration": model.generation}
+    standing: _StageResult | None = None  # the first stage that failed or is not done
+    for stage in STAGES:
+        result = stage(ctx)
+        ctx.conditions.update(result.conditions)
+        ctx.failure = ctx.failure or result.failure
+        status.update(result.records)
+        actions += result.actions
+        if standing is None and (result.failure or result.phase):
+            standing = result
+
+    ready = ctx.conditions["Ready"]
+    if standing and standing.failure:
+        phase, message = FAILED, standing.failure["message"]
+    elif standing:
+        phase, message = standing.phase, standing.message
     else:
         phase, message = READY, ready.message
 
-    if artifact:
-        status["baselinePerplexity"] = artifact.get("baselinePerplexity")
-        served_ppl = (evaluation or {}).get("servedPerplexity")
-        status["quantizedPerplexity"] = served_ppl if served_ppl is not None else artifact.get("fakequantPerplexity")
+    if ctx.artifact:
+        status["baselinePerplexity"] = ctx.artifact.get("baselinePerplexity")
+        served_ppl = (ctx.evaluation or {}).get("servedPerplexity")
+        status["quantizedPerplexity"] = served_ppl if served_ppl is not None else ctx.artifact.get("fakequantPerplexity")
         status = {k: v for k, v in status.items() if v is not None}
-    if failure:
-        status["failure"] = failure
+    if ctx.failure:
+        status["failure"] = ctx.failure
     status["phase"] = phase
     status["message"] = message
-    status["conditions"] = _conditions(old.get("conditions", []), {
-        "Quantized": quantized, "Evaluated": evaluated, "GatePassed": gate, "Ready": ready}, model.generation, now)
+    status["conditions"] = _conditions(old.get("conditions", []), ctx.conditions, model.generation, now)
     events = _action_events(actions) + _phase_event(old.get("phase"), phase, message)
     return Decision(status, actions, events)
 
@@ -467,7 +549,7 @@ def _converge_serving(model: Model, artifact: dict, observed: Observed, actions:
             actions.append(Update(obj))
     for kind in ("PodDisruptionBudget", "ServiceMonitor"):
         if kind not in desired and current[kind]:
-            actions.append(Delete(API_VERSIONS[kind], kind, current[kind]["metadata"]["name"]))
+            actions.append(Delete(builders.api_version(kind), kind, current[kind]["metadata"]["name"]))
     return desired["Deployment"]["metadata"]["annotations"][builders.ANNOTATION_HASH]
 
 
@@ -480,20 +562,21 @@ def _artifact_summary(artifact: dict) -> str:
     return ", ".join(parts)
 
 
-def _why_not_current(quantized: _Stage, evaluated: _Stage, gate: _Stage, preflight_error: str | None) -> str:
+def _why_not_current(ctx: _Context) -> str:
+    quantized, evaluated, gate = (ctx.conditions[k] for k in ("Quantized", "Evaluated", "GatePassed"))
     if quantized.status != "True":
         return f"the current spec's artifact is not ready ({quantized.reason}: {quantized.message})"
     if evaluated.status != "True":
         return f"the current spec's artifact is not evaluated ({evaluated.reason})"
     if gate.status != "True":
         return f"the current spec's artifact failed the gate ({gate.reason}: {gate.message})"
-    if preflight_error:
-        return f"the current spec's artifact failed the preflight: {preflight_error}"
+    if ctx.preflight_error:
+        return f"the current spec's artifact failed the preflight: {ctx.preflight_error}"
     return "the current spec's artifact is being rolled out"
 
 
-def _quantize_stage(model: Model, a_hash: str, name: str, outcome: JobOutcome,
-                    actions: list[Action]) -> tuple[_Stage, dict | None, dict | None]:
+def _quantize_job(model: Model, a_hash: str, name: str, outcome: JobOutcome,
+                  actions: list[Action]) -> tuple[_Stage, dict | None, dict | None]:
     """(condition, artifact record, failure) from the quantize Job; creates it when missing."""
     if outcome.state == "missing":
         actions.append(Create(builders.quantize_job(model)))
@@ -501,8 +584,9 @@ def _quantize_stage(model: Model, a_hash: str, name: str, outcome: JobOutcome,
         return _Stage("False", "JobPending", f"waiting for the quantize Job {name} to start"), None, None
     if outcome.state == "running":
         return _Stage("False", "Quantizing", f"the quantize Job {name} is running"), None, None
-    if outcome.state == "succeeded" and outcome.result and outcome.result.get("status") == "Succeeded":
-        artifact = _artifact_record(model, a_hash, outcome.result)
+    result = QuantizeResult.from_dict(outcome.result) if outcome.state == "succeeded" else None
+    if result:
+        artifact = _artifact_record(model, a_hash, result)
         return _Stage("True", "Quantized", _artifact_summary(artifact)), artifact, None
     if outcome.state == "succeeded":
         reason, message = "NoResult", (f"the quantize Job {name} succeeded but left no result in its Pod's "
@@ -516,8 +600,8 @@ def _quantize_stage(model: Model, a_hash: str, name: str, outcome: JobOutcome,
     return _Stage("False", reason, message), None, failure
 
 
-def _evaluate_stage(model: Model, e_key: str, a_hash: str, name: str, artifact: dict, outcome: JobOutcome,
-                    actions: list[Action]) -> tuple[_Stage, dict | None, dict | None]:
+def _evaluate_job(model: Model, e_key: str, a_hash: str, name: str, artifact: dict, outcome: JobOutcome,
+                  actions: list[Action]) -> tuple[_Stage, dict | None, dict | None]:
     """(condition, evaluation record, failure) from the evaluate Job; creates it when missing."""
     if outcome.state == "missing":
         actions.append(Create(builders.evaluate_job(model, artifact)))
@@ -525,8 +609,9 @@ def _evaluate_stage(model: Model, e_key: str, a_hash: str, name: str, artifact: 
         state = "running" if outcome.state == "running" else "pending"
         return _Stage("False", "Evaluating", f"the evaluate Job {name} is {state}"), None, None
     # A verdict, pass or fail, comes as a result; a failed gate is exit code 3, so a failed Job.
-    if outcome.result and outcome.result.get("reason") in GATE_VERDICTS and "passed" in outcome.result:
-        evaluation = _evaluation_record(model, e_key, a_hash, outcome.result, outcome.seconds)
+    verdict = EvaluateResult.from_dict(outcome.result)
+    if verdict and verdict.reason in GATE_VERDICTS:
+        evaluation = _evaluation_record(model, e_key, a_hash, verdict, outcome.seconds)
         return _Stage("True", "Evaluated", f"served perplexity {evaluation.get('servedPerplexity')}"), evaluation, None
     if outcome.state == "succeeded":
         reason, message = "NoResult", (f"the evaluate Job {name} succeeded but left no verdict in its Pod's "
@@ -557,12 +642,12 @@ def decide_deletion(model: Model, cleanup: dict | None, cleanup_pods: list[dict]
     if st.retention_policy == "Retain":
         return Deletion([], True, f"retained the artifacts under {where}")
     if st.create:
-        actions: list[Action] = [Delete("v1", "PersistentVolumeClaim", st.claim_name)] if pvc else []
+        actions: list[Action] = [Delete(builders.api_version("PersistentVolumeClaim"), "PersistentVolumeClaim", st.claim_name)] if pvc else []
         return Deletion(actions, True, f"deleted the claim {st.claim_name} with its artifacts")
     outcome = job_outcome(cleanup, cleanup_pods, "cleanup")
     if outcome.state == "missing":
         # Stop vLLM first: it holds the artifact open.
-        actions = [Delete("apps/v1", "Deployment", deployment["metadata"]["name"])] if deployment else []
+        actions = [Delete(builders.api_version("Deployment"), "Deployment", deployment["metadata"]["name"])] if deployment else []
         return Deletion([*actions, Create(builders.cleanup_job(model))], False, f"removing {where}")
     if outcome.state == "succeeded":
         return Deletion([], True, f"removed {where}")

@@ -10,11 +10,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from quantizer.contract import (
+    GROUP_SIZES,
+    MAX_REFINE_SWEEPS,
+    QUANTIZABLE_BITS,
+    SCALE_SEARCHES,
+    SERVABLE_BITS,
+    SERVABLE_GROUP_SIZES,
+    unservable_reasons,
+)
 
 GROUP = "kubequant.io"
 VERSION = "v1alpha1"
@@ -37,16 +48,16 @@ MANAGED_VLLM_FLAGS = (
     "--tensor-parallel-size", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
     "--port", "--quantization", "--model",
 )
-SERVABLE_GROUP_SIZES = (-1, 32, 64, 128)
-# The quantizer's choices (quantizer.gptq.SCALE_SEARCHES; the operator image has no torch to import it).
-SCALE_SEARCHES = ("minmax", "clip", "diag", "cost")
-MAX_REFINE_SWEEPS = 8
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 40
 
 
 class SpecError(ValueError):
-    """The spec cannot be acted on; the message names the field and the fix."""
+    """The spec cannot be acted on: every problem found, each naming the field and the fix."""
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,7 @@ class Quantization:
 
     @property
     def servable(self) -> bool:
-        return self.bits == 4 and self.symmetric and self.group_size in SERVABLE_GROUP_SIZES
+        return not unservable_reasons(self.bits, self.group_size, self.symmetric)
 
 
 @dataclass(frozen=True)
@@ -211,29 +222,36 @@ def _kwargs(raw: dict, names: dict[str, str]) -> dict:
     return {attr: raw[key] for key, attr in names.items() if key in raw}
 
 
-def parse_spec(raw: Any) -> ModelSpec:
-    raw = _obj(raw, "spec")
+def _checked(obj: Any, where: str, rules: Callable[[], list[tuple[bool, str]]]) -> Any:
+    """`obj` if its types are the schema's and no rule is broken ((broken, message) pairs); else a
+    SpecError with every problem. Types first: a rule on a value of the wrong type says nothing."""
+    problems = _type_problems(obj, where) or [message for broken, message in rules() if broken]
+    if problems:
+        raise SpecError(problems)
+    return obj
 
+
+def _source(raw: dict) -> HuggingFaceSource | PvcSource:
     source_raw = _obj(_required(raw, "source", "spec"), "spec.source")
     if ("huggingface" in source_raw) == ("pvc" in source_raw):
         raise SpecError("spec.source must set exactly one of huggingface or pvc")
-    source: HuggingFaceSource | PvcSource
     if "huggingface" in source_raw:
         hf = _obj(source_raw["huggingface"], "spec.source.huggingface")
         token = _obj(hf.get("tokenSecretRef"), "spec.source.huggingface.tokenSecretRef")
-        source = HuggingFaceSource(
+        return HuggingFaceSource(
             repo=_required(hf, "repo", "spec.source.huggingface"),
             revision=str(_required(hf, "revision", "spec.source.huggingface")),
             token_secret=token.get("name"),
             token_key=token.get("key", "HF_TOKEN"),
         )
-    else:
-        pvc = _obj(source_raw["pvc"], "spec.source.pvc")
-        source = PvcSource(
-            claim_name=_required(pvc, "claimName", "spec.source.pvc"),
-            path=_relative_path(_required(pvc, "path", "spec.source.pvc"), "spec.source.pvc.path"),
-        )
+    pvc = _obj(source_raw["pvc"], "spec.source.pvc")
+    return PvcSource(
+        claim_name=_required(pvc, "claimName", "spec.source.pvc"),
+        path=_relative_path(_required(pvc, "path", "spec.source.pvc"), "spec.source.pvc.path"),
+    )
 
+
+def _quantization(raw: dict) -> Quantization:
     q = _obj(_required(raw, "quantization", "spec"), "spec.quantization")
     cal = _obj(_required(q, "calibration", "spec.quantization"), "spec.quantization.calibration")
     quantization = Quantization(
@@ -249,17 +267,21 @@ def parse_spec(raw: Any) -> ModelSpec:
             "backoffLimit": "backoff_limit", "activeDeadlineSeconds": "active_deadline_seconds",
         }),
     )
-    if quantization.bits not in (2, 3, 4, 8):
-        raise SpecError("spec.quantization.bits must be 2, 3, 4 or 8")
-    if quantization.group_size not in (-1, 32, 64, 128, 256):
-        raise SpecError("spec.quantization.groupSize must be -1, 32, 64, 128 or 256")
-    if quantization.scale_search not in SCALE_SEARCHES:
-        raise SpecError(f"spec.quantization.scaleSearch must be one of {', '.join(SCALE_SEARCHES)}")
-    if not 0 <= quantization.refine_sweeps <= MAX_REFINE_SWEEPS:
-        raise SpecError(f"spec.quantization.refineSweeps must be between 0 and {MAX_REFINE_SWEEPS}")
-    if quantization.group_aware_order and not quantization.act_order:
-        raise SpecError("spec.quantization.groupAwareOrder is a kind of act-order: it needs actOrder true")
+    return _checked(quantization, "spec.quantization", lambda: [
+        (quantization.bits not in QUANTIZABLE_BITS,
+         f"spec.quantization.bits must be {_one_of(QUANTIZABLE_BITS)}"),
+        (quantization.group_size not in GROUP_SIZES,
+         f"spec.quantization.groupSize must be {_one_of(GROUP_SIZES)}"),
+        (quantization.scale_search not in SCALE_SEARCHES,
+         f"spec.quantization.scaleSearch must be one of {', '.join(SCALE_SEARCHES)}"),
+        (not 0 <= quantization.refine_sweeps <= MAX_REFINE_SWEEPS,
+         f"spec.quantization.refineSweeps must be between 0 and {MAX_REFINE_SWEEPS}"),
+        (quantization.group_aware_order and not quantization.act_order,
+         "spec.quantization.groupAwareOrder is a kind of act-order: it needs actOrder true"),
+    ])
 
+
+def _evaluation(raw: dict) -> Evaluation:
     e = _obj(_required(raw, "evaluation", "spec"), "spec.evaluation")
     evaluation = Evaluation(
         text=_text(e.get("text"), "spec.evaluation.text"),
@@ -270,15 +292,18 @@ def parse_spec(raw: Any) -> ModelSpec:
             "backoffLimit": "backoff_limit",
         }),
     )
-    for name, value, low in (("maxPerplexityIncrease", evaluation.max_perplexity_increase, 0.0),
-                             ("engineTolerance", evaluation.engine_tolerance, 0.0)):
-        if value is not None and value <= low:
-            raise SpecError(f"spec.evaluation.{name} must be positive")
-    if evaluation.stride is not None and not 1 <= evaluation.stride <= evaluation.seq_len:
-        raise SpecError("spec.evaluation.stride must be between 1 and spec.evaluation.seqLen")
-    if evaluation.max_perplexity_ratio is not None and evaluation.max_perplexity_ratio < 1.0:
-        raise SpecError("spec.evaluation.maxPerplexityRatio must be at least 1.0")
+    return _checked(evaluation, "spec.evaluation", lambda: [
+        (evaluation.max_perplexity_increase is not None and evaluation.max_perplexity_increase <= 0,
+         "spec.evaluation.maxPerplexityIncrease must be positive"),
+        (evaluation.engine_tolerance <= 0, "spec.evaluation.engineTolerance must be positive"),
+        (evaluation.stride is not None and not 1 <= evaluation.stride <= evaluation.seq_len,
+         "spec.evaluation.stride must be between 1 and spec.evaluation.seqLen"),
+        (evaluation.max_perplexity_ratio is not None and evaluation.max_perplexity_ratio < 1.0,
+         "spec.evaluation.maxPerplexityRatio must be at least 1.0"),
+    ])
 
+
+def _serving(raw: dict) -> Serving:
     s = _obj(raw.get("serving"), "spec.serving")
     service = _obj(s.get("service"), "spec.serving.service")
     monitor = _obj(s.get("serviceMonitor"), "spec.serving.serviceMonitor")
@@ -297,15 +322,15 @@ def parse_spec(raw: Any) -> ModelSpec:
                             "labels": "service_monitor_labels"}),
     )
     tp = serving.tensor_parallel_size
-    if tp < 1 or tp & (tp - 1):
-        raise SpecError("spec.serving.tensorParallelSize must be a power of two (1, 2, 4, 8, ...)")
-    if serving.enabled and not quantization.servable:
-        raise SpecError("spec.serving.enabled needs a recipe vLLM serves: quantization.bits 4, symmetric true "
-                        "and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)")
-    for arg in serving.extra_args:
-        if any(arg == f or arg.startswith(f + "=") for f in MANAGED_VLLM_FLAGS):
-            raise SpecError(f"spec.serving.extraArgs must not set {arg.split('=')[0]}: the spec sets it")
+    return _checked(serving, "spec.serving", lambda: [
+        (tp < 1 or tp & (tp - 1), "spec.serving.tensorParallelSize must be a power of two (1, 2, 4, 8, ...)"),
+        *((True, f"spec.serving.extraArgs must not set {arg.split('=')[0]}: the spec sets it")
+          for arg in serving.extra_args
+          if any(arg == f or arg.startswith(f + "=") for f in MANAGED_VLLM_FLAGS)),
+    ])
 
+
+def _storage(raw: dict) -> Storage:
     st = _obj(_required(raw, "storage", "spec"), "spec.storage")
     storage = Storage(
         claim_name=_required(st, "claimName", "spec.storage"),
@@ -313,9 +338,39 @@ def parse_spec(raw: Any) -> ModelSpec:
         **_kwargs(st, {"create": "create", "storageClassName": "storage_class_name",
                        "accessMode": "access_mode", "retentionPolicy": "retention_policy"}),
     )
-    if storage.retention_policy not in ("Retain", "Delete"):
-        raise SpecError("spec.storage.retentionPolicy must be Retain or Delete")
+    return _checked(storage, "spec.storage", lambda: [
+        (storage.retention_policy not in ("Retain", "Delete"), "spec.storage.retentionPolicy must be Retain or Delete"),
+    ])
 
+
+def _one_of(values: tuple) -> str:
+    return ", ".join(map(str, values[:-1])) + f" or {values[-1]}"
+
+
+def parse_spec(raw: Any) -> ModelSpec:
+    """The spec, or a SpecError listing every problem of every part at once."""
+    raw = _obj(raw, "spec")
+    problems: list[str] = []
+
+    def part(parse: Any) -> Any:
+        try:
+            return parse(raw)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+        except (TypeError, ValueError, AttributeError) as exc:
+            # A wrong type the CRD schema would have refused (an older CRD, a file given to render).
+            problems.append(f"spec.{parse.__name__.lstrip('_')}: a field has the wrong type ({exc})")
+        return None
+
+    source, quantization, evaluation = part(_source), part(_quantization), part(_evaluation)
+    serving, storage = part(_serving), part(_storage)
+    if quantization and serving and serving.enabled and not quantization.servable:
+        problems.append(
+            f"spec.serving.enabled needs a recipe vLLM serves: quantization.bits {_one_of(SERVABLE_BITS)}, "
+            f"symmetric true and groupSize {_one_of(SERVABLE_GROUP_SIZES)} (or set serving.enabled false to "
+            "only quantize)")
+    if problems:
+        raise SpecError(problems)
     return ModelSpec(source=source, quantization=quantization, evaluation=evaluation, serving=serving, storage=storage)
 
 
@@ -324,12 +379,13 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _check_types(obj: Any, where: str) -> None:
-    """The schema's types, checked once here so that no builder meets a string where it wants a number."""
+def _type_problems(obj: Any, where: str) -> list[str]:
+    """The schema's types, checked here so that no builder meets a string where it wants a number."""
+    problems = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _check_types(value, f"{where}.{f.name}")
+            problems += _type_problems(value, f"{where}.{f.name}")
             continue
         names = [t.strip().split("[")[0] for t in str(f.type).split("|")]
         allowed = tuple(t for n in names if n in _TYPES for t in
@@ -341,24 +397,24 @@ def _check_types(obj: Any, where: str) -> None:
         wrong_bool = isinstance(value, bool) and bool not in allowed
         if wrong_bool or not isinstance(value, allowed):
             camel = re.sub(r"_(\w)", lambda m: m.group(1).upper(), f.name)
-            raise SpecError(f"{where}.{camel} must be of type {' or '.join(names)}, not {value!r}")
+            problems.append(f"{where}.{camel} must be of type {' or '.join(names)}, not {value!r}")
+    return problems
 
 
 def parse_model(body: dict) -> Model:
-    """A QuantizedModel object (as the API returns it) to a Model; raises SpecError."""
+    """A QuantizedModel object (as the API returns it) to a Model; raises SpecError with every problem."""
     meta = body.get("metadata", {})
     name = meta.get("name", "")
-    if not NAME_RE.match(name) or len(name) > MAX_NAME_LENGTH:
-        raise SpecError(f"metadata.name must be at most {MAX_NAME_LENGTH} characters, start with a letter "
+    problems = []
+    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > MAX_NAME_LENGTH:
+        problems.append(f"metadata.name must be at most {MAX_NAME_LENGTH} characters, start with a letter "
                         "and hold only lowercase letters, digits and '-'")
     try:
         spec = parse_spec(body.get("spec"))
-    except SpecError:
-        raise
-    except (TypeError, ValueError, AttributeError) as exc:
-        # A wrong type the CRD schema would have refused (an older CRD, a file given to render).
-        raise SpecError(f"spec: a field has the wrong type ({exc})") from exc
-    _check_types(spec, "spec")
+    except SpecError as exc:
+        problems += exc.problems
+    if problems:
+        raise SpecError(problems)
     return Model(
         name=name,
         namespace=meta.get("namespace") or "default",

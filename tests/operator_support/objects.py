@@ -8,18 +8,22 @@ from pathlib import Path
 
 import yaml
 
+from quantizer import contract
+from quantizer.contract import EvaluateResult, QuantizeResult
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 NAMESPACE = "ml"
 
-QUANTIZE_RESULT = {
-    "status": "Succeeded", "output": "/artifacts/x", "baseline_ppl": 12.5, "fakequant_ppl": 12.9,
-    "size_before_bytes": 16_000_000_000, "size_after_bytes": 5_600_000_000, "seconds": 1800.0,
-    "group_size": 128, "row_parallel_in_features": [4096, 14336],
-}
-PASSED = {"status": "Succeeded", "passed": True, "reason": "Passed", "message": "served 13.0 <= 1.05 x 12.5",
-          "served_ppl": 13.0, "baseline_ppl": 12.5, "fakequant_ppl": 12.9}
-REGRESSED = {"status": "Succeeded", "passed": False, "reason": "PerplexityRegression",
-             "message": "served 14.2 > 1.05 x 12.5", "served_ppl": 14.2, "baseline_ppl": 12.5, "fakequant_ppl": 12.9}
+# Results as the quantizer's Jobs write them: built by the contract's own types, so they cannot drift.
+QUANTIZE_RESULT = QuantizeResult(
+    output="/artifacts/x", recipe={"bits": 4, "group_size": 128, "sym": True, "act_order": True},
+    baseline_ppl=12.5, fakequant_ppl=12.9, size_before_bytes=16_000_000_000, size_after_bytes=5_600_000_000,
+    seconds=1800.0, group_size=128, row_parallel_in_features=[4096, 14336],
+).to_dict()
+PASSED = EvaluateResult(passed=True, reason=contract.PASSED, message="served 13.0 <= 1.05 x 12.5", served_ppl=13.0,
+                        baseline_ppl=12.5, fakequant_ppl=12.9, engine="vllm 0.32.0").to_dict()
+REGRESSED = EvaluateResult(passed=False, reason=contract.PERPLEXITY_REGRESSION, message="served 14.2 > 1.05 x 12.5",
+                           served_ppl=14.2, baseline_ppl=12.5, fakequant_ppl=12.9, engine="vllm 0.32.0").to_dict()
 
 
 def example(name: str = "llama-3-8b-tp2.yaml", *, model_name: str | None = None, uid: str = "uid-1",

@@ -1,0 +1,208 @@
+"""The contract between the quantizer's Jobs and the operator, in one place.
+
+Standard library only: the operator's image has no torch and imports this module alone from the
+quantizer package. It holds what both sides must agree on:
+- the exit codes of `python -m quantizer` (the Jobs' podFailurePolicy acts on them);
+- the gate's verdicts and the failure reasons a result can carry;
+- which recipes vLLM 0.32 serves (the quantizer marks the rest unservable, the spec refuses to serve
+  them; the CRD's rules are checked against these tuples by tests/test_operator_crd.py);
+- the typed results written to the termination message, whose fields are exactly what the operator
+  reads, and their encoding within Kubernetes' 4096-byte limit, which never drops one of those fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+# ---- exit codes of `python -m quantizer` ----------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # anything unexpected: a retry may help
+EXIT_BAD_INPUT = 2  # the message names the field and the fix: a retry cannot help
+EXIT_GATE_FAILED = 3  # a verdict that is not Passed: a retry measures the same again
+PERMANENT_EXIT_CODES = (EXIT_BAD_INPUT, EXIT_GATE_FAILED)
+
+# ---- statuses, failure reasons and verdicts -------------------------------------------------------
+
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+INVALID_INPUT = "InvalidInput"
+ERROR = "Error"
+EVALUATION_FAILED = "EvaluationFailed"  # the evaluator could not measure: no verdict
+
+PASSED = "Passed"
+PERPLEXITY_REGRESSION = "PerplexityRegression"
+ENGINE_MISMATCH = "EngineMismatch"
+GATE_VERDICTS = (PASSED, PERPLEXITY_REGRESSION, ENGINE_MISMATCH)
+
+# ---- recipes: what the quantizer makes, what vLLM 0.32 serves -------------------------------------
+
+QUANTIZABLE_BITS = (2, 3, 4, 8)
+GROUP_SIZES = (-1, 32, 64, 128, 256)  # -1: one group per row
+# How each group's scale is chosen: min-max; the unweighted clipping search; the importance-weighted
+# searches (diag(H), GPTQ's per-column cost).
+SCALE_SEARCHES = ("minmax", "clip", "diag", "cost")
+MAX_REFINE_SWEEPS = 8
+# vLLM's GPU kernels: uint4b8 and uint8b128, weight = (q - 2^(bits-1)) * scale, so symmetric only.
+# (Its CPU kernel, CPUWNA16, which `kubequant run` and the tests serve with, takes 4-bit only.)
+SERVABLE_BITS = (4, 8)
+SERVABLE_GROUP_SIZES = (-1, 32, 64, 128)
+
+
+def unservable_reasons(bits: int, group_size: int, sym: bool) -> list[str]:
+    """Why vLLM 0.32 would refuse a checkpoint of this recipe on GPUs (empty: it serves it)."""
+    reasons = []
+    if not sym:
+        reasons.append("asymmetric grids (sym=false) are not served by vLLM's GPTQ kernels")
+    if bits not in SERVABLE_BITS:
+        reasons.append(f"{bits}-bit GPTQ is not served by vLLM (only {' and '.join(map(str, SERVABLE_BITS))})")
+    if group_size not in SERVABLE_GROUP_SIZES:
+        reasons.append(f"group_size {group_size} is not served by vLLM "
+                       f"(only {', '.join(map(str, SERVABLE_GROUP_SIZES))})")
+    return reasons
+
+
+# ---- results: the JSON termination message of the Jobs --------------------------------------------
+
+# Kubernetes keeps at most this much of a container's termination message.
+RESULT_LIMIT_BYTES = 4096
+
+R = TypeVar("R", bound="Result")
+
+
+@dataclass(frozen=True)
+class Result:
+    """A result: the typed fields the operator reads, plus `details` for people and dashboards.
+
+    Encoded flat (details first, the fields over them); when that passes the limit the details go,
+    then a long message is shortened, so every field always arrives."""
+
+    STATUS: ClassVar[str] = SUCCEEDED
+    details: dict = field(default_factory=dict, kw_only=True)
+
+    def fields(self) -> dict:
+        return {"status": self.STATUS} | {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "details"}
+
+    def to_dict(self) -> dict:
+        return self.details | self.fields()
+
+    def encode(self, limit: int = RESULT_LIMIT_BYTES) -> str:
+        text = _compact(self.to_dict())
+        if len(text.encode()) <= limit:
+            return text
+        fields = self.fields()
+        text = _compact(fields)
+        message = fields.get("message")
+        if len(text.encode()) > limit and isinstance(message, str):
+            # The longest head of the message that fits, escapes included (binary search on its length).
+            low, high = 0, len(message)
+            while low < high:
+                middle = (low + high + 1) // 2
+                if len(_compact(fields | {"message": message[:middle] + "..."}).encode()) <= limit:
+                    low = middle
+                else:
+                    high = middle - 1
+            text = _compact(fields | {"message": message[:low] + "..."})
+        return text
+
+    @classmethod
+    def from_dict(cls: type[R], data: dict | None) -> R | None:
+        """The result in `data` (a decoded termination message), or None when it is not one of these:
+        another status, or a field missing or of the wrong type."""
+        if not isinstance(data, dict) or data.get("status") != cls.STATUS:
+            return None
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "details":
+                continue
+            if f.name not in data:
+                if f.default is dataclasses.MISSING:
+                    return None
+                continue
+            value = data[f.name]
+            if not _has_type(value, str(f.type)):
+                return None
+            values[f.name] = value
+        names = set(values) | {"status"}
+        return cls(**values, details={k: v for k, v in data.items() if k not in names})
+
+
+@dataclass(frozen=True)
+class QuantizeResult(Result):
+    """What a quantize Job produced: the operator's artifact record and `kubequant run`'s summary."""
+
+    output: str
+    recipe: dict
+    size_before_bytes: int
+    size_after_bytes: int
+    seconds: float
+    group_size: int
+    # Input sizes of the row-parallel Linears (o_proj, down_proj): the tensor-parallel preflight.
+    row_parallel_in_features: list
+    baseline_ppl: float | None = None  # None when no evaluation text was given
+    fakequant_ppl: float | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateResult(Result):
+    """The gate's verdict, measured in the serving engine: passed or not, it is a result."""
+
+    passed: bool
+    reason: str  # one of GATE_VERDICTS
+    message: str
+    baseline_ppl: float
+    fakequant_ppl: float
+    served_ppl: float
+    engine: str
+
+
+@dataclass(frozen=True)
+class FailedResult(Result):
+    """A command that did not finish: why, in a reason (INVALID_INPUT, ERROR, EVALUATION_FAILED)."""
+
+    STATUS: ClassVar[str] = FAILED
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class DoneResult(Result):
+    """A command with nothing the operator reads (verify, fetch): the details only."""
+
+
+def exit_code(result: Result) -> int:
+    if isinstance(result, FailedResult):
+        return EXIT_BAD_INPUT if result.reason == INVALID_INPUT else EXIT_ERROR
+    if isinstance(result, EvaluateResult) and not result.passed:
+        return EXIT_GATE_FAILED
+    return EXIT_OK
+
+
+def decode(message: str | None) -> dict | None:
+    """A termination message as a JSON object; None for anything else (empty, cut, plain text)."""
+    try:
+        data = json.loads(message or "")
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _compact(data: dict) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,), "list": (list,),
+    "None": (type(None),),
+}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    allowed = tuple(t for name in annotation.split("|") for t in _JSON_TYPES[name.strip()])
+    if isinstance(value, bool) and bool not in allowed:
+        return False  # JSON true is no number
+    return isinstance(value, allowed)
