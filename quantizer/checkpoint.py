@@ -82,11 +82,11 @@ class CheckpointWriter:
     """Streams tensors into safetensors shards in a temporary directory; `commit` renames it into place."""
 
     def __init__(
-        self, output: Path, recipe: QuantRecipe, max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False
+        self, output: Path, recipe: QuantRecipe, max_shard_bytes: int | None = None, overwrite: bool = False
     ):
         self.output = output
         self.recipe = recipe
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
         self.overwrite = overwrite
         if output.exists() and not overwrite:
             raise InputError(

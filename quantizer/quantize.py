@@ -267,7 +267,7 @@ def summary_lines(quantized: QuantizeResult) -> list[str]:
         f"relative output error: mean {result['mean_relative_error']:.3e}, worst {result['worst_linear']['relative_error']:.3e} "
         f"({result['worst_linear']['name']})",
     ]
-    if "baseline_ppl" in result:
+    if quantized.baseline_ppl is not None:
         lines.append(
             f"perplexity on {result['eval_tokens']} tokens: baseline {result['baseline_ppl']:.3f} -> "
             f"quantized {result['fakequant_ppl']:.3f} ({result['fakequant_ppl'] / result['baseline_ppl']:.4f}x)"

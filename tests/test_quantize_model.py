@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantizer.checkpoint import CheckpointError, CheckpointWriter, verify_checkpoint
+from quantizer.cli import main as quantizer_main
 from quantizer.errors import InputError
 from quantizer.gptq import QuantRecipe
 from quantizer.perplexity import load_dequantized_model, load_evaluation_windows, torch_perplexity
@@ -171,3 +172,43 @@ def test_missing_parents_of_the_output_are_made(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="is not a directory"):
         CheckpointWriter(tmp_path / "file" / "ckpt", QuantRecipe(bits=4, group_size=32, sym=True, act_order=False))
+
+
+def test_without_evaluation_text_there_are_no_perplexities(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    result_file = tmp_path / "result.json"
+    code = quantizer_main(["quantize", "--model", str(TINY_MODEL), "--output", str(out), "--calibration",
+                           str(CALIBRATION), "--samples", "2", "--seq-len", "128", "--method", "rtn",
+                           "--no-progress", "--result-file", str(result_file)])
+    assert code == 0
+    result = json.loads(result_file.read_text())
+    assert result["baseline_ppl"] is None and result["fakequant_ppl"] is None
+    assert "perplexity" not in capsys.readouterr().out
+    assert json.loads((out / "kubequant.json").read_text())["perplexity"] == {}
+
+
+def test_the_shards_stay_under_their_limit_and_the_writer_holds_one(tmp_path, monkeypatch):
+    """The writer keeps one shard in memory until it is written: its limit bounds the writer's memory."""
+    import quantizer.checkpoint as checkpoint
+
+    limit = 200_000  # bytes: the tiny model then takes several shards
+    monkeypatch.setattr(checkpoint, "MAX_SHARD_BYTES", limit)
+    pending_peak = 0
+    original_add = checkpoint.CheckpointWriter.add
+
+    def add(self, name, tensor):
+        nonlocal pending_peak
+        original_add(self, name, tensor)
+        pending_peak = max(pending_peak, self._pending_bytes)
+
+    monkeypatch.setattr(checkpoint.CheckpointWriter, "add", add)
+    code, result = quantize(tmp_path / "ckpt", "--samples", "2", "--method", "rtn")
+    assert code == 0, result
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3
+    largest_tensor = max(t.numel() * t.element_size() for t in load_file(TINY_MODEL / "model.safetensors").values())
+    assert pending_peak <= max(limit, largest_tensor)
+    for file in files:
+        assert (tmp_path / "ckpt" / file).stat().st_size <= max(limit, largest_tensor) + 64 * 1024  # + header
+    verify_checkpoint(tmp_path / "ckpt")
