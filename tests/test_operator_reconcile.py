@@ -358,11 +358,54 @@ def test_tensor_parallel_preflight_blocks_the_rollout():
     sim.body["status"]["serving"]["artifact"]["rowParallelInFeatures"] = [4096, 11008]
     sim.body["status"]["artifact"]["rowParallelInFeatures"] = [4096, 11008]
     decision = sim.step()
-    assert decision.actions == []  # the Deployment is left as it is
+    # The Deployment is left as it is, and no evaluate Job holds GPUs for a TP vLLM would refuse: only
+    # the Job of the old verdict (measured at the old TP) goes.
+    assert kinds(decision) == ["Delete Job"]
     assert decision.status["phase"] == "Failed"
     failure = decision.status["failure"]
     assert failure["reason"] == "TensorParallelMismatch"
     assert "11008 -> 2752" in failure["message"] and "tensorParallelSize 2" in failure["message"]
+    assert condition(decision, "Evaluated")["reason"] == "PreflightFailed"
+
+
+def test_a_tensor_parallel_change_is_gated_before_the_deployment_changes():
+    sim = Sim(tiny())
+    sim.to_ready()
+    serving_hash = sim.body["status"]["serving"]["servingHash"]
+    sim.set_spec("serving.tensorParallelSize", 2)
+    decision = sim.step()
+    assert kinds(decision) == ["Delete Job", "Create Job/evaluate"]  # a new verdict, at TP 2
+    assert sim.job("evaluate")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert sim.job("quantize")  # the same artifact
+    assert decision.status["phase"] == "Evaluating"
+    ready = condition(decision, "Ready")
+    assert ready["status"] == "True" and ready["reason"] == "ServingPreviousArtifact"
+    assert "gated again at tensorParallelSize 2" in ready["message"]
+    assert decision.status["serving"]["servingHash"] == serving_hash
+    assert "--tensor-parallel-size" in _deployment_args(sim)
+    assert _deployment_args(sim)[_deployment_args(sim).index("--tensor-parallel-size") + 1] == "1"
+
+    sim.finish("evaluate", "succeeded", PASSED)
+    decision = sim.step()
+    assert kinds(decision) == ["Update Deployment"]
+    args = _deployment_args(sim)
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert decision.status["serving"]["evaluation"]["tensorParallelSize"] == 2
+    sim.deployment_available()
+    assert sim.step().status["phase"] == "Ready"
+
+
+def test_a_failed_gate_at_the_new_tensor_parallelism_keeps_the_deployment():
+    sim = Sim(tiny())
+    sim.to_ready()
+    sim.set_spec("serving.tensorParallelSize", 2)
+    sim.step()
+    sim.finish("evaluate", "failed", REGRESSED, exit_code=3)
+    decision = sim.step()
+    assert kinds(decision) == []
+    assert decision.status["phase"] == "GateFailed"
+    args = _deployment_args(sim)
+    assert args[args.index("--tensor-parallel-size") + 1] == "1"
 
 
 @pytest.mark.parametrize(("features", "group", "tp", "ok"), [

@@ -95,12 +95,15 @@ def artifact_hash(model: Model) -> str:
 
 
 def evaluation_key(model: Model) -> str:
-    """The artifact plus the gate: changing a threshold evaluates again, never quantizes again."""
+    """The artifact, the gate and the serving settings its numbers depend on: changing a threshold or
+    the tensor parallelism evaluates again (vLLM's TP kernels sum in another order), never quantizes
+    again; replicas, extraArgs or resources change neither."""
     e = model.spec.evaluation
     return digest({
         "artifact": artifact_hash(model),
         "gate": {"increase": e.max_perplexity_increase, "ratio": e.max_perplexity_ratio,
                  "engine": e.engine_tolerance, "dtype": e.dtype},
+        "serving": {"tensorParallelSize": model.spec.serving.tensor_parallel_size},
     })
 
 

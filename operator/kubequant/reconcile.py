@@ -5,7 +5,7 @@ or a resync tick all reach the same decision from the same state. Results that t
 keep forever (a Pod's termination message) are copied into the status once observed.
 
 The flow for the artifact the spec asks for is a table of stages (STAGES), run in order:
-    quantize (Job -> artifact record) -> gate (evaluate Job -> verdict) -> preflight -> serve.
+    quantize (Job -> artifact record) -> preflight -> gate (evaluate Job -> verdict) -> serve.
 Each returns its conditions, the records it keeps in status and the actions it needs; the phase is
 derived in one place, from the first stage that failed or is not done.
 
@@ -381,7 +381,9 @@ def _gate(ctx: _Context) -> _StageResult:
     evaluated = _Stage("Unknown", "WaitingForArtifact", "evaluation starts when the artifact is ready")
     gate = _Stage("Unknown", "NotEvaluated", "the artifact has not been evaluated yet")
     evaluation = None
-    if ctx.artifact and ctx.failure is None:
+    if ctx.artifact and ctx.preflight_error:
+        evaluated = _Stage("Unknown", "PreflightFailed", f"not evaluated: {ctx.preflight_error}")
+    elif ctx.artifact and ctx.failure is None:
         evaluation = _record_for("key", ctx.e_key, ctx.old.get("evaluation"), ctx.served.get("evaluation"))
         if evaluation is None:
             name = builders.evaluate_job_name(ctx.model)
@@ -403,14 +405,13 @@ def _gate(ctx: _Context) -> _StageResult:
 
 
 def _preflight(ctx: _Context) -> _StageResult:
-    """Does the artifact that passed fit the GPUs (whole groups per tensor-parallel shard)?"""
+    """Does the artifact fit the GPUs (whole groups per tensor-parallel shard)? Checked before the gate,
+    which would otherwise hold GPUs for a tensor parallelism vLLM refuses."""
     out = _StageResult()
-    if not (ctx.serving_enabled and ctx.artifact and ctx.evaluation and ctx.evaluation["passed"]):
+    if not (ctx.serving_enabled and ctx.artifact):
         return out
     ctx.preflight_error = preflight(ctx.artifact, ctx.model.spec.serving.tensor_parallel_size)
-    if ctx.preflight_error is None:
-        ctx.candidate = {"artifact": ctx.artifact, "evaluation": ctx.evaluation}
-    else:
+    if ctx.preflight_error:
         out.failure = {"stage": "Preflight", "key": ctx.e_key, "reason": "TensorParallelMismatch",
                        "message": ctx.preflight_error}
     return out
@@ -423,7 +424,11 @@ def _serve(ctx: _Context) -> _StageResult:
     model, observed, served = ctx.model, ctx.observed, ctx.served
     out = _StageResult()
     tp = model.spec.serving.tensor_parallel_size
+    if ctx.artifact and ctx.evaluation and ctx.evaluation["passed"] and not ctx.preflight_error:
+        ctx.candidate = {"artifact": ctx.artifact, "evaluation": ctx.evaluation}
     previous = served if served.get("artifact") and preflight(served["artifact"], tp) is None else None
+    if not ctx.candidate and previous and (previous.get("evaluation") or {}).get("tensorParallelSize") != tp:
+        return _serving_unchanged(ctx, f"the artifact is gated again at tensorParallelSize {tp}")
     target = ctx.candidate or previous
     if not target:
         if served:
@@ -454,6 +459,18 @@ def _serve(ctx: _Context) -> _StageResult:
     return out
 
 
+def _serving_unchanged(ctx: _Context, why: str) -> _StageResult:
+    """What serves was measured at other serving settings: the Deployment stays as it is until the gate
+    has measured them."""
+    served, deployment = ctx.served, ctx.observed.deployment
+    replicas = ((deployment or {}).get("spec") or {}).get("replicas") or ctx.model.spec.serving.replicas
+    state, detail = rollout(deployment, served.get("servingHash", ""), replicas)
+    what = f"artifact {served['artifact']['hash']}"
+    ready = _Stage("True", "ServingPreviousArtifact", f"serving {what} as it was; {why} before the Deployment "
+                   f"changes") if state == "available" else _Stage("False", "RollingOut", f"rolling out {what}: {detail}")
+    return _StageResult(conditions={"Ready": ready}, records={"serving": served})
+
+
 def _serving_disabled(ctx: _Context) -> _StageResult:
     out = _StageResult()
     current = {"Deployment": ctx.observed.deployment, "Service": ctx.observed.service,
@@ -469,7 +486,7 @@ def _serving_disabled(ctx: _Context) -> _StageResult:
 
 # The stages in order. Each sees what the earlier ones found; the model's phase is that of the first
 # stage that failed or is not done, READY when none.
-STAGES = (_quantize, _gate, _preflight, _serve)
+STAGES = (_quantize, _preflight, _gate, _serve)
 
 
 def _housekeeping(model: Model, observed: Observed, names: tuple[str, ...]) -> list[Action]:
@@ -566,12 +583,12 @@ def _why_not_current(ctx: _Context) -> str:
     quantized, evaluated, gate = (ctx.conditions[k] for k in ("Quantized", "Evaluated", "GatePassed"))
     if quantized.status != "True":
         return f"the current spec's artifact is not ready ({quantized.reason}: {quantized.message})"
+    if ctx.preflight_error:
+        return f"the current spec's artifact failed the preflight: {ctx.preflight_error}"
     if evaluated.status != "True":
         return f"the current spec's artifact is not evaluated ({evaluated.reason})"
     if gate.status != "True":
         return f"the current spec's artifact failed the gate ({gate.reason}: {gate.message})"
-    if ctx.preflight_error:
-        return f"the current spec's artifact failed the preflight: {ctx.preflight_error}"
     return "the current spec's artifact is being rolled out"
 
 
