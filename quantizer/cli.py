@@ -94,10 +94,23 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--baseline-ppl", type=float, help="FP16/BF16 perplexity from the quantize result")
     p.add_argument("--fakequant-ppl", type=float,
                    help="our perplexity of the quantized weights (measured from the checkpoint when omitted)")
-    p.add_argument("--baseline-model", type=Path, help="measure the baseline from this unquantized model instead")
+    p.add_argument("--baseline-model", type=Path,
+                   help="the unquantized model, served by the same engine: its perplexity is the baseline, and "
+                        "the KL divergence, top-1 agreement and generations are compared with it")
     p.add_argument("--max-ppl-increase", type=float, help="largest allowed absolute perplexity increase")
     p.add_argument("--max-ppl-ratio", type=float, help="largest allowed served/baseline ratio (1.05 if no threshold)")
     p.add_argument("--engine-tolerance", type=float, default=0.01, help="allowed |served/fakequant - 1|")
+    p.add_argument("--max-kl-divergence", type=float,
+                   help="largest allowed mean KL(unquantized || quantized) per token, nats (needs --baseline-model)")
+    p.add_argument("--min-top-token-agreement", type=float,
+                   help="least share of tokens whose most likely successor is the same (needs --baseline-model)")
+    p.add_argument("--generation-prompts", type=Path,
+                   help="prompts, one per line (.txt) or record (.jsonl): greedy completions are compared")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per greedy completion (default 32)")
+    p.add_argument("--min-generation-match", type=float,
+                   help="least share of completions equal to the unquantized model's, token for token")
+    p.add_argument("--top-logprobs", type=int, default=20,
+                   help="log-probabilities per token for the KL divergence (default 20)")
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm", help="torch: for machines without vLLM")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-model-len", type=int)
@@ -164,7 +177,13 @@ def _evaluate(args) -> Result:
             model=args.model, eval_text=args.eval_text, seq_len=args.seq_len, max_windows=args.max_windows, stride=args.stride,
             jsonl_field=args.jsonl_field, baseline_ppl=args.baseline_ppl, fakequant_ppl=args.fakequant_ppl,
             baseline_model=args.baseline_model,
-            thresholds=GateThresholds(args.max_ppl_increase, args.max_ppl_ratio, args.engine_tolerance),
+            thresholds=GateThresholds(
+                args.max_ppl_increase, args.max_ppl_ratio, args.engine_tolerance,
+                max_kl_divergence=args.max_kl_divergence, min_top_token_agreement=args.min_top_token_agreement,
+                min_generation_match=args.min_generation_match,
+            ),
+            top_logprobs=args.top_logprobs, generation_prompts=args.generation_prompts,
+            max_new_tokens=args.max_new_tokens,
             engine=args.engine, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
             dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
         )

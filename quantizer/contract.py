@@ -36,7 +36,11 @@ EVALUATION_FAILED = "EvaluationFailed"  # the evaluator could not measure: no ve
 PASSED = "Passed"
 PERPLEXITY_REGRESSION = "PerplexityRegression"
 ENGINE_MISMATCH = "EngineMismatch"
-GATE_VERDICTS = (PASSED, PERPLEXITY_REGRESSION, ENGINE_MISMATCH)
+KL_DIVERGENCE = "KLDivergence"  # the next-token distributions drift too far from FP16's
+TOP_TOKEN_AGREEMENT = "TopTokenAgreement"  # too many tokens whose most likely successor flips
+GENERATION_MISMATCH = "GenerationMismatch"  # too few greedy completions equal FP16's
+GATE_VERDICTS = (PASSED, PERPLEXITY_REGRESSION, ENGINE_MISMATCH, KL_DIVERGENCE, TOP_TOKEN_AGREEMENT,
+                 GENERATION_MISMATCH)
 
 # ---- recipes: what the quantizer makes, what vLLM 0.32 serves -------------------------------------
 
@@ -152,12 +156,16 @@ class EvaluateResult(Result):
     """The gate's verdict, measured in the serving engine: passed or not, it is a result."""
 
     passed: bool
-    reason: str  # one of GATE_VERDICTS
-    message: str
+    reason: str  # one of GATE_VERDICTS: the first check that failed
+    message: str  # every check that failed, with its numbers
     baseline_ppl: float
     fakequant_ppl: float
     served_ppl: float
     engine: str
+    # Against the unquantized model served by the same engine (None when it was not):
+    kl_divergence: dict | None = None  # KL(FP16 || quantized) per token: {"mean", "p99", "max"}
+    top_token_agreement: float | None = None  # share of tokens with the same most likely successor
+    generation_match: float | None = None  # share of greedy completions equal token for token
 
 
 @dataclass(frozen=True)

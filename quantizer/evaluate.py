@@ -4,6 +4,10 @@ The baseline and fake-quant perplexities normally come from the quantization pas
 measured on the same windows: the same text, seq_len and max_windows. What is missing is measured
 here: the fake-quant reference from the checkpoint's own tensors in PyTorch (float32, g_idx read as
 written), the baseline from --baseline-model with the same engine as the served number.
+
+With --baseline-model the unquantized model is served by the same engine with the same settings, on
+the same windows and prompts: its perplexity is then the baseline of the regression check, and the
+two models' next-token distributions and greedy completions are compared (quantizer/agreement.py).
 """
 
 from __future__ import annotations
@@ -16,16 +20,19 @@ from pathlib import Path
 
 import torch
 
+from quantizer.agreement import distribution_agreement, generation_agreement
 from quantizer.checkpoint import read_quantization_config
 from quantizer.contract import EvaluateResult
 from quantizer.errors import InputError
 from quantizer.gate import GateThresholds, decide
 from quantizer.perplexity import (
+    EngineScores,
     EvalWindows,
     Perplexity,
     load_dequantized_model,
     load_evaluation_windows,
-    torch_perplexity,
+    load_prompts,
+    torch_scores,
 )
 
 log = logging.getLogger(__name__)
@@ -50,13 +57,27 @@ class EvaluateOptions:
     max_model_len: int | None = None
     dtype: str = "float16"
     gpu_memory_utilization: float = 0.9
+    top_logprobs: int = 20  # per token, for the KL divergence against --baseline-model
+    generation_prompts: Path | None = None
+    max_new_tokens: int = 32
+
+
+@dataclass
+class _Request:
+    """What to ask an engine besides the perplexity: top-k log-probabilities, completions."""
+
+    top_k: int = 0
+    prompts: list[list[int]] = field(default_factory=list)
+    max_new_tokens: int = 0
 
 
 def _config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engine: str) -> Perplexity:
+def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engine: str,
+             request: _Request | None = None) -> EngineScores:
+    request = request or _Request()
     if engine == "torch":
         if "quantization_config" in _config(model_dir):
             model = load_dequantized_model(model_dir)
@@ -64,10 +85,11 @@ def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engin
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        return torch_perplexity(model, windows, engine="torch")
-    from quantizer.vllm_engine import served_perplexity
+        return torch_scores(model, windows, top_k=request.top_k, prompts=request.prompts,
+                            max_new_tokens=request.max_new_tokens, engine="torch")
+    from quantizer.vllm_engine import served_scores
 
-    measured = served_perplexity(
+    measured = served_scores(
         model_dir,
         windows.ids.tolist(),
         score_from=windows.score_from,
@@ -75,11 +97,15 @@ def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engin
         max_model_len=opts.max_model_len,
         tensor_parallel_size=opts.tensor_parallel_size,
         gpu_memory_utilization=opts.gpu_memory_utilization,
+        top_k=request.top_k,
+        prompts=request.prompts,
+        max_new_tokens=request.max_new_tokens,
     )
-    return Perplexity(
+    perplexity = Perplexity(
         ppl=measured["ppl"], nll_sum=measured["nll_sum"], tokens_scored=measured["tokens_scored"],
         windows=measured["windows"], engine=f"vllm {measured.get('vllm_version', '')}".strip(),
     )
+    return EngineScores(perplexity, measured["top"], measured["generations"])
 
 
 def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
@@ -101,47 +127,83 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         raise InputError(f"--seq-len {opts.seq_len} exceeds the model's context {context}; lower it")
     if opts.tensor_parallel_size < 1:
         raise InputError(f"--tensor-parallel-size {opts.tensor_parallel_size} must be at least 1")
-    windows = load_evaluation_windows(
-        opts.eval_text, AutoTokenizer.from_pretrained(opts.model), opts.seq_len, opts.max_windows, opts.jsonl_field,
-        opts.stride,
-    )
+    if opts.thresholds.needs_reference and opts.baseline_model is None:
+        raise InputError("the KL divergence and agreement thresholds compare with the unquantized model: "
+                         "pass --baseline-model DIR")
+    if opts.thresholds.min_generation_match is not None and opts.generation_prompts is None:
+        raise InputError("--min-generation-match needs --generation-prompts PATH")
+    tokenizer = AutoTokenizer.from_pretrained(opts.model)
+    windows = load_evaluation_windows(opts.eval_text, tokenizer, opts.seq_len, opts.max_windows, opts.jsonl_field,
+                                      opts.stride)
+    # What is compared with the unquantized model, asked of both engines alike.
+    request = _Request()
+    if opts.baseline_model is not None:
+        request.top_k = opts.top_logprobs
+        if opts.generation_prompts is not None:
+            request.prompts = load_prompts(opts.generation_prompts, tokenizer, opts.jsonl_field)
+            request.max_new_tokens = opts.max_new_tokens
 
     fakequant = opts.fakequant_ppl
     if fakequant is None:
-        fakequant = _measure(opts.model, windows, opts, "torch").ppl
-    baseline = opts.baseline_ppl
-    if baseline is None:
-        baseline = _measure(opts.baseline_model, windows, opts, opts.engine).ppl
-    served = _measure(opts.model, windows, opts, opts.engine)
-    decision = decide(baseline, fakequant, served.ppl, opts.thresholds)
+        fakequant = _measure(opts.model, windows, opts, "torch").perplexity.ppl
+    reference = _measure(opts.baseline_model, windows, opts, opts.engine, request) if opts.baseline_model else None
+    served = _measure(opts.model, windows, opts, opts.engine, request)
+    # The engine's own baseline when it was measured: both perplexities then come from one engine.
+    baseline = reference.perplexity.ppl if reference else opts.baseline_ppl
+    distributions = distribution_agreement(reference.top, served.top) if reference else None
+    generations = generation_agreement(reference.generations, served.generations) \
+        if reference and request.prompts else None
+    decision = decide(baseline, fakequant, served.perplexity.ppl, opts.thresholds, distributions, generations)
+    details = {
+        "ppl_ratio": decision.ppl_ratio,
+        "ppl_increase": decision.ppl_increase,
+        "engine_deviation": decision.engine_deviation,
+        "windows": served.perplexity.windows,
+        "tokens_scored": served.perplexity.tokens_scored,
+        "seq_len": opts.seq_len,
+        "recipe": {k: qconfig.get(k) for k in ("bits", "group_size", "sym", "desc_act")},
+        "thresholds": {
+            "max_ppl_increase": opts.thresholds.max_ppl_increase,
+            "max_ppl_ratio": opts.thresholds.effective_ratio(),
+            "engine_tolerance": opts.thresholds.engine_tolerance,
+            "max_kl_divergence": opts.thresholds.max_kl_divergence,
+            "min_top_token_agreement": opts.thresholds.min_top_token_agreement,
+            "min_generation_match": opts.thresholds.min_generation_match,
+        },
+        "tensor_parallel_size": opts.tensor_parallel_size,
+    }
+    if reference and opts.baseline_ppl is not None:
+        details["quantizer_baseline_ppl"] = opts.baseline_ppl  # the torch-side figure, for comparison
+    if distributions:
+        details["top_logprobs"] = request.top_k
+    if generations:
+        details["generations"] = generations.to_dict()
+    details["seconds"] = round(time.perf_counter() - started, 2)
     return EvaluateResult(
         passed=decision.passed, reason=decision.reason, message=decision.message, baseline_ppl=baseline,
-        fakequant_ppl=fakequant, served_ppl=served.ppl, engine=served.engine,
-        details={
-            "ppl_ratio": decision.ppl_ratio,
-            "ppl_increase": decision.ppl_increase,
-            "engine_deviation": decision.engine_deviation,
-            "windows": served.windows,
-            "tokens_scored": served.tokens_scored,
-            "seq_len": opts.seq_len,
-            "recipe": {k: qconfig.get(k) for k in ("bits", "group_size", "sym", "desc_act")},
-            "thresholds": {
-                "max_ppl_increase": opts.thresholds.max_ppl_increase,
-                "max_ppl_ratio": opts.thresholds.effective_ratio(),
-                "engine_tolerance": opts.thresholds.engine_tolerance,
-            },
-            "tensor_parallel_size": opts.tensor_parallel_size,
-            "seconds": round(time.perf_counter() - started, 2),
-        },
+        fakequant_ppl=fakequant, served_ppl=served.perplexity.ppl, engine=served.perplexity.engine,
+        kl_divergence={"mean": distributions.kl_mean, "p99": distributions.kl_p99, "max": distributions.kl_max}
+        if distributions else None,
+        top_token_agreement=distributions.top1_agreement if distributions else None,
+        generation_match=generations.exact_match if generations else None,
+        details=details,
     )
 
 
 def summary_lines(result: EvaluateResult) -> list[str]:
     verdict = "PASSED" if result.passed else f"FAILED ({result.reason})"
     details = result.details
-    return [
+    lines = [
         f"gate {verdict}: {result.message}",
         f"baseline {result.baseline_ppl:.4f} | fake-quant {result.fakequant_ppl:.4f} | "
         f"served {result.served_ppl:.4f} ({result.engine}, {details['windows']} windows x {details['seq_len']} "
         f"tokens) in {details['seconds']:.1f} s",
     ]
+    if result.kl_divergence is not None:
+        kl = result.kl_divergence
+        lines.append(f"against the unquantized model: KL mean {kl['mean']:.4f} | p99 {kl['p99']:.4f} | "
+                     f"max {kl['max']:.4f} nats; top-1 agreement {result.top_token_agreement:.2%}")
+    if result.generation_match is not None:
+        lines.append(f"greedy completions matching: {result.generation_match:.0%} "
+                     f"(first difference at token {details['generations']['mean_first_difference']:.1f} on average)")
+    return lines

@@ -1,18 +1,30 @@
 """The quality gate: may this quantized model replace what serves?
 
 It passes only when (1) the serving engine agrees with our own measurement of the same weights,
-|served / fakequant - 1| <= engine_tolerance, and (2) the regression against the FP16/BF16 baseline
-is within every threshold given (absolute increase and/or ratio; ratio 1.05 when none is given).
+|served / fakequant - 1| <= engine_tolerance, (2) the perplexity regression against the FP16/BF16
+baseline is within every threshold given (absolute increase and/or ratio; ratio 1.05 when none is
+given), and (3) each agreement threshold given holds against the unquantized model served by the same
+engine (quantizer/agreement.py): mean KL divergence of the next-token distributions, top-1 agreement,
+exact-match rate of greedy generations.
 Disagreement is its own reason, checked first: it means the checkpoint or the engine's kernels do
 not compute what we quantized (a packing bug, a permuted g_idx that vLLM ignores), and then the
-served number says nothing about the recipe. Boundaries pass: a ratio exactly at the limit is allowed.
+served number says nothing about the recipe. Otherwise the reason is the first check that failed and
+the message gives every failed check with its numbers. Boundaries pass: a value exactly at a limit.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from quantizer.contract import ENGINE_MISMATCH, PASSED, PERPLEXITY_REGRESSION
+from quantizer.agreement import DistributionAgreement, GenerationAgreement
+from quantizer.contract import (
+    ENGINE_MISMATCH,
+    GENERATION_MISMATCH,
+    KL_DIVERGENCE,
+    PASSED,
+    PERPLEXITY_REGRESSION,
+    TOP_TOKEN_AGREEMENT,
+)
 from quantizer.errors import InputError
 
 DEFAULT_MAX_RATIO = 1.05
@@ -24,14 +36,27 @@ class GateThresholds:
     max_ppl_increase: float | None = None
     max_ppl_ratio: float | None = None
     engine_tolerance: float = DEFAULT_ENGINE_TOLERANCE
+    max_kl_divergence: float | None = None  # mean KL(FP16 || quantized) per token, nats
+    min_top_token_agreement: float | None = None  # share of tokens, 0..1
+    min_generation_match: float | None = None  # share of prompts, 0..1
 
     def __post_init__(self) -> None:
-        for name in ("max_ppl_increase", "max_ppl_ratio", "engine_tolerance"):
+        for name in ("max_ppl_increase", "max_ppl_ratio", "engine_tolerance", "max_kl_divergence"):
             value = getattr(self, name)
             if value is not None and not value > 0:
-                raise InputError(f"{name.replace('_', '-')} must be positive (got {value})")
+                raise InputError(f"--{name.replace('_', '-')} must be positive (got {value})")
         if self.max_ppl_ratio is not None and self.max_ppl_ratio < 1:
-            raise InputError(f"max-ppl-ratio {self.max_ppl_ratio} is below 1: no quantized model could pass")
+            raise InputError(f"--max-ppl-ratio {self.max_ppl_ratio} is below 1: no quantized model could pass")
+        for name in ("min_top_token_agreement", "min_generation_match"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise InputError(f"--{name.replace('_', '-')} is a share: between 0 and 1 (got {value})")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a threshold compares against the unquantized model in the engine."""
+        return self.max_kl_divergence is not None or self.min_top_token_agreement is not None \
+            or self.min_generation_match is not None
 
     def effective_ratio(self) -> float | None:
         if self.max_ppl_increase is None and self.max_ppl_ratio is None:
@@ -55,7 +80,9 @@ class GateDecision:
         return asdict(self)
 
 
-def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresholds: GateThresholds) -> GateDecision:
+def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresholds: GateThresholds,
+           distributions: DistributionAgreement | None = None,
+           generations: GenerationAgreement | None = None) -> GateDecision:
     for name, value in (("baseline", baseline_ppl), ("fakequant", fakequant_ppl), ("served", served_ppl)):
         if not value > 0 or value != value or value == float("inf"):
             raise InputError(f"{name} perplexity must be a positive finite number (got {value})")
@@ -76,16 +103,39 @@ def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresho
             ),
             **numbers,
         )
-    failures = []
+    failures: list[tuple[str, str]] = []  # (reason, what failed with its numbers), in the checks' order
     max_ratio = thresholds.effective_ratio()
+    regression = []
     if max_ratio is not None and ratio > max_ratio:
-        failures.append(f"ratio {ratio:.4f} > {max_ratio:.4f}")
+        regression.append(f"ratio {ratio:.4f} > {max_ratio:.4f}")
     if thresholds.max_ppl_increase is not None and increase > thresholds.max_ppl_increase:
-        failures.append(f"increase {increase:.4f} > {thresholds.max_ppl_increase:.4f}")
+        regression.append(f"increase {increase:.4f} > {thresholds.max_ppl_increase:.4f}")
     summary = f"perplexity {baseline_ppl:.4f} -> {served_ppl:.4f} (x{ratio:.4f}, {increase:+.4f})"
+    if regression:
+        failures.append((PERPLEXITY_REGRESSION, f"{summary}: {' and '.join(regression)}"))
+    if thresholds.needs_reference and distributions is None:
+        raise InputError("the KL divergence and agreement thresholds compare with the unquantized model: "
+                         "pass --baseline-model DIR")
+    if distributions is not None:
+        kl, agreement = distributions.kl_mean, distributions.top1_agreement
+        if thresholds.max_kl_divergence is not None and kl > thresholds.max_kl_divergence:
+            failures.append((KL_DIVERGENCE, f"mean KL divergence {kl:.4f} > {thresholds.max_kl_divergence:.4f} "
+                             f"(p99 {distributions.kl_p99:.4f}, max {distributions.kl_max:.4f} over "
+                             f"{distributions.tokens} tokens)"))
+        if thresholds.min_top_token_agreement is not None and agreement < thresholds.min_top_token_agreement:
+            failures.append((TOP_TOKEN_AGREEMENT, f"top-1 agreement {agreement:.2%} < "
+                             f"{thresholds.min_top_token_agreement:.2%}"))
+        summary += f", KL {kl:.4f}, top-1 agreement {agreement:.2%}"
+    if thresholds.min_generation_match is not None:
+        if generations is None:
+            raise InputError("--min-generation-match needs generations: pass --generation-prompts and --baseline-model")
+        if generations.exact_match < thresholds.min_generation_match:
+            failures.append((GENERATION_MISMATCH, f"{generations.exact_match:.2%} of {generations.prompts} greedy "
+                             f"completions match < {thresholds.min_generation_match:.2%} (first difference at "
+                             f"token {generations.mean_first_difference:.1f} of {generations.new_tokens} on average)"))
+    if generations is not None:
+        summary += f", {generations.exact_match:.0%} of completions match"
     if failures:
-        return GateDecision(
-            passed=False, reason=PERPLEXITY_REGRESSION,
-            message=f"{summary}: {' and '.join(failures)}", **numbers,
-        )
+        return GateDecision(passed=False, reason=failures[0][0], message="; ".join(m for _, m in failures),
+                            **numbers)
     return GateDecision(passed=True, reason=PASSED, message=f"{summary}: within the thresholds", **numbers)

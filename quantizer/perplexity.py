@@ -93,15 +93,60 @@ def from_nll(nll_sum: float, tokens: int, windows: int, engine: str) -> Perplexi
     return Perplexity(ppl=math.exp(nll_sum / tokens), nll_sum=nll_sum, tokens_scored=tokens, windows=windows, engine=engine)
 
 
+@dataclass
+class EngineScores:
+    """What an engine measured of one model: perplexity on the windows and, when asked, each scored
+    token's top-k next-token log-probabilities (window by window, position by position, most likely
+    first) and greedy completions of the prompts."""
+
+    perplexity: Perplexity
+    top: list[list[tuple[int, float]]]
+    generations: list[list[int]]
+
+
 @torch.no_grad()
 def torch_perplexity(model: nn.Module, windows: EvalWindows, batch_size: int = 4, engine: str = "torch") -> Perplexity:
+    return torch_scores(model, windows, batch_size=batch_size, engine=engine).perplexity
+
+
+@torch.no_grad()
+def torch_scores(model: nn.Module, windows: EvalWindows, *, top_k: int = 0, prompts: list[list[int]] = (),
+                 max_new_tokens: int = 0, batch_size: int = 4, engine: str = "torch") -> EngineScores:
+    """EngineScores in PyTorch: the reference engine, and the evaluator's on machines without vLLM."""
     device = next(model.parameters()).device
     total = 0.0
+    top: list[list[tuple[int, float]]] = []
     for start in range(0, len(windows), batch_size):
         batch = windows.ids[start : start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits
         total += window_nll(logits, batch, windows.score_from[start : start + batch_size])
-    return from_nll(total, windows.tokens_scored, len(windows), engine)
+        if top_k:
+            values, tokens = torch.log_softmax(logits[:, :-1].float(), dim=-1).topk(top_k, dim=-1)
+            for row, first in enumerate(windows.score_from[start : start + batch_size]):
+                # Position j predicts token j + 1: the scored tokens first..L-1 are predicted at first-1..L-2.
+                for j in range(first - 1, batch.shape[1] - 1):
+                    top.append(list(zip(tokens[row, j].tolist(), values[row, j].tolist(), strict=True)))
+    generations = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=device)
+        for _ in range(max_new_tokens):
+            next_token = model(ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, next_token.view(1, 1)], dim=1)
+        generations.append(ids[0, len(prompt) :].tolist())
+    return EngineScores(from_nll(total, windows.tokens_scored, len(windows), engine), top, generations)
+
+
+def load_prompts(path: Path, tokenizer, jsonl_field: str = "text") -> list[list[int]]:
+    """Generation prompts as token ids: one per non-empty line of a .txt file, one per record of a
+    .jsonl file (its `jsonl_field`), with the tokenizer's special tokens (BOS) as a server adds them."""
+    path = Path(path)
+    if path.suffix == ".txt" and path.is_file():
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = [t for t in read_texts(path, jsonl_field) if t.strip()]
+    if not texts:
+        raise InputError(f"--generation-prompts {path}: no prompts found; one per line (.txt) or per record (.jsonl)")
+    return [tokenizer(text)["input_ids"] for text in texts]
 
 
 def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 # the model and vLLM's own processes.
 CPU_KVCACHE_SPACE_GIB = "1"
 ENGINE_EXIT_TIMEOUT_S = 10.0
+# vLLM's own default for max_logprobs: asking for more needs the engine started with more.
+DEFAULT_MAX_LOGPROBS = 20
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -88,14 +90,39 @@ def served_perplexity(
     enforce_eager: bool | None = None,
     score_from: list[int] | None = None,
 ) -> dict:
-    """Perplexity of `windows` (lists of token ids) under vLLM serving `model_dir`.
+    """Perplexity of `windows` (lists of token ids) under vLLM serving `model_dir` (see served_scores)."""
+    scores = served_scores(model_dir, windows, dtype=dtype, max_model_len=max_model_len,
+                           tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                           enforce_eager=enforce_eager, score_from=score_from)
+    return {k: v for k, v in scores.items() if k not in ("top", "generations")}
+
+
+def served_scores(
+    model_dir: str | os.PathLike[str],
+    windows: list[list[int]],
+    *,
+    dtype: str = "float16",
+    max_model_len: int | None = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    enforce_eager: bool | None = None,
+    score_from: list[int] | None = None,
+    top_k: int = 0,
+    prompts: list[list[int]] | None = None,
+    max_new_tokens: int = 0,
+) -> dict:
+    """Perplexity of `windows` (lists of token ids) under vLLM serving `model_dir`, and, when asked,
+    every scored token's top-k log-probabilities and greedy completions of `prompts`, from one engine.
 
     `score_from[i]` is the first position scored in window i (default 1: every predicted token);
     sliding windows score only the tokens that earlier windows did not.
 
     Each window is scored on its own: token i >= 1 by log p(ids[i] | ids[:i]); ppl =
-    exp(nll_sum / tokens_scored) with tokens_scored = sum(len(w) - 1). `max_model_len` defaults to
-    the longest window plus one (the generated token vLLM insists on), the least that fits.
+    exp(nll_sum / tokens_scored) with tokens_scored = sum(len(w) - 1). `top` lists, per scored token
+    in window order, the `top_k` most likely (token, logprob) pairs, most likely first. `generations`
+    holds `max_new_tokens` greedy tokens per prompt (EOS ignored, so every completion has that length).
+    `max_model_len` defaults to the least that fits: the longest window plus one (the generated token
+    vLLM insists on), or the longest prompt plus its completion.
     `enforce_eager` defaults to True on the CPU backend (torch.compile there adds tens of seconds of
     C++ compilation per engine) and False elsewhere (CUDA graphs).
 
@@ -105,18 +132,19 @@ def served_perplexity(
     the engine's processes) unless already set.
     """
     checked = _validate_windows(windows)
+    prompts = [[int(t) for t in p] for p in prompts or []]
     if score_from is not None and (
         len(score_from) != len(checked) or any(not 1 <= s < len(w) for s, w in zip(score_from, checked, strict=True))
     ):
         raise ValueError("score_from needs one position per window, each in [1, window length)")
     # vLLM counts the one token it must generate against the model length too.
-    needed = max(len(ids) for ids in checked) + 1
+    needed = max([len(ids) + 1 for ids in checked] + [len(p) + max_new_tokens for p in prompts])
     if max_model_len is None:
         max_model_len = needed
     elif max_model_len < needed:
         raise ValueError(
-            f"max_model_len={max_model_len} is too short: the longest window needs {needed} "
-            "(its tokens plus the one token vLLM generates)"
+            f"max_model_len={max_model_len} is too short: {needed} are needed (the longest window plus the "
+            "one token vLLM generates, or the longest prompt plus its completion)"
         )
 
     vllm = _import_vllm()
@@ -140,9 +168,12 @@ def served_perplexity(
         enforce_eager=enforce_eager,
         # Prompts are token ids, so a checkpoint without tokenizer files is still measurable.
         skip_tokenizer_init=True,
+        max_logprobs=max(top_k, DEFAULT_MAX_LOGPROBS),
     )
+    top: list[list[tuple[int, float]]] = []
+    generations: list[list[int]] = []
     try:
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False)
         outputs = llm.generate(
             [TokensPrompt(prompt_token_ids=ids) for ids in checked], params, use_tqdm=False
         )
@@ -157,6 +188,15 @@ def served_perplexity(
             # Position 0 has no context and comes back as None.
             first = score_from[index] if score_from else 1
             nll_sum -= sum(prompt_logprobs[i][ids[i]].logprob for i in range(first, len(ids)))
+            if top_k:
+                # Each position lists the top_k tokens and the actual one, which may rank lower.
+                for i in range(first, len(ids)):
+                    ranked = sorted(prompt_logprobs[i].items(), key=lambda item: item[1].rank)[:top_k]
+                    top.append([(token, lp.logprob) for token, lp in ranked])
+        if prompts and max_new_tokens:
+            greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True, detokenize=False)
+            completions = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)
+            generations = [list(c.outputs[0].token_ids) for c in completions]
     finally:
         _stop_engine(llm)
         del llm
@@ -170,4 +210,6 @@ def served_perplexity(
         "windows": len(checked),
         "engine": "vllm",
         "vllm_version": vllm.__version__,
+        "top": top,
+        "generations": generations,
     }

@@ -83,6 +83,9 @@ def single_rank(vllm_cpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
     monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    # On AMX hosts vLLM runs bf16 layers through its W4A8 kernel (int4_scaled_mm_cpu, another
+    # packing) unless told not to; the layer under test is the W4A16 one, which calls cpu_gemm_wna16.
+    monkeypatch.setenv("VLLM_CPU_INT4_W4A8", "0")
 
 
 def vllm_gptq_linear(
@@ -105,7 +108,7 @@ def vllm_gptq_linear(
     for name in ("qweight", "scales", "qzeros"):
         getattr(layer, name).data.copy_(tensors[name])
     method.process_weights_after_loading(layer)
-    if type(method.kernel).__name__ != "CPUWNA16LinearKernel":
+    if type(method.kernel).__name__ != "CPUWNA16LinearKernel" or getattr(layer, "use_w4a8", False):
         pytest.skip(f"vLLM chose {type(method.kernel).__name__}, which does not call cpu_gemm_wna16")
     return layer, method
 
