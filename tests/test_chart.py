@@ -639,7 +639,8 @@ def test_promtool_alert_unit_tests(tmp_path):
 OPERATOR_METRICS = {"kubequant_reconciles_total", "kubequant_models", "kubequant_gate_outcomes_total",
                     "kubequant_quantization_duration_seconds_sum", "kubequant_quantization_duration_seconds_count",
                     "kubequant_evaluation_duration_seconds_sum", "kubequant_evaluation_duration_seconds_count",
-                    "kubequant_baseline_perplexity", "kubequant_quantized_perplexity"}
+                    "kubequant_baseline_perplexity", "kubequant_quantized_perplexity", "kubequant_kl_divergence",
+                    "kubequant_top_token_agreement"}
 VLLM_METRICS = {"vllm:e2e_request_latency_seconds_bucket", "vllm:time_to_first_token_seconds_bucket",
                 "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:generation_tokens_total",
                 "vllm:prompt_tokens_total"}

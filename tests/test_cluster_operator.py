@@ -114,14 +114,20 @@ def test_tiny_model_lifecycle_with_the_real_quantizer_and_evaluator(control_plan
     header, row = control_plane.kubectl("get", "qm", "-n", ns).stdout.splitlines()
     assert header.split()[:2] == ["NAME", "PHASE"]
     cells = row.split()
-    assert cells[:4] == ["tiny-llama", "Ready", "4", "32"] and cells[6] == "True"
+    assert cells[:4] == ["tiny-llama", "Ready", "4", "32"] and cells[8] == "True"
     assert float(cells[4]) == pytest.approx(status["baselinePerplexity"], rel=1e-3)
     assert float(cells[5]) == pytest.approx(status["quantizedPerplexity"], rel=1e-3)
+    # The source model served beside the artifact: the agreement is kept in status (the schema has it).
+    assert status["evaluation"]["klDivergence"]["mean"] == pytest.approx(verdict["kl_divergence"]["mean"])
+    assert status["evaluation"]["topTokenAgreement"] == pytest.approx(verdict["top_token_agreement"])
+    assert float(cells[6]) == pytest.approx(verdict["kl_divergence"]["mean"], rel=1e-3)
+    assert float(cells[7]) == pytest.approx(verdict["top_token_agreement"], rel=1e-3)
     wait_for("the phase Events", lambda: {("Normal", p) for p in ("Quantizing", "Evaluating", "Deploying", "Ready")}
              <= set(models.events("tiny-llama")))
     labels = {"namespace": ns, "model": "tiny-llama"}
     assert operator.sample("kubequant_gate_outcomes_total", {**labels, "outcome": "Passed"}) == 1
     assert operator.sample("kubequant_quantized_perplexity", labels) == pytest.approx(status["quantizedPerplexity"])
+    assert operator.sample("kubequant_top_token_agreement", labels) == pytest.approx(verdict["top_token_agreement"])
 
     # A serving-only change: the Deployment follows, nothing is quantized or evaluated again.
     jobs = {j["metadata"]["uid"] for j in models.jobs("tiny-llama")}

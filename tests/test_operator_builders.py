@@ -170,6 +170,36 @@ def test_evaluate_job_runs_the_gate_like_serving():
     assert job["spec"]["template"]["spec"]["tolerations"] == model.spec.serving.tolerations
 
 
+def test_the_gate_serves_the_source_model_beside_the_artifact():
+    # A Hugging Face source: the evaluate Job reads the copy the quantize Job's fetch put on the claim.
+    model = parse_model(with_spec(with_spec(example(), "evaluation.maxKLDivergence", 0.05),
+                                  "evaluation.generation", {"prompts": {"configMap": {"name": "p", "key": "p.txt"}},
+                                                            "minExactMatch": 0.5}))
+    evaluate = _container(builders.evaluate_job(model, ARTIFACT))
+    fetch = builders.quantize_job(model)["spec"]["template"]["spec"]["initContainers"][0]["command"]
+    args = evaluate["command"]
+    assert args[args.index("--baseline-model") + 1] == fetch[fetch.index("--output") + 1]
+    assert args[args.index("--max-kl-divergence") + 1] == "0.05"
+    assert args[args.index("--generation-prompts") + 1] == "/texts/prompts/p.txt"
+    assert args[args.index("--max-new-tokens") + 1] == "32" and args[args.index("--min-generation-match") + 1] == "0.5"
+    # Room for a window's token or a prompt's completion, whichever is longer.
+    assert args[args.index("--max-model-len") + 1] == str(model.spec.evaluation.seq_len + 32)
+    assert {"name": "prompts-text", "mountPath": "/texts/prompts", "readOnly": True} in evaluate["volumeMounts"]
+
+    # A PVC source on another claim is mounted read-only; without compareWithSource nothing of it.
+    tiny = parse_model(with_spec(example("tiny.yaml"), "source.pvc", {"claimName": "models", "path": "tiny"}))
+    job = builders.evaluate_job(tiny, ARTIFACT)
+    args = _container(job)["command"]
+    assert args[args.index("--baseline-model") + 1] == "/source/tiny"
+    assert {"name": "source", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} \
+        in job["spec"]["template"]["spec"]["volumes"]
+    plain = parse_model(with_spec(example(), "evaluation.compareWithSource", False))
+    assert "--baseline-model" not in _container(builders.evaluate_job(plain, ARTIFACT))["command"]
+    # The comparison is part of the verdict's key: changing it gates again, never quantizes again.
+    assert builders.evaluation_key(plain) != builders.evaluation_key(MODELS["llama"])
+    assert builders.artifact_hash(plain) == builders.artifact_hash(MODELS["llama"])
+
+
 def test_sliding_windows_reach_both_jobs_and_the_engine_gets_room_for_its_token():
     model = parse_model(with_spec(example(), "evaluation.stride", 512))
     quantize = _container(builders.quantize_job(model))["command"]

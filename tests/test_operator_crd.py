@@ -39,7 +39,7 @@ def test_crd_shape():
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Bits", "Group", "Baseline PPL", "Quantized PPL", "Ready", "Age"]
+    assert columns == ["Phase", "Bits", "Group", "Baseline PPL", "Quantized PPL", "KL", "Top-1", "Ready", "Age"]
 
 
 def test_crd_is_a_valid_structural_crd():
@@ -109,6 +109,10 @@ INVALID = [
      "serving.tensorParallelSize must be a power of two (1, 2, 4, 8, ...)"),
     ("negative increase", [("spec.evaluation.maxPerplexityIncrease", -0.5)],
      "evaluation.maxPerplexityIncrease must be positive"),
+    ("zero KL", [("spec.evaluation.maxKLDivergence", 0)], "evaluation.maxKLDivergence must be positive"),
+    ("agreement without the source", [("spec.evaluation.compareWithSource", False),
+                                      ("spec.evaluation.minTopTokenAgreement", 0.9)],
+     "evaluation.maxKLDivergence, minTopTokenAgreement and generation compare with the source model: they need compareWithSource true"),
     ("ratio below 1", [("spec.evaluation.maxPerplexityRatio", 0.9)],
      "evaluation.maxPerplexityRatio must be at least 1.0 (it divides the served perplexity by the baseline)"),
     ("stride above the window", [("spec.evaluation.stride", 4096)],

@@ -368,6 +368,20 @@ def test_tensor_parallel_preflight_blocks_the_rollout():
     assert condition(decision, "Evaluated")["reason"] == "PreflightFailed"
 
 
+def test_the_agreement_with_the_source_model_lands_in_status():
+    sim = Sim(tiny())
+    sim.step()
+    sim.finish("quantize", "succeeded", QUANTIZE_RESULT)
+    sim.step()
+    verdict = {**PASSED, "kl_divergence": {"mean": 0.012, "p99": 0.068, "max": 0.21}, "top_token_agreement": 0.902,
+               "generation_match": 0.2, "generations": {"prompts": 10}}
+    sim.finish("evaluate", "succeeded", verdict)
+    evaluation = sim.step().status["evaluation"]
+    assert evaluation["klDivergence"] == {"mean": 0.012, "p99": 0.068, "max": 0.21}
+    assert evaluation["topTokenAgreement"] == 0.902 and evaluation["generationMatch"] == 0.2
+    assert "generations" not in evaluation  # details stay in the Job's result
+
+
 def test_a_tensor_parallel_change_is_gated_before_the_deployment_changes():
     sim = Sim(tiny())
     sim.to_ready()

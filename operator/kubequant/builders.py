@@ -23,7 +23,6 @@ from kubequant.spec import (
     VERSION,
     HuggingFaceSource,
     Model,
-    PvcSource,
     TextSource,
 )
 from quantizer.contract import EXIT_BAD_INPUT, EXIT_GATE_FAILED
@@ -102,7 +101,11 @@ def evaluation_key(model: Model) -> str:
     return digest({
         "artifact": artifact_hash(model),
         "gate": {"increase": e.max_perplexity_increase, "ratio": e.max_perplexity_ratio,
-                 "engine": e.engine_tolerance, "dtype": e.dtype},
+                 "engine": e.engine_tolerance, "dtype": e.dtype, "compareWithSource": e.compare_with_source,
+                 "kl": e.max_kl_divergence, "top1": e.min_top_token_agreement,
+                 "generation": e.generation and {"prompts": _text_id(e.generation.prompts),
+                                                 "maxNewTokens": e.generation.max_new_tokens,
+                                                 "minExactMatch": e.generation.min_exact_match}},
         "serving": {"tensorParallelSize": model.spec.serving.tensor_parallel_size},
     })
 
@@ -253,6 +256,21 @@ def quantize_command(
     return args
 
 
+def source_location(model: Model) -> tuple[str, list[dict], list[dict]]:
+    """(path inside the Pod, volumes, mounts) of the unquantized source model. A Hugging Face model is
+    on the storage claim (the quantize Job's fetch container puts it there, keyed by repo@revision),
+    which every Job mounts already; a PVC source on another claim is mounted read-only at /source."""
+    spec = model.spec
+    src = spec.source
+    if isinstance(src, HuggingFaceSource):
+        return f"{ARTIFACTS_MOUNT}/{model_dir(model)}/sources/{source_hash(model)}", [], []
+    if src.claim_name == spec.storage.claim_name:  # one claim mounted twice confuses some CSI drivers
+        return f"{ARTIFACTS_MOUNT}/{src.path}", [], []
+    return (f"{SOURCE_MOUNT}/{src.path}",
+            [{"name": "source", "persistentVolumeClaim": {"claimName": src.claim_name, "readOnly": True}}],
+            [{"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True}])
+
+
 def quantize_job(model: Model) -> dict:
     spec, q = model.spec, model.spec.quantization
     a_hash = artifact_hash(model)
@@ -265,16 +283,11 @@ def quantize_job(model: Model) -> dict:
     provenance: list[str] = []
 
     src = spec.source
-    if isinstance(src, PvcSource):
-        if src.claim_name == spec.storage.claim_name:  # one claim mounted twice confuses some CSI drivers
-            model_path = f"{ARTIFACTS_MOUNT}/{src.path}"
-        else:
-            volumes.append({"name": "source", "persistentVolumeClaim": {"claimName": src.claim_name, "readOnly": True}})
-            mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
-            model_path = f"{SOURCE_MOUNT}/{src.path}"
-    else:
+    model_path, source_volumes, source_mounts = source_location(model)
+    volumes += source_volumes
+    mounts += source_mounts
+    if isinstance(src, HuggingFaceSource):
         # Downloaded onto the claim, keyed by repo@revision, so a retry or a new recipe resumes it.
-        model_path = f"{ARTIFACTS_MOUNT}/{model_dir(model)}/sources/{source_hash(model)}"
         env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
         if src.token_secret:
             # Only a reference: the token reaches the fetch container's environment, nothing else.
@@ -394,10 +407,22 @@ def _number(value: Any) -> str:
 
 def evaluate_command(
     model: Model, *, artifact_path: str, eval_text: str, baseline_ppl: Any, fakequant_ppl: Any,
-    python: str = "python",
+    source_path: str, prompts_path: str | None = None, python: str = "python",
 ) -> list[str]:
     """The evaluator's command line for this spec: the Job's container and `kubequant run` share it."""
     e, serving = model.spec.evaluation, model.spec.serving
+    against_source: list[str] = []
+    if e.compare_with_source:
+        against_source = ["--baseline-model", source_path]
+        if e.max_kl_divergence is not None:
+            against_source += ["--max-kl-divergence", repr(float(e.max_kl_divergence))]
+        if e.min_top_token_agreement is not None:
+            against_source += ["--min-top-token-agreement", repr(float(e.min_top_token_agreement))]
+        if e.generation is not None:
+            against_source += ["--generation-prompts", str(prompts_path), "--max-new-tokens",
+                               str(e.generation.max_new_tokens)]
+            if e.generation.min_exact_match is not None:
+                against_source += ["--min-generation-match", repr(float(e.generation.min_exact_match))]
     return [
         python, "-m", "quantizer", "evaluate",
         "--model", artifact_path,
@@ -411,9 +436,11 @@ def evaluate_command(
         *(["--max-ppl-increase", repr(float(e.max_perplexity_increase))] if e.max_perplexity_increase else []),
         *(["--max-ppl-ratio", repr(float(e.max_perplexity_ratio))] if e.max_perplexity_ratio else []),
         "--engine-tolerance", repr(float(e.engine_tolerance)),
+        *against_source,
         "--tensor-parallel-size", str(serving.tensor_parallel_size),
-        # vLLM counts the one token it generates against the model length.
-        "--max-model-len", str(e.seq_len + 1),
+        # vLLM counts the one token it generates against the model length; a completion, all of its
+        # tokens (prompts are taken to be shorter than a window).
+        "--max-model-len", str(e.seq_len + max(1, e.generation.max_new_tokens if e.generation else 0)),
         "--dtype", e.dtype,
         "--gpu-memory-utilization", repr(float(serving.gpu_memory_utilization)),
     ]
@@ -427,9 +454,17 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
     e, serving = model.spec.evaluation, model.spec.serving
     volumes, mounts = _serving_pod_parts(model)
     text_path, text_volumes, text_mounts = _texts(model, "evaluation", e.text)
+    source_path, prompts_path = "", None
+    if e.compare_with_source:
+        source_path, source_volumes, source_mounts = source_location(model)
+        text_volumes, text_mounts = text_volumes + source_volumes, text_mounts + source_mounts
+        if e.generation is not None:
+            prompts_path, prompt_volumes, prompt_mounts = _texts(model, "prompts", e.generation.prompts)
+            text_volumes, text_mounts = text_volumes + prompt_volumes, text_mounts + prompt_mounts
     args = evaluate_command(
         model, artifact_path=f"{ARTIFACTS_MOUNT}/{artifact['path']}", eval_text=text_path,
         baseline_ppl=artifact.get("baselinePerplexity"), fakequant_ppl=artifact.get("fakequantPerplexity"),
+        source_path=source_path, prompts_path=prompts_path,
     )
     return _job(
         model, evaluate_job_name(model), "evaluate",

@@ -150,8 +150,14 @@ def _summary(model: Model, quantized: QuantizeResult, gate: EvaluateResult, endp
         ("baseline perplexity", f"{gate.baseline_ppl:.4f}"),
         ("quantized perplexity (ours)", f"{gate.fakequant_ppl:.4f}"),
         ("served perplexity", f"{gate.served_ppl:.4f} ({gate.engine})"),
-        ("gate", f"{gate.reason}: {gate.message}"),
     ]
+    if gate.kl_divergence is not None:
+        kl = gate.kl_divergence
+        rows.append(("KL divergence (nats/token)", f"mean {kl['mean']:.4f}, p99 {kl['p99']:.4f}, max {kl['max']:.4f}"))
+        rows.append(("top-1 agreement", f"{gate.top_token_agreement:.2%}"))
+    if gate.generation_match is not None:
+        rows.append(("generations matching", f"{gate.generation_match:.0%}"))
+    rows.append(("gate", f"{gate.reason}: {gate.message}"))
     if endpoint:
         rows.append(("endpoint", endpoint))
     width = max(len(k) for k, _ in rows)
@@ -182,9 +188,12 @@ def run_local(run: LocalRun) -> int:
         quantized = _run_step(command, results / "quantize.json", QuantizeResult)
 
     _step("evaluate: perplexity in the serving engine, then the gate")
+    generation = model.spec.evaluation.generation
+    prompts = _text_path(run, model, generation.prompts, "spec.evaluation.generation.prompts") if generation else None
     command = builders.evaluate_command(
         model, python=run.python, artifact_path=str(artifact), eval_text=str(evaluation),
         baseline_ppl=quantized.baseline_ppl, fakequant_ppl=quantized.fakequant_ppl,
+        source_path=str(model_path), prompts_path=str(prompts) if prompts else None,
     )
     command += ["--engine", run.engine, "--result-file", str(results / "evaluate.json")]
     gate = _run_step(command, results / "evaluate.json", EvaluateResult, (EXIT_OK, EXIT_GATE_FAILED))

@@ -26,6 +26,10 @@ EVALUATE_SECONDS = Histogram(
 BASELINE_PPL = Gauge("kubequant_baseline_perplexity", "Perplexity of the unquantized model.", ["namespace", "model"])
 QUANTIZED_PPL = Gauge("kubequant_quantized_perplexity", "Perplexity of the quantized model (served by vLLM when "
                       "evaluated).", ["namespace", "model"])
+KL_DIVERGENCE = Gauge("kubequant_kl_divergence", "Mean KL divergence of the served model's next-token "
+                      "distributions from the source model's, nats per token.", ["namespace", "model"])
+TOP_TOKEN_AGREEMENT = Gauge("kubequant_top_token_agreement", "Share of tokens whose most likely successor is the "
+                            "source model's.", ["namespace", "model"])
 GATE_OUTCOMES = Counter("kubequant_gate_outcomes", "Quality gate verdicts.", ["namespace", "model", "outcome"])
 
 _phases: dict[tuple[str, str], str] = {}
@@ -67,6 +71,10 @@ def record(namespace: str, name: str, old: dict, new: dict) -> None:
         BASELINE_PPL.labels(namespace=namespace, model=name).set(new["baselinePerplexity"])
     if new.get("quantizedPerplexity") is not None:
         QUANTIZED_PPL.labels(namespace=namespace, model=name).set(new["quantizedPerplexity"])
+    if (evaluation.get("klDivergence") or {}).get("mean") is not None:
+        KL_DIVERGENCE.labels(namespace=namespace, model=name).set(evaluation["klDivergence"]["mean"])
+    if evaluation.get("topTokenAgreement") is not None:
+        TOP_TOKEN_AGREEMENT.labels(namespace=namespace, model=name).set(evaluation["topTokenAgreement"])
 
 
 def forget(namespace: str, name: str) -> None:
@@ -74,7 +82,7 @@ def forget(namespace: str, name: str) -> None:
     with _lock:
         _phases.pop((namespace, name), None)
         _set_phases()
-    for gauge in (BASELINE_PPL, QUANTIZED_PPL):
+    for gauge in (BASELINE_PPL, QUANTIZED_PPL, KL_DIVERGENCE, TOP_TOKEN_AGREEMENT):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
     for labels in [s.labels for m in GATE_OUTCOMES.collect() for s in m.samples]:

@@ -231,6 +231,9 @@ def _evaluation_record(model: Model, e_key: str, a_hash: str, verdict: EvaluateR
         "reason": verdict.reason,
         "message": redact(verdict.message),
         "servedPerplexity": verdict.served_ppl,
+        "klDivergence": verdict.kl_divergence and {k: verdict.kl_divergence.get(k) for k in ("mean", "p99", "max")},
+        "topTokenAgreement": verdict.top_token_agreement,
+        "generationMatch": verdict.generation_match,
         "tensorParallelSize": model.spec.serving.tensor_parallel_size,
         "seconds": seconds,
     }

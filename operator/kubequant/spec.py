@@ -116,6 +116,15 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """Greedy completions of the prompts, from the source and the quantized model."""
+
+    prompts: TextSource
+    max_new_tokens: int = 32
+    min_exact_match: float | None = None
+
+
+@dataclass(frozen=True)
 class Evaluation:
     text: TextSource
     jsonl_field: str = "text"
@@ -125,6 +134,10 @@ class Evaluation:
     max_perplexity_increase: float | None = None
     max_perplexity_ratio: float | None = None
     engine_tolerance: float = 0.01
+    compare_with_source: bool = True
+    max_kl_divergence: float | None = None
+    min_top_token_agreement: float | None = None
+    generation: Generation | None = None
     dtype: str = "float16"
     image: str = _image("KUBEQUANT_EVALUATOR_IMAGE", EVALUATOR_IMAGE)
     backoff_limit: int = 1
@@ -283,16 +296,40 @@ def _quantization(raw: dict) -> Quantization:
 
 def _evaluation(raw: dict) -> Evaluation:
     e = _obj(_required(raw, "evaluation", "spec"), "spec.evaluation")
+    generation = None
+    if e.get("generation") is not None:
+        g = _obj(e["generation"], "spec.evaluation.generation")
+        generation = Generation(
+            prompts=_text(_required(g, "prompts", "spec.evaluation.generation"), "spec.evaluation.generation.prompts"),
+            **_kwargs(g, {"maxNewTokens": "max_new_tokens", "minExactMatch": "min_exact_match"}),
+        )
     evaluation = Evaluation(
         text=_text(e.get("text"), "spec.evaluation.text"),
+        generation=generation,
         **_kwargs(e, {
             "jsonlField": "jsonl_field", "seqLen": "seq_len", "maxWindows": "max_windows", "stride": "stride",
             "maxPerplexityIncrease": "max_perplexity_increase", "maxPerplexityRatio": "max_perplexity_ratio",
-            "engineTolerance": "engine_tolerance", "dtype": "dtype", "image": "image",
-            "backoffLimit": "backoff_limit",
+            "engineTolerance": "engine_tolerance", "compareWithSource": "compare_with_source",
+            "maxKLDivergence": "max_kl_divergence", "minTopTokenAgreement": "min_top_token_agreement",
+            "dtype": "dtype", "image": "image", "backoffLimit": "backoff_limit",
         }),
     )
+
+    def share(value: float | None) -> bool:
+        return value is not None and not 0 <= value <= 1
+
     return _checked(evaluation, "spec.evaluation", lambda: [
+        (evaluation.max_kl_divergence is not None and evaluation.max_kl_divergence <= 0,
+         "spec.evaluation.maxKLDivergence must be positive"),
+        (share(evaluation.min_top_token_agreement), "spec.evaluation.minTopTokenAgreement must be between 0 and 1"),
+        (generation is not None and share(generation.min_exact_match),
+         "spec.evaluation.generation.minExactMatch must be between 0 and 1"),
+        (generation is not None and not 1 <= generation.max_new_tokens <= 4096,
+         "spec.evaluation.generation.maxNewTokens must be between 1 and 4096"),
+        (not evaluation.compare_with_source and (evaluation.max_kl_divergence is not None or generation is not None
+                                                 or evaluation.min_top_token_agreement is not None),
+         "spec.evaluation.maxKLDivergence, minTopTokenAgreement and generation compare with the source model: "
+         "they need compareWithSource true"),
         (evaluation.max_perplexity_increase is not None and evaluation.max_perplexity_increase <= 0,
          "spec.evaluation.maxPerplexityIncrease must be positive"),
         (evaluation.engine_tolerance <= 0, "spec.evaluation.engineTolerance must be positive"),

@@ -21,7 +21,9 @@ QUANTIZE_RESULT = QuantizeResult(
     seconds=1800.0, group_size=128, row_parallel_in_features=[4096, 14336],
 ).to_dict()
 PASSED = EvaluateResult(passed=True, reason=contract.PASSED, message="served 13.0 <= 1.05 x 12.5", served_ppl=13.0,
-                        baseline_ppl=12.5, fakequant_ppl=12.9, engine="vllm 0.32.0").to_dict()
+                        baseline_ppl=12.5, fakequant_ppl=12.9, engine="vllm 0.32.0",
+                        kl_divergence={"mean": 0.021, "p99": 0.19, "max": 1.4}, top_token_agreement=0.93,
+                        generation_match=0.6).to_dict()
 REGRESSED = EvaluateResult(passed=False, reason=contract.PERPLEXITY_REGRESSION, message="served 14.2 > 1.05 x 12.5",
                            served_ppl=14.2, baseline_ppl=12.5, fakequant_ppl=12.9, engine="vllm 0.32.0").to_dict()
 
