@@ -109,6 +109,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per greedy completion (default 32)")
     p.add_argument("--min-generation-match", type=float,
                    help="least share of completions equal to the unquantized model's, token for token")
+    p.add_argument("--throughput-batches", type=lambda v: tuple(int(b) for b in v.split(",")), default=(),
+                   help="batch sizes, for example 1,16,64: output tokens/s and time to first token in vLLM "
+                        "(and the speedup over the source model with --baseline-model)")
+    p.add_argument("--throughput-tokens", type=int, default=64, help="tokens per request of the throughput runs")
+    p.add_argument("--min-speedup", type=float,
+                   help="least quantized/source output tokens/s at the largest batch (needs --throughput-batches)")
     p.add_argument("--top-logprobs", type=int, default=20,
                    help="log-probabilities per token for the KL divergence (default 20)")
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm", help="torch: for machines without vLLM")
@@ -180,8 +186,9 @@ def _evaluate(args) -> Result:
             thresholds=GateThresholds(
                 args.max_ppl_increase, args.max_ppl_ratio, args.engine_tolerance,
                 max_kl_divergence=args.max_kl_divergence, min_top_token_agreement=args.min_top_token_agreement,
-                min_generation_match=args.min_generation_match,
+                min_generation_match=args.min_generation_match, min_speedup=args.min_speedup,
             ),
+            throughput_batches=args.throughput_batches, throughput_tokens=args.throughput_tokens,
             top_logprobs=args.top_logprobs, generation_prompts=args.generation_prompts,
             max_new_tokens=args.max_new_tokens,
             engine=args.engine, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,

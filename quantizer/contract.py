@@ -39,8 +39,9 @@ ENGINE_MISMATCH = "EngineMismatch"
 KL_DIVERGENCE = "KLDivergence"  # the next-token distributions drift too far from FP16's
 TOP_TOKEN_AGREEMENT = "TopTokenAgreement"  # too many tokens whose most likely successor flips
 GENERATION_MISMATCH = "GenerationMismatch"  # too few greedy completions equal FP16's
+INSUFFICIENT_SPEEDUP = "InsufficientSpeedup"  # not enough faster than FP16 at the largest batch
 GATE_VERDICTS = (PASSED, PERPLEXITY_REGRESSION, ENGINE_MISMATCH, KL_DIVERGENCE, TOP_TOKEN_AGREEMENT,
-                 GENERATION_MISMATCH)
+                 GENERATION_MISMATCH, INSUFFICIENT_SPEEDUP)
 
 # ---- recipes: what the quantizer makes, what vLLM 0.32 serves -------------------------------------
 
@@ -166,6 +167,9 @@ class EvaluateResult(Result):
     kl_divergence: dict | None = None  # KL(FP16 || quantized) per token: {"mean", "p99", "max"}
     top_token_agreement: float | None = None  # share of tokens with the same most likely successor
     generation_match: float | None = None  # share of greedy completions equal token for token
+    # Per batch size: {"batch_size", "output_tokens_per_second", "time_to_first_token_seconds"} and,
+    # with the source model, its "source_output_tokens_per_second" and the "speedup".
+    throughput: list | None = None
 
 
 @dataclass(frozen=True)

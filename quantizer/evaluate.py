@@ -60,6 +60,8 @@ class EvaluateOptions:
     top_logprobs: int = 20  # per token, for the KL divergence against --baseline-model
     generation_prompts: Path | None = None
     max_new_tokens: int = 32
+    throughput_batches: tuple[int, ...] = ()
+    throughput_tokens: int = 64
 
 
 @dataclass
@@ -69,6 +71,8 @@ class _Request:
     top_k: int = 0
     prompts: list[list[int]] = field(default_factory=list)
     max_new_tokens: int = 0
+    throughput_batches: tuple[int, ...] = ()
+    throughput_tokens: int = 0
 
 
 def _config(model_dir: Path) -> dict:
@@ -100,12 +104,14 @@ def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engin
         top_k=request.top_k,
         prompts=request.prompts,
         max_new_tokens=request.max_new_tokens,
+        throughput_batches=request.throughput_batches,
+        throughput_tokens=request.throughput_tokens,
     )
     perplexity = Perplexity(
         ppl=measured["ppl"], nll_sum=measured["nll_sum"], tokens_scored=measured["tokens_scored"],
         windows=measured["windows"], engine=f"vllm {measured.get('vllm_version', '')}".strip(),
     )
-    return EngineScores(perplexity, measured["top"], measured["generations"])
+    return EngineScores(perplexity, measured["top"], measured["generations"], measured["throughput"])
 
 
 def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
@@ -128,15 +134,23 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     if opts.tensor_parallel_size < 1:
         raise InputError(f"--tensor-parallel-size {opts.tensor_parallel_size} must be at least 1")
     if opts.thresholds.needs_reference and opts.baseline_model is None:
-        raise InputError("the KL divergence and agreement thresholds compare with the unquantized model: "
-                         "pass --baseline-model DIR")
+        raise InputError("--max-kl-divergence, --min-top-token-agreement, --min-generation-match and --min-speedup "
+                         "compare with the unquantized model: pass --baseline-model DIR")
     if opts.thresholds.min_generation_match is not None and opts.generation_prompts is None:
         raise InputError("--min-generation-match needs --generation-prompts PATH")
+    if any(b < 1 for b in opts.throughput_batches) or opts.throughput_tokens < 1:
+        raise InputError("--throughput-batches and --throughput-tokens must be positive")
+    batches = opts.throughput_batches
+    if batches and opts.engine != "vllm":
+        if opts.thresholds.min_speedup is not None:
+            raise InputError("--min-speedup gates on the serving engine's throughput: it needs --engine vllm")
+        log.warning("throughput is measured in vLLM only: not measured with --engine %s", opts.engine)
+        batches = ()
     tokenizer = AutoTokenizer.from_pretrained(opts.model)
     windows = load_evaluation_windows(opts.eval_text, tokenizer, opts.seq_len, opts.max_windows, opts.jsonl_field,
                                       opts.stride)
     # What is compared with the unquantized model, asked of both engines alike.
-    request = _Request()
+    request = _Request(throughput_batches=batches, throughput_tokens=opts.throughput_tokens)
     if opts.baseline_model is not None:
         request.top_k = opts.top_logprobs
         if opts.generation_prompts is not None:
@@ -153,7 +167,9 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     distributions = distribution_agreement(reference.top, served.top) if reference else None
     generations = generation_agreement(reference.generations, served.generations) \
         if reference and request.prompts else None
-    decision = decide(baseline, fakequant, served.perplexity.ppl, opts.thresholds, distributions, generations)
+    throughput = _throughput_table(served.throughput, reference.throughput if reference else [])
+    decision = decide(baseline, fakequant, served.perplexity.ppl, opts.thresholds, distributions, generations,
+                      throughput)
     details = {
         "ppl_ratio": decision.ppl_ratio,
         "ppl_increase": decision.ppl_increase,
@@ -169,6 +185,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             "max_kl_divergence": opts.thresholds.max_kl_divergence,
             "min_top_token_agreement": opts.thresholds.min_top_token_agreement,
             "min_generation_match": opts.thresholds.min_generation_match,
+            "min_speedup": opts.thresholds.min_speedup,
         },
         "tensor_parallel_size": opts.tensor_parallel_size,
     }
@@ -186,8 +203,24 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         if distributions else None,
         top_token_agreement=distributions.top1_agreement if distributions else None,
         generation_match=generations.exact_match if generations else None,
+        throughput=throughput or None,
         details=details,
     )
+
+
+def _throughput_table(quantized: list[dict], source: list[dict]) -> list[dict]:
+    """The quantized model's rows, each with the source model's tokens/s and the speedup when measured."""
+    by_batch = {row["batch_size"]: row for row in source}
+    table = []
+    for row in quantized:
+        row = dict(row)
+        if row["batch_size"] in by_batch:
+            source_rate = by_batch[row["batch_size"]]["output_tokens_per_second"]
+            row["source_output_tokens_per_second"] = source_rate
+            row["source_time_to_first_token_seconds"] = by_batch[row["batch_size"]]["time_to_first_token_seconds"]
+            row["speedup"] = row["output_tokens_per_second"] / source_rate
+        table.append(row)
+    return table
 
 
 def summary_lines(result: EvaluateResult) -> list[str]:
@@ -206,4 +239,10 @@ def summary_lines(result: EvaluateResult) -> list[str]:
     if result.generation_match is not None:
         lines.append(f"greedy completions matching: {result.generation_match:.0%} "
                      f"(first difference at token {details['generations']['mean_first_difference']:.1f} on average)")
+    for row in result.throughput or []:
+        line = (f"batch {row['batch_size']}: {row['output_tokens_per_second']:.1f} output tokens/s, first token in "
+                f"{row['time_to_first_token_seconds']:.3f} s")
+        if "speedup" in row:
+            line += f" ({row['speedup']:.2f}x the source model's {row['source_output_tokens_per_second']:.1f})"
+        lines.append(line)
     return lines

@@ -20,6 +20,7 @@ from quantizer.agreement import DistributionAgreement, GenerationAgreement
 from quantizer.contract import (
     ENGINE_MISMATCH,
     GENERATION_MISMATCH,
+    INSUFFICIENT_SPEEDUP,
     KL_DIVERGENCE,
     PASSED,
     PERPLEXITY_REGRESSION,
@@ -39,9 +40,10 @@ class GateThresholds:
     max_kl_divergence: float | None = None  # mean KL(FP16 || quantized) per token, nats
     min_top_token_agreement: float | None = None  # share of tokens, 0..1
     min_generation_match: float | None = None  # share of prompts, 0..1
+    min_speedup: float | None = None  # quantized over source output tokens/s at the largest batch
 
     def __post_init__(self) -> None:
-        for name in ("max_ppl_increase", "max_ppl_ratio", "engine_tolerance", "max_kl_divergence"):
+        for name in ("max_ppl_increase", "max_ppl_ratio", "engine_tolerance", "max_kl_divergence", "min_speedup"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise InputError(f"--{name.replace('_', '-')} must be positive (got {value})")
@@ -56,7 +58,7 @@ class GateThresholds:
     def needs_reference(self) -> bool:
         """Whether a threshold compares against the unquantized model in the engine."""
         return self.max_kl_divergence is not None or self.min_top_token_agreement is not None \
-            or self.min_generation_match is not None
+            or self.min_generation_match is not None or self.min_speedup is not None
 
     def effective_ratio(self) -> float | None:
         if self.max_ppl_increase is None and self.max_ppl_ratio is None:
@@ -82,7 +84,7 @@ class GateDecision:
 
 def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresholds: GateThresholds,
            distributions: DistributionAgreement | None = None,
-           generations: GenerationAgreement | None = None) -> GateDecision:
+           generations: GenerationAgreement | None = None, throughput: list[dict] | None = None) -> GateDecision:
     for name, value in (("baseline", baseline_ppl), ("fakequant", fakequant_ppl), ("served", served_ppl)):
         if not value > 0 or value != value or value == float("inf"):
             raise InputError(f"{name} perplexity must be a positive finite number (got {value})")
@@ -113,9 +115,10 @@ def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresho
     summary = f"perplexity {baseline_ppl:.4f} -> {served_ppl:.4f} (x{ratio:.4f}, {increase:+.4f})"
     if regression:
         failures.append((PERPLEXITY_REGRESSION, f"{summary}: {' and '.join(regression)}"))
-    if thresholds.needs_reference and distributions is None:
-        raise InputError("the KL divergence and agreement thresholds compare with the unquantized model: "
-                         "pass --baseline-model DIR")
+    if distributions is None and (thresholds.max_kl_divergence is not None
+                                  or thresholds.min_top_token_agreement is not None):
+        raise InputError("--max-kl-divergence, --min-top-token-agreement, --min-generation-match and --min-speedup "
+                         "compare with the unquantized model: pass --baseline-model DIR")
     if distributions is not None:
         kl, agreement = distributions.kl_mean, distributions.top1_agreement
         if thresholds.max_kl_divergence is not None and kl > thresholds.max_kl_divergence:
@@ -135,6 +138,16 @@ def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresho
                              f"token {generations.mean_first_difference:.1f} of {generations.new_tokens} on average)"))
     if generations is not None:
         summary += f", {generations.exact_match:.0%} of completions match"
+    largest = max(throughput or [], key=lambda row: row["batch_size"], default=None)
+    if thresholds.min_speedup is not None:
+        if largest is None or "speedup" not in largest:
+            raise InputError("--min-speedup needs the throughput of both models: pass --throughput-batches "
+                             "and --baseline-model (with --engine vllm)")
+        if largest["speedup"] < thresholds.min_speedup:
+            failures.append((INSUFFICIENT_SPEEDUP, f"{largest['speedup']:.2f}x the source model's output tokens/s at "
+                             f"batch {largest['batch_size']} < {thresholds.min_speedup:.2f}x"))
+    if largest is not None and "speedup" in largest:
+        summary += f", {largest['speedup']:.2f}x the source's tokens/s at batch {largest['batch_size']}"
     if failures:
         return GateDecision(passed=False, reason=failures[0][0], message="; ".join(m for _, m in failures),
                             **numbers)

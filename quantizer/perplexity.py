@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -102,6 +102,7 @@ class EngineScores:
     perplexity: Perplexity
     top: list[list[tuple[int, float]]]
     generations: list[list[int]]
+    throughput: list[dict] = field(default_factory=list)  # per batch size (vLLM only)
 
 
 @torch.no_grad()

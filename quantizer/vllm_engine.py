@@ -29,6 +29,8 @@ CPU_KVCACHE_SPACE_GIB = "1"
 ENGINE_EXIT_TIMEOUT_S = 10.0
 # vLLM's own default for max_logprobs: asking for more needs the engine started with more.
 DEFAULT_MAX_LOGPROBS = 20
+# The throughput requests' prompt: the opening of the first evaluation window.
+THROUGHPUT_PROMPT_TOKENS = 128
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -110,6 +112,8 @@ def served_scores(
     top_k: int = 0,
     prompts: list[list[int]] | None = None,
     max_new_tokens: int = 0,
+    throughput_batches: Sequence[int] = (),
+    throughput_tokens: int = 64,
 ) -> dict:
     """Perplexity of `windows` (lists of token ids) under vLLM serving `model_dir`, and, when asked,
     every scored token's top-k log-probabilities and greedy completions of `prompts`, from one engine.
@@ -121,6 +125,9 @@ def served_scores(
     exp(nll_sum / tokens_scored) with tokens_scored = sum(len(w) - 1). `top` lists, per scored token
     in window order, the `top_k` most likely (token, logprob) pairs, most likely first. `generations`
     holds `max_new_tokens` greedy tokens per prompt (EOS ignored, so every completion has that length).
+    `throughput` times, for each batch size, that many copies of the first window's opening as one
+    batch: a completion of one token (the time to the first token) and of `throughput_tokens` tokens
+    (output tokens per second), after one warm-up request.
     `max_model_len` defaults to the least that fits: the longest window plus one (the generated token
     vLLM insists on), or the longest prompt plus its completion.
     `enforce_eager` defaults to True on the CPU backend (torch.compile there adds tens of seconds of
@@ -138,7 +145,9 @@ def served_scores(
     ):
         raise ValueError("score_from needs one position per window, each in [1, window length)")
     # vLLM counts the one token it must generate against the model length too.
-    needed = max([len(ids) + 1 for ids in checked] + [len(p) + max_new_tokens for p in prompts])
+    throughput_prompt = checked[0][:THROUGHPUT_PROMPT_TOKENS]
+    needed = max([len(ids) + 1 for ids in checked] + [len(p) + max_new_tokens for p in prompts]
+                 + ([len(throughput_prompt) + throughput_tokens] if throughput_batches else []))
     if max_model_len is None:
         max_model_len = needed
     elif max_model_len < needed:
@@ -172,6 +181,7 @@ def served_scores(
     )
     top: list[list[tuple[int, float]]] = []
     generations: list[list[int]] = []
+    throughput: list[dict] = []
     try:
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False)
         outputs = llm.generate(
@@ -197,6 +207,8 @@ def served_scores(
             greedy = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True, detokenize=False)
             completions = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy, use_tqdm=False)
             generations = [list(c.outputs[0].token_ids) for c in completions]
+        throughput = [_throughput(llm, SamplingParams, TokensPrompt, throughput_prompt, batch, throughput_tokens)
+                      for batch in throughput_batches]
     finally:
         _stop_engine(llm)
         del llm
@@ -212,4 +224,23 @@ def served_scores(
         "vllm_version": vllm.__version__,
         "top": top,
         "generations": generations,
+        "throughput": throughput,
     }
+
+
+def _throughput(llm: Any, sampling_params: Any, tokens_prompt: Any, prompt: list[int], batch: int,
+                new_tokens: int) -> dict:
+    """Time to the first token and output tokens per second of one batch of `batch` equal requests."""
+    import time
+
+    def timed(tokens: int) -> float:
+        params = sampling_params(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
+        start = time.perf_counter()
+        llm.generate([tokens_prompt(prompt_token_ids=prompt) for _ in range(batch)], params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up: the first requests of a batch shape pay for allocations (and on GPUs, graphs)
+    first_token = timed(1)
+    total = timed(new_tokens)
+    return {"batch_size": batch, "time_to_first_token_seconds": first_token,
+            "output_tokens_per_second": batch * new_tokens / total}

@@ -130,7 +130,8 @@ def test_vllm_measures_the_same_distributions_as_torch(checkpoints, tmp_path):
     path, _ = checkpoints["gptq-g128"]
     result_file = tmp_path / "vllm.json"
     done = subprocess.run([sys.executable, "-m", "quantizer", "evaluate", "--model", str(path), *WINDOWS, *CHECKS,
-                           "--engine", "vllm", "--result-file", str(result_file)],
+                           "--engine", "vllm", "--throughput-batches", "1,4", "--throughput-tokens", "8",
+                           "--result-file", str(result_file)],
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     served = json.loads(result_file.read_text())
     assert done.returncode == 0, done.stderr[-3000:]
@@ -139,3 +140,19 @@ def test_vllm_measures_the_same_distributions_as_torch(checkpoints, tmp_path):
     assert served["kl_divergence"]["mean"] == pytest.approx(reference["kl_divergence"]["mean"], abs=0.005)
     assert served["top_token_agreement"] == pytest.approx(reference["top_token_agreement"], abs=0.02)
     assert served["baseline_ppl"] == pytest.approx(reference["baseline_ppl"], rel=0.01)
+    # Throughput in the engine, both models, per batch size (timings vary: only their shape is checked).
+    assert [row["batch_size"] for row in served["throughput"]] == [1, 4]
+    for row in served["throughput"]:
+        assert row["output_tokens_per_second"] > 0 and row["source_output_tokens_per_second"] > 0
+        assert row["speedup"] == pytest.approx(row["output_tokens_per_second"] / row["source_output_tokens_per_second"])
+        assert row["time_to_first_token_seconds"] > 0
+    assert "throughput" not in reference or reference["throughput"] is None  # the torch engine measures none
+
+
+def test_a_speedup_below_the_threshold_fails_the_gate():
+    from quantizer.gate import GateThresholds, decide
+
+    rows = [{"batch_size": 1, "speedup": 2.5}, {"batch_size": 64, "speedup": 1.2}]
+    decision = decide(10.0, 10.0, 10.0, GateThresholds(min_speedup=1.5), throughput=rows)
+    assert decision.reason == contract.INSUFFICIENT_SPEEDUP and "1.20x" in decision.message and "batch 64" in decision.message
+    assert decide(10.0, 10.0, 10.0, GateThresholds(min_speedup=1.1), throughput=rows).passed

@@ -195,6 +195,11 @@ def test_the_gate_serves_the_source_model_beside_the_artifact():
         in job["spec"]["template"]["spec"]["volumes"]
     plain = parse_model(with_spec(example(), "evaluation.compareWithSource", False))
     assert "--baseline-model" not in _container(builders.evaluate_job(plain, ARTIFACT))["command"]
+    # Throughput at the batch sizes of the spec, with room in the model length for its completions.
+    fast = parse_model(with_spec(example(), "evaluation.throughput", {"minSpeedup": 1.5, "maxNewTokens": 128}))
+    args = _container(builders.evaluate_job(fast, ARTIFACT))["command"]
+    assert args[args.index("--throughput-batches") + 1] == "1,16,64" and args[args.index("--min-speedup") + 1] == "1.5"
+    assert args[args.index("--max-model-len") + 1] == str(fast.spec.evaluation.seq_len + 128)
     # The comparison is part of the verdict's key: changing it gates again, never quantizes again.
     assert builders.evaluation_key(plain) != builders.evaluation_key(MODELS["llama"])
     assert builders.artifact_hash(plain) == builders.artifact_hash(MODELS["llama"])

@@ -105,7 +105,10 @@ def evaluation_key(model: Model) -> str:
                  "kl": e.max_kl_divergence, "top1": e.min_top_token_agreement,
                  "generation": e.generation and {"prompts": _text_id(e.generation.prompts),
                                                  "maxNewTokens": e.generation.max_new_tokens,
-                                                 "minExactMatch": e.generation.min_exact_match}},
+                                                 "minExactMatch": e.generation.min_exact_match},
+                 "throughput": e.throughput and {"batchSizes": list(e.throughput.batch_sizes),
+                                                 "maxNewTokens": e.throughput.max_new_tokens,
+                                                 "minSpeedup": e.throughput.min_speedup}},
         "serving": {"tensorParallelSize": model.spec.serving.tensor_parallel_size},
     })
 
@@ -423,6 +426,13 @@ def evaluate_command(
                                str(e.generation.max_new_tokens)]
             if e.generation.min_exact_match is not None:
                 against_source += ["--min-generation-match", repr(float(e.generation.min_exact_match))]
+        if e.throughput is not None and e.throughput.min_speedup is not None:
+            against_source += ["--min-speedup", repr(float(e.throughput.min_speedup))]
+    throughput = [] if e.throughput is None else [
+        "--throughput-batches", ",".join(map(str, e.throughput.batch_sizes)),
+        "--throughput-tokens", str(e.throughput.max_new_tokens)]
+    new_tokens = max([1] + ([e.generation.max_new_tokens] if e.generation else [])
+                     + ([e.throughput.max_new_tokens] if e.throughput else []))
     return [
         python, "-m", "quantizer", "evaluate",
         "--model", artifact_path,
@@ -437,10 +447,11 @@ def evaluate_command(
         *(["--max-ppl-ratio", repr(float(e.max_perplexity_ratio))] if e.max_perplexity_ratio else []),
         "--engine-tolerance", repr(float(e.engine_tolerance)),
         *against_source,
+        *throughput,
         "--tensor-parallel-size", str(serving.tensor_parallel_size),
         # vLLM counts the one token it generates against the model length; a completion, all of its
         # tokens (prompts are taken to be shorter than a window).
-        "--max-model-len", str(e.seq_len + max(1, e.generation.max_new_tokens if e.generation else 0)),
+        "--max-model-len", str(e.seq_len + new_tokens),
         "--dtype", e.dtype,
         "--gpu-memory-utilization", repr(float(serving.gpu_memory_utilization)),
     ]

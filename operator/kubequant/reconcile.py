@@ -234,10 +234,20 @@ def _evaluation_record(model: Model, e_key: str, a_hash: str, verdict: EvaluateR
         "klDivergence": verdict.kl_divergence and {k: verdict.kl_divergence.get(k) for k in ("mean", "p99", "max")},
         "topTokenAgreement": verdict.top_token_agreement,
         "generationMatch": verdict.generation_match,
+        "throughput": verdict.throughput and [_throughput_row(row) for row in verdict.throughput],
         "tensorParallelSize": model.spec.serving.tensor_parallel_size,
         "seconds": seconds,
     }
     return {k: v for k, v in record.items() if v is not None}
+
+
+_THROUGHPUT_FIELDS = {"batch_size": "batchSize", "output_tokens_per_second": "outputTokensPerSecond",
+                      "time_to_first_token_seconds": "timeToFirstTokenSeconds",
+                      "source_output_tokens_per_second": "sourceOutputTokensPerSecond", "speedup": "speedup"}
+
+
+def _throughput_row(row: dict) -> dict:
+    return {camel: row[name] for name, camel in _THROUGHPUT_FIELDS.items() if isinstance(row, dict) and name in row}
 
 
 # ---- the decision -------------------------------------------------------------------------------

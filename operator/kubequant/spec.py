@@ -125,6 +125,15 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Throughput:
+    """Output tokens per second and time to the first token in vLLM, at these batch sizes."""
+
+    batch_sizes: tuple[int, ...] = (1, 16, 64)
+    max_new_tokens: int = 64
+    min_speedup: float | None = None
+
+
+@dataclass(frozen=True)
 class Evaluation:
     text: TextSource
     jsonl_field: str = "text"
@@ -138,6 +147,7 @@ class Evaluation:
     max_kl_divergence: float | None = None
     min_top_token_agreement: float | None = None
     generation: Generation | None = None
+    throughput: Throughput | None = None
     dtype: str = "float16"
     image: str = _image("KUBEQUANT_EVALUATOR_IMAGE", EVALUATOR_IMAGE)
     backoff_limit: int = 1
@@ -303,9 +313,17 @@ def _evaluation(raw: dict) -> Evaluation:
             prompts=_text(_required(g, "prompts", "spec.evaluation.generation"), "spec.evaluation.generation.prompts"),
             **_kwargs(g, {"maxNewTokens": "max_new_tokens", "minExactMatch": "min_exact_match"}),
         )
+    throughput = None
+    if e.get("throughput") is not None:
+        t = _obj(e["throughput"], "spec.evaluation.throughput")
+        throughput = Throughput(
+            **({"batch_sizes": tuple(t["batchSizes"])} if "batchSizes" in t else {}),
+            **_kwargs(t, {"maxNewTokens": "max_new_tokens", "minSpeedup": "min_speedup"}),
+        )
     evaluation = Evaluation(
         text=_text(e.get("text"), "spec.evaluation.text"),
         generation=generation,
+        throughput=throughput,
         **_kwargs(e, {
             "jsonlField": "jsonl_field", "seqLen": "seq_len", "maxWindows": "max_windows", "stride": "stride",
             "maxPerplexityIncrease": "max_perplexity_increase", "maxPerplexityRatio": "max_perplexity_ratio",
@@ -326,10 +344,19 @@ def _evaluation(raw: dict) -> Evaluation:
          "spec.evaluation.generation.minExactMatch must be between 0 and 1"),
         (generation is not None and not 1 <= generation.max_new_tokens <= 4096,
          "spec.evaluation.generation.maxNewTokens must be between 1 and 4096"),
-        (not evaluation.compare_with_source and (evaluation.max_kl_divergence is not None or generation is not None
-                                                 or evaluation.min_top_token_agreement is not None),
-         "spec.evaluation.maxKLDivergence, minTopTokenAgreement and generation compare with the source model: "
-         "they need compareWithSource true"),
+        (throughput is not None and not (1 <= len(throughput.batch_sizes) <= 8
+                                         and all(isinstance(b, int) and 1 <= b <= 1024 for b in throughput.batch_sizes)),
+         "spec.evaluation.throughput.batchSizes must list 1 to 8 batch sizes between 1 and 1024"),
+        (throughput is not None and not 1 <= throughput.max_new_tokens <= 4096,
+         "spec.evaluation.throughput.maxNewTokens must be between 1 and 4096"),
+        (throughput is not None and throughput.min_speedup is not None and throughput.min_speedup <= 0,
+         "spec.evaluation.throughput.minSpeedup must be positive"),
+        (not evaluation.compare_with_source and (
+            evaluation.max_kl_divergence is not None or generation is not None
+            or evaluation.min_top_token_agreement is not None
+            or (throughput is not None and throughput.min_speedup is not None)),
+         "spec.evaluation.maxKLDivergence, minTopTokenAgreement, generation and throughput.minSpeedup compare with "
+         "the source model: they need compareWithSource true"),
         (evaluation.max_perplexity_increase is not None and evaluation.max_perplexity_increase <= 0,
          "spec.evaluation.maxPerplexityIncrease must be positive"),
         (evaluation.engine_tolerance <= 0, "spec.evaluation.engineTolerance must be positive"),
