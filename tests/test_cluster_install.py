@@ -109,5 +109,6 @@ def test_printer_columns(control_plane: ControlPlane):
     control_plane.kubectl("patch", "qm", "tiny-llama", "-n", ns, "--subresource=status", "--type=merge",
                           "-p", json.dumps({"status": status}))
     header, row = control_plane.kubectl("get", "qm", "-n", ns).stdout.splitlines()
-    assert header.split() == ["NAME", "PHASE", "BITS", "GROUP", "BASELINE", "PPL", "QUANTIZED", "PPL", "READY", "AGE"]
+    assert header.split() == ["NAME", "PHASE", "BITS", "GROUP", "BASELINE", "PPL", "QUANTIZED", "PPL", "KL", "TOP-1", "READY",
+                              "AGE"]
     assert row.split()[:7] == ["tiny-llama", "Ready", "4", "32", "30.19", "30.33", "True"]
