@@ -61,9 +61,6 @@ class DistributionAgreement:
     kl_max: float
     top1_agreement: float
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def distribution_agreement(reference: Sequence[TopLogprobs], quantized: Sequence[TopLogprobs]) -> DistributionAgreement:
     """Per-token KL and top-1 agreement over the scored tokens (the same tokens, in the same order)."""

@@ -133,11 +133,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         raise InputError(f"--seq-len {opts.seq_len} exceeds the model's context {context}; lower it")
     if opts.tensor_parallel_size < 1:
         raise InputError(f"--tensor-parallel-size {opts.tensor_parallel_size} must be at least 1")
-    if opts.thresholds.needs_reference and opts.baseline_model is None:
-        raise InputError("--max-kl-divergence, --min-top-token-agreement, --min-generation-match and --min-speedup "
-                         "compare with the unquantized model: pass --baseline-model DIR")
-    if opts.thresholds.min_generation_match is not None and opts.generation_prompts is None:
-        raise InputError("--min-generation-match needs --generation-prompts PATH")
+    opts.thresholds.check_inputs(source=opts.baseline_model is not None, prompts=opts.generation_prompts is not None)
     if any(b < 1 for b in opts.throughput_batches) or opts.throughput_tokens < 1:
         raise InputError("--throughput-batches and --throughput-tokens must be positive")
     batches = opts.throughput_batches

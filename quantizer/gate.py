@@ -14,7 +14,7 @@ the message gives every failed check with its numbers. Boundaries pass: a value 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from quantizer.agreement import DistributionAgreement, GenerationAgreement
 from quantizer.contract import (
@@ -30,6 +30,8 @@ from quantizer.errors import InputError
 
 DEFAULT_MAX_RATIO = 1.05
 DEFAULT_ENGINE_TOLERANCE = 0.01
+NEEDS_SOURCE = ("--max-kl-divergence, --min-top-token-agreement, --min-generation-match and --min-speedup "
+                "compare with the unquantized model: pass --baseline-model DIR")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,13 @@ class GateThresholds:
         return self.max_kl_divergence is not None or self.min_top_token_agreement is not None \
             or self.min_generation_match is not None or self.min_speedup is not None
 
+    def check_inputs(self, *, source: bool, prompts: bool) -> None:
+        """Bad input, before anything is measured, when a threshold needs what will not be measured."""
+        if self.needs_reference and not source:
+            raise InputError(NEEDS_SOURCE)
+        if self.min_generation_match is not None and not prompts:
+            raise InputError("--min-generation-match needs --generation-prompts PATH")
+
     def effective_ratio(self) -> float | None:
         if self.max_ppl_increase is None and self.max_ppl_ratio is None:
             return DEFAULT_MAX_RATIO
@@ -77,9 +86,6 @@ class GateDecision:
     ppl_ratio: float
     ppl_increase: float
     engine_deviation: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresholds: GateThresholds,
@@ -117,8 +123,7 @@ def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresho
         failures.append((PERPLEXITY_REGRESSION, f"{summary}: {' and '.join(regression)}"))
     if distributions is None and (thresholds.max_kl_divergence is not None
                                   or thresholds.min_top_token_agreement is not None):
-        raise InputError("--max-kl-divergence, --min-top-token-agreement, --min-generation-match and --min-speedup "
-                         "compare with the unquantized model: pass --baseline-model DIR")
+        raise InputError(NEEDS_SOURCE)
     if distributions is not None:
         kl, agreement = distributions.kl_mean, distributions.top1_agreement
         if thresholds.max_kl_divergence is not None and kl > thresholds.max_kl_divergence:
