@@ -115,6 +115,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--throughput-tokens", type=int, default=64, help="tokens per request of the throughput runs")
     p.add_argument("--min-speedup", type=float,
                    help="least quantized/source output tokens/s at the largest batch (needs --throughput-batches)")
+    p.add_argument("--tasks", type=Path, nargs="+", default=(),
+                   help="lm-evaluation-harness task YAMLs or directories of them (local data, relative data_files "
+                        "taken from the YAML's directory): both models are scored on each (needs --baseline-model)")
+    p.add_argument("--task-limit", type=int, help="at most this many documents per task (default: all)")
+    p.add_argument("--max-accuracy-drop", type=float,
+                   help="largest allowed drop of each task's score below the unquantized model's, e.g. 0.02")
     p.add_argument("--top-logprobs", type=int, default=20,
                    help="log-probabilities per token for the KL divergence (default 20)")
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm", help="torch: for machines without vLLM")
@@ -187,7 +193,9 @@ def _evaluate(args) -> Result:
                 args.max_ppl_increase, args.max_ppl_ratio, args.engine_tolerance,
                 max_kl_divergence=args.max_kl_divergence, min_top_token_agreement=args.min_top_token_agreement,
                 min_generation_match=args.min_generation_match, min_speedup=args.min_speedup,
+                max_accuracy_drop=args.max_accuracy_drop,
             ),
+            tasks=tuple(args.tasks), task_limit=args.task_limit,
             throughput_batches=args.throughput_batches, throughput_tokens=args.throughput_tokens,
             top_logprobs=args.top_logprobs, generation_prompts=args.generation_prompts,
             max_new_tokens=args.max_new_tokens,

@@ -40,8 +40,9 @@ KL_DIVERGENCE = "KLDivergence"  # the next-token distributions drift too far fro
 TOP_TOKEN_AGREEMENT = "TopTokenAgreement"  # too many tokens whose most likely successor flips
 GENERATION_MISMATCH = "GenerationMismatch"  # too few greedy completions equal FP16's
 INSUFFICIENT_SPEEDUP = "InsufficientSpeedup"  # not enough faster than FP16 at the largest batch
+TASK_ACCURACY_DROP = "TaskAccuracyDrop"  # an lm-evaluation-harness task scores too far below FP16
 GATE_VERDICTS = (PASSED, PERPLEXITY_REGRESSION, ENGINE_MISMATCH, KL_DIVERGENCE, TOP_TOKEN_AGREEMENT,
-                 GENERATION_MISMATCH, INSUFFICIENT_SPEEDUP)
+                 GENERATION_MISMATCH, INSUFFICIENT_SPEEDUP, TASK_ACCURACY_DROP)
 
 # ---- recipes: what the quantizer makes, what vLLM 0.32 serves -------------------------------------
 
@@ -170,6 +171,8 @@ class EvaluateResult(Result):
     # Per batch size: {"batch_size", "output_tokens_per_second", "time_to_first_token_seconds"} and,
     # with the source model, its "source_output_tokens_per_second" and the "speedup".
     throughput: list | None = None
+    # Per lm-evaluation-harness task: {"task", "metric", "source", "quantized", "drop", "stderr", "samples"}.
+    tasks: list | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ written), the baseline from --baseline-model with the same engine as the served 
 
 With --baseline-model the unquantized model is served by the same engine with the same settings, on
 the same windows and prompts: its perplexity is then the baseline of the regression check, and the
-two models' next-token distributions and greedy completions are compared (quantizer/agreement.py).
+two models' next-token distributions and greedy completions are compared (quantizer/agreement.py),
+and with --tasks both are scored on lm-evaluation-harness tasks (quantizer/tasks.py).
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ from quantizer.perplexity import (
     load_prompts,
     torch_scores,
 )
+from quantizer.tasks import compare_tasks, load_tasks, score_tasks, torch_harness_model
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("vllm", "torch")
+# Each task is a row of the result, which the operator reads from a 4 KiB termination message.
+MAX_TASKS = 8
 
 
 @dataclass
@@ -62,6 +66,8 @@ class EvaluateOptions:
     max_new_tokens: int = 32
     throughput_batches: tuple[int, ...] = ()
     throughput_tokens: int = 64
+    tasks: tuple[Path, ...] = ()  # lm-evaluation-harness task YAMLs, or directories of them
+    task_limit: int | None = None  # documents per task (all when None)
 
 
 @dataclass
@@ -73,24 +79,36 @@ class _Request:
     max_new_tokens: int = 0
     throughput_batches: tuple[int, ...] = ()
     throughput_tokens: int = 0
+    tasks: list[dict] = field(default_factory=list)  # lm-evaluation-harness task configs
+    task_limit: int | None = None
 
 
 def _config(model_dir: Path) -> dict:
     return json.loads((model_dir / "config.json").read_text())
 
 
+def _torch_model(model_dir: Path) -> torch.nn.Module:
+    """The model in float32 PyTorch; a checkpoint dequantized from its own tensors."""
+    if "quantization_config" in _config(model_dir):
+        return load_dequantized_model(model_dir)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engine: str,
              request: _Request | None = None) -> EngineScores:
     request = request or _Request()
     if engine == "torch":
-        if "quantization_config" in _config(model_dir):
-            model = load_dequantized_model(model_dir)
-        else:
-            from transformers import AutoModelForCausalLM
+        model = _torch_model(model_dir)
+        scores = torch_scores(model, windows, top_k=request.top_k, prompts=request.prompts,
+                              max_new_tokens=request.max_new_tokens, engine="torch")
+        if request.tasks:
+            from transformers import AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        return torch_scores(model, windows, top_k=request.top_k, prompts=request.prompts,
-                            max_new_tokens=request.max_new_tokens, engine="torch")
+            harness = torch_harness_model(model, AutoTokenizer.from_pretrained(model_dir))
+            scores.tasks = score_tasks(harness, request.tasks, limit=request.task_limit)
+        return scores
     from quantizer.vllm_engine import served_scores
 
     measured = served_scores(
@@ -106,12 +124,15 @@ def _measure(model_dir: Path, windows: EvalWindows, opts: EvaluateOptions, engin
         max_new_tokens=request.max_new_tokens,
         throughput_batches=request.throughput_batches,
         throughput_tokens=request.throughput_tokens,
+        tasks=request.tasks,
+        task_limit=request.task_limit,
     )
     perplexity = Perplexity(
         ppl=measured["ppl"], nll_sum=measured["nll_sum"], tokens_scored=measured["tokens_scored"],
         windows=measured["windows"], engine=f"vllm {measured.get('vllm_version', '')}".strip(),
     )
-    return EngineScores(perplexity, measured["top"], measured["generations"], measured["throughput"])
+    return EngineScores(perplexity, measured["top"], measured["generations"], measured["throughput"],
+                        measured["tasks"])
 
 
 def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
@@ -133,7 +154,15 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         raise InputError(f"--seq-len {opts.seq_len} exceeds the model's context {context}; lower it")
     if opts.tensor_parallel_size < 1:
         raise InputError(f"--tensor-parallel-size {opts.tensor_parallel_size} must be at least 1")
-    opts.thresholds.check_inputs(source=opts.baseline_model is not None, prompts=opts.generation_prompts is not None)
+    opts.thresholds.check_inputs(source=opts.baseline_model is not None, prompts=opts.generation_prompts is not None,
+                                 tasks=bool(opts.tasks))
+    if opts.tasks and opts.baseline_model is None:
+        raise InputError("--tasks compares the task scores with the unquantized model: pass --baseline-model DIR")
+    if opts.task_limit is not None and opts.task_limit < 1:
+        raise InputError(f"--task-limit {opts.task_limit} must be at least 1")
+    task_configs = load_tasks(opts.tasks) if opts.tasks else []
+    if len(task_configs) > MAX_TASKS:
+        raise InputError(f"--tasks names {len(task_configs)} tasks; at most {MAX_TASKS} fit the gate's result")
     if any(b < 1 for b in opts.throughput_batches) or opts.throughput_tokens < 1:
         raise InputError("--throughput-batches and --throughput-tokens must be positive")
     batches = opts.throughput_batches
@@ -152,12 +181,14 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         if opts.generation_prompts is not None:
             request.prompts = load_prompts(opts.generation_prompts, tokenizer, opts.jsonl_field)
             request.max_new_tokens = opts.max_new_tokens
+        request.tasks, request.task_limit = task_configs, opts.task_limit
 
     fakequant = opts.fakequant_ppl
     if fakequant is None:
         fakequant = _measure(opts.model, windows, opts, "torch").perplexity.ppl
     reference = _measure(opts.baseline_model, windows, opts, opts.engine, request) if opts.baseline_model else None
     served = _measure(opts.model, windows, opts, opts.engine, request)
+    tasks = compare_tasks(reference.tasks, served.tasks) if reference else []
     # The engine's own baseline when it was measured: both perplexities then come from one engine.
     baseline = reference.perplexity.ppl if reference else opts.baseline_ppl
     distributions = distribution_agreement(reference.top, served.top) if reference else None
@@ -165,7 +196,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         if reference and request.prompts else None
     throughput = _throughput_table(served.throughput, reference.throughput if reference else [])
     decision = decide(baseline, fakequant, served.perplexity.ppl, opts.thresholds, distributions, generations,
-                      throughput)
+                      throughput, tasks)
     details = {
         "ppl_ratio": decision.ppl_ratio,
         "ppl_increase": decision.ppl_increase,
@@ -182,6 +213,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
             "min_top_token_agreement": opts.thresholds.min_top_token_agreement,
             "min_generation_match": opts.thresholds.min_generation_match,
             "min_speedup": opts.thresholds.min_speedup,
+            "max_accuracy_drop": opts.thresholds.max_accuracy_drop,
         },
         "tensor_parallel_size": opts.tensor_parallel_size,
     }
@@ -200,6 +232,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         top_token_agreement=distributions.top1_agreement if distributions else None,
         generation_match=generations.exact_match if generations else None,
         throughput=throughput or None,
+        tasks=[task.to_dict() for task in tasks] or None,
         details=details,
     )
 
@@ -241,4 +274,8 @@ def summary_lines(result: EvaluateResult) -> list[str]:
         if "speedup" in row:
             line += f" ({row['speedup']:.2f}x the source model's {row['source_output_tokens_per_second']:.1f})"
         lines.append(line)
+    for task in result.tasks or []:
+        stderr = f" +- {task['stderr']:.4f}" if task["stderr"] is not None else ""
+        lines.append(f"task {task['task']} ({task['samples']} documents): {task['metric']} {task['source']:.4f} -> "
+                     f"{task['quantized']:.4f}{stderr} (drop {task['drop']:+.4f})")
     return lines

@@ -5,7 +5,8 @@ It passes only when (1) the serving engine agrees with our own measurement of th
 baseline is within every threshold given (absolute increase and/or ratio; ratio 1.05 when none is
 given), and (3) each agreement threshold given holds against the unquantized model served by the same
 engine (quantizer/agreement.py): mean KL divergence of the next-token distributions, top-1 agreement,
-exact-match rate of greedy generations.
+exact-match rate of greedy generations, the speed-up, and the drop of each lm-evaluation-harness task's
+score (quantizer/tasks.py).
 Disagreement is its own reason, checked first: it means the checkpoint or the engine's kernels do
 not compute what we quantized (a packing bug, a permuted g_idx that vLLM ignores), and then the
 served number says nothing about the recipe. Otherwise the reason is the first check that failed and
@@ -24,14 +25,16 @@ from quantizer.contract import (
     KL_DIVERGENCE,
     PASSED,
     PERPLEXITY_REGRESSION,
+    TASK_ACCURACY_DROP,
     TOP_TOKEN_AGREEMENT,
 )
 from quantizer.errors import InputError
+from quantizer.tasks import TaskComparison
 
 DEFAULT_MAX_RATIO = 1.05
 DEFAULT_ENGINE_TOLERANCE = 0.01
-NEEDS_SOURCE = ("--max-kl-divergence, --min-top-token-agreement, --min-generation-match and --min-speedup "
-                "compare with the unquantized model: pass --baseline-model DIR")
+NEEDS_SOURCE = ("--max-kl-divergence, --min-top-token-agreement, --min-generation-match, --min-speedup and "
+                "--max-accuracy-drop compare with the unquantized model: pass --baseline-model DIR")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class GateThresholds:
     min_top_token_agreement: float | None = None  # share of tokens, 0..1
     min_generation_match: float | None = None  # share of prompts, 0..1
     min_speedup: float | None = None  # quantized over source output tokens/s at the largest batch
+    max_accuracy_drop: float | None = None  # per task, source minus quantized score (0..1 for accuracies)
 
     def __post_init__(self) -> None:
         for name in ("max_ppl_increase", "max_ppl_ratio", "engine_tolerance", "max_kl_divergence", "min_speedup"):
@@ -55,19 +59,24 @@ class GateThresholds:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 1:
                 raise InputError(f"--{name.replace('_', '-')} is a share: between 0 and 1 (got {value})")
+        if self.max_accuracy_drop is not None and not self.max_accuracy_drop >= 0:
+            raise InputError(f"--max-accuracy-drop must be 0 or more (got {self.max_accuracy_drop})")
 
     @property
     def needs_reference(self) -> bool:
         """Whether a threshold compares against the unquantized model in the engine."""
         return self.max_kl_divergence is not None or self.min_top_token_agreement is not None \
-            or self.min_generation_match is not None or self.min_speedup is not None
+            or self.min_generation_match is not None or self.min_speedup is not None \
+            or self.max_accuracy_drop is not None
 
-    def check_inputs(self, *, source: bool, prompts: bool) -> None:
+    def check_inputs(self, *, source: bool, prompts: bool, tasks: bool = False) -> None:
         """Bad input, before anything is measured, when a threshold needs what will not be measured."""
         if self.needs_reference and not source:
             raise InputError(NEEDS_SOURCE)
         if self.min_generation_match is not None and not prompts:
             raise InputError("--min-generation-match needs --generation-prompts PATH")
+        if self.max_accuracy_drop is not None and not tasks:
+            raise InputError("--max-accuracy-drop needs --tasks PATH (lm-evaluation-harness task YAMLs)")
 
     def effective_ratio(self) -> float | None:
         if self.max_ppl_increase is None and self.max_ppl_ratio is None:
@@ -90,7 +99,8 @@ class GateDecision:
 
 def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresholds: GateThresholds,
            distributions: DistributionAgreement | None = None,
-           generations: GenerationAgreement | None = None, throughput: list[dict] | None = None) -> GateDecision:
+           generations: GenerationAgreement | None = None, throughput: list[dict] | None = None,
+           tasks: list[TaskComparison] | None = None) -> GateDecision:
     for name, value in (("baseline", baseline_ppl), ("fakequant", fakequant_ppl), ("served", served_ppl)):
         if not value > 0 or value != value or value == float("inf"):
             raise InputError(f"{name} perplexity must be a positive finite number (got {value})")
@@ -153,6 +163,15 @@ def decide(baseline_ppl: float, fakequant_ppl: float, served_ppl: float, thresho
                              f"batch {largest['batch_size']} < {thresholds.min_speedup:.2f}x"))
     if largest is not None and "speedup" in largest:
         summary += f", {largest['speedup']:.2f}x the source's tokens/s at batch {largest['batch_size']}"
+    if thresholds.max_accuracy_drop is not None and not tasks:
+        raise InputError("--max-accuracy-drop needs task scores of both models: pass --tasks and --baseline-model")
+    for task in tasks or []:
+        line = f"{task.task} {task.metric} {task.source:.4f} -> {task.quantized:.4f}"
+        if task.stderr is not None:
+            line += f" (stderr {task.stderr:.4f})"
+        if thresholds.max_accuracy_drop is not None and task.drop > thresholds.max_accuracy_drop:
+            failures.append((TASK_ACCURACY_DROP, f"{line}: drop {task.drop:.4f} > {thresholds.max_accuracy_drop:.4f}"))
+        summary += f", {line}"
     if failures:
         return GateDecision(passed=False, reason=failures[0][0], message="; ".join(m for _, m in failures),
                             **numbers)

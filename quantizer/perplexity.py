@@ -97,12 +97,13 @@ def from_nll(nll_sum: float, tokens: int, windows: int, engine: str) -> Perplexi
 class EngineScores:
     """What an engine measured of one model: perplexity on the windows and, when asked, each scored
     token's top-k next-token log-probabilities (window by window, position by position, most likely
-    first) and greedy completions of the prompts."""
+    first), greedy completions of the prompts, throughput and task scores."""
 
     perplexity: Perplexity
     top: list[list[tuple[int, float]]]
     generations: list[list[int]]
     throughput: list[dict] = field(default_factory=list)  # per batch size (vLLM only)
+    tasks: list = field(default_factory=list)  # TaskScore per lm-evaluation-harness task (quantizer/tasks.py)
 
 
 @torch.no_grad()

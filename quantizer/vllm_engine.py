@@ -61,6 +61,17 @@ def _validate_windows(windows: Sequence[Sequence[int]]) -> list[list[int]]:
     return checked
 
 
+def _platform_defaults(enforce_eager: bool | None) -> bool:
+    """`enforce_eager` as given, else True on the CPU backend only; there, the KV cache size is set in
+    os.environ for the engine's processes unless the caller set it."""
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    if on_cpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_SPACE_GIB)
+    return on_cpu if enforce_eager is None else enforce_eager
+
+
 def _stop_engine(llm: Any) -> None:
     try:
         llm.llm_engine.engine_core.shutdown()
@@ -114,9 +125,12 @@ def served_scores(
     max_new_tokens: int = 0,
     throughput_batches: Sequence[int] = (),
     throughput_tokens: int = 64,
+    tasks: Sequence[dict] = (),
+    task_limit: int | None = None,
 ) -> dict:
     """Perplexity of `windows` (lists of token ids) under vLLM serving `model_dir`, and, when asked,
-    every scored token's top-k log-probabilities and greedy completions of `prompts`, from one engine.
+    every scored token's top-k log-probabilities, greedy completions of `prompts`, throughput and
+    lm-evaluation-harness task scores (quantizer/tasks.py), from one engine.
 
     `score_from[i]` is the first position scored in window i (default 1: every predicted token);
     sliding windows score only the tokens that earlier windows did not.
@@ -129,7 +143,10 @@ def served_scores(
     batch: a completion of one token (the time to the first token) and of `throughput_tokens` tokens
     (output tokens per second), after one warm-up request.
     `max_model_len` defaults to the least that fits: the longest window plus one (the generated token
-    vLLM insists on), or the longest prompt plus its completion.
+    vLLM insists on), or the longest prompt plus its completion; with `tasks`, to the model's context
+    (the harness truncates longer requests). With `tasks` the engine is the harness's own vLLM backend
+    (`tasks` holds its task configs, `task_limit` documents per task), started with these settings;
+    it loads the checkpoint's tokenizer, which the other measurements do without.
     `enforce_eager` defaults to True on the CPU backend (torch.compile there adds tens of seconds of
     C++ compilation per engine) and False elsewhere (CUDA graphs).
 
@@ -149,8 +166,8 @@ def served_scores(
     needed = max([len(ids) + 1 for ids in checked] + [len(p) + max_new_tokens for p in prompts]
                  + ([len(throughput_prompt) + throughput_tokens] if throughput_batches else []))
     if max_model_len is None:
-        max_model_len = needed
-    elif max_model_len < needed:
+        max_model_len = None if tasks else needed
+    if max_model_len is not None and max_model_len < needed:
         raise ValueError(
             f"max_model_len={max_model_len} is too short: {needed} are needed (the longest window plus the "
             "one token vLLM generates, or the longest prompt plus its completion)"
@@ -159,29 +176,26 @@ def served_scores(
     vllm = _import_vllm()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-    from vllm.platforms import current_platform
 
-    on_cpu = current_platform.is_cpu()
-    if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_SPACE_GIB)
-    if enforce_eager is None:
-        enforce_eager = on_cpu
+    enforce_eager = _platform_defaults(enforce_eager)
 
     children_before = set(multiprocessing.active_children())
-    llm = LLM(
-        model=str(Path(model_dir)),
-        dtype=dtype,
-        max_model_len=max_model_len,
-        tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager,
+    settings = dict(dtype=dtype, max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                    gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+                    max_logprobs=max(top_k, DEFAULT_MAX_LOGPROBS))
+    harness = None
+    if tasks:
+        from quantizer.tasks import vllm_harness_model
+
+        harness = vllm_harness_model(Path(model_dir), **settings)
+        llm = harness.model
+    else:
         # Prompts are token ids, so a checkpoint without tokenizer files is still measurable.
-        skip_tokenizer_init=True,
-        max_logprobs=max(top_k, DEFAULT_MAX_LOGPROBS),
-    )
+        llm = LLM(model=str(Path(model_dir)), skip_tokenizer_init=True, **settings)
     top: list[list[tuple[int, float]]] = []
     generations: list[list[int]] = []
     throughput: list[dict] = []
+    task_scores: list = []
     try:
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False)
         outputs = llm.generate(
@@ -209,9 +223,13 @@ def served_scores(
             generations = [list(c.outputs[0].token_ids) for c in completions]
         throughput = [_throughput(llm, SamplingParams, TokensPrompt, throughput_prompt, batch, throughput_tokens)
                       for batch in throughput_batches]
+        if harness is not None:
+            from quantizer.tasks import score_tasks
+
+            task_scores = score_tasks(harness, list(tasks), limit=task_limit)
     finally:
         _stop_engine(llm)
-        del llm
+        del llm, harness
         _free_engine_memory(children_before)
 
     tokens_scored = sum(len(ids) - (score_from[i] if score_from else 1) for i, ids in enumerate(checked))
@@ -225,6 +243,7 @@ def served_scores(
         "top": top,
         "generations": generations,
         "throughput": throughput,
+        "tasks": task_scores,
     }
 
 
@@ -244,3 +263,4 @@ def _throughput(llm: Any, sampling_params: Any, tokens_prompt: Any, prompt: list
     total = timed(new_tokens)
     return {"batch_size": batch, "time_to_first_token_seconds": first_token,
             "output_tokens_per_second": batch * new_tokens / total}
+

