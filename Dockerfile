@@ -11,7 +11,7 @@
 #            the base image's torch and triton are kept, never reinstalled.
 # evaluator  the evaluate Jobs (`python -m quantizer evaluate`): vLLM's own image, the engine that
 #            serves the model, so the gate measures what production serves; our package is added
-#            without dependencies so nothing replaces vLLM's torch.
+#            without dependencies, lm-evaluation-harness held to vLLM's torch, so nothing replaces it.
 # Every image runs as the non-root user 65532. tests/test_dockerfile.py checks this file.
 
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
@@ -105,13 +105,22 @@ LABEL org.opencontainers.image.title="kubequant-evaluator" \
       org.opencontainers.image.source="https://github.com/kubequant/kubequant" \
       org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0"
+ARG LM_EVAL_VERSION=0.4.13
+ARG ACCELERATE_VERSION=1.16.0
 COPY --from=wheel /wheels /wheels
 # --no-deps: vLLM's image already has every dependency of the evaluator (torch, transformers,
-# safetensors, tokenizers, numpy, tqdm, pyyaml) at the versions vLLM was built with.
+# safetensors, tokenizers, numpy, tqdm, pyyaml) at the versions vLLM was built with. The gate's
+# optional tasks (lm-evaluation-harness, the `tasks` extra) come with their own dependencies, held by
+# the constraints to the image's torch, transformers and vLLM.
 RUN python3 -m pip install --no-cache-dir --no-deps /wheels/kubequant-*.whl \
- && rm -rf /wheels \
+ && python3 -m pip list --format=freeze | grep -iE '^(torch|transformers|vllm)==' > /tmp/keep-base.txt \
+ && test "$(wc -l < /tmp/keep-base.txt)" -eq 3 \
+ && python3 -m pip install --no-cache-dir -c /tmp/keep-base.txt \
+      "lm-eval==${LM_EVAL_VERSION}" "accelerate==${ACCELERATE_VERSION}" \
+ && python3 -m pip list --format=freeze | grep -iE '^(torch|transformers|vllm)==' | diff - /tmp/keep-base.txt \
+ && rm -rf /wheels /tmp/keep-base.txt \
  && (command -v python > /dev/null || ln -s "$(command -v python3)" /usr/local/bin/python) \
- && python -c "import torch, vllm, quantizer.evaluate, quantizer.vllm_engine" \
+ && python -c "import torch, vllm, lm_eval, quantizer.evaluate, quantizer.vllm_engine, quantizer.tasks" \
  && python -m quantizer --help > /dev/null \
  && groupadd --system --gid 65532 kubequant \
  && useradd --system --uid 65532 --gid 65532 --create-home --home-dir /home/kubequant \

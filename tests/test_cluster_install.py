@@ -112,3 +112,12 @@ def test_printer_columns(control_plane: ControlPlane):
     assert header.split() == ["NAME", "PHASE", "BITS", "GROUP", "BASELINE", "PPL", "QUANTIZED", "PPL", "KL", "TOP-1", "READY",
                               "AGE"]
     assert row.split()[:7] == ["tiny-llama", "Ready", "4", "32", "30.19", "30.33", "True"]
+    # -o wide adds the first task's drop, from the evaluation the operator records.
+    evaluation = {"evaluation": {"klDivergence": {"mean": 0.0117}, "topTokenAgreement": 0.9134,
+                                 "tasks": [{"task": "python_identifier", "metric": "acc", "source": 0.2,
+                                            "quantized": 0.19, "drop": 0.01, "samples": 100}]}}
+    control_plane.kubectl("patch", "qm", "tiny-llama", "-n", ns, "--subresource=status", "--type=merge",
+                          "-p", json.dumps({"status": evaluation}))
+    header, row = control_plane.kubectl("get", "qm", "-n", ns, "-o", "wide").stdout.splitlines()
+    assert header.split()[8:12] == ["KL", "TOP-1", "TASK", "DROP"]
+    assert row.split()[6:9] == ["0.0117", "0.9134", "0.01"]

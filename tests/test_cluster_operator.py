@@ -128,6 +128,12 @@ def test_tiny_model_lifecycle_with_the_real_quantizer_and_evaluator(control_plan
     assert operator.sample("kubequant_gate_outcomes_total", {**labels, "outcome": "Passed"}) == 1
     assert operator.sample("kubequant_quantized_perplexity", labels) == pytest.approx(status["quantizedPerplexity"])
     assert operator.sample("kubequant_top_token_agreement", labels) == pytest.approx(verdict["top_token_agreement"])
+    # The task from the claim, scored in the engine for both models (lm-evaluation-harness).
+    (task,) = status["evaluation"]["tasks"]
+    assert task == {k: v for k, v in verdict["tasks"][0].items() if v is not None}
+    assert task["task"] == "python_identifier" and task["samples"] == 100
+    assert operator.sample("kubequant_task_score", {**labels, "task": "python_identifier", "metric": "acc",
+                                                    "of": "source"}) == pytest.approx(task["source"])
 
     # A serving-only change: the Deployment follows, nothing is quantized or evaluated again.
     jobs = {j["metadata"]["uid"] for j in models.jobs("tiny-llama")}

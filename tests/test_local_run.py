@@ -39,6 +39,7 @@ def test_quantize_and_gate_with_the_torch_engine(tmp_path, capsys):
     assert code == 0, out
     assert "Passed" in out and "served perplexity" in out
     assert "KL divergence (nats/token)" in out and "top-1 agreement" in out and "generations matching" in out
+    assert "task python_identifier (acc)" in out and "100 documents" in out
     manifests = list(workdir.glob("artifacts/**/kubequant.json"))
     assert len(manifests) == 1
     recipe = json.loads(manifests[0].read_text())["recipe"]

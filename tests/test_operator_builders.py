@@ -205,6 +205,32 @@ def test_the_gate_serves_the_source_model_beside_the_artifact():
     assert builders.artifact_hash(plain) == builders.artifact_hash(MODELS["llama"])
 
 
+def test_the_gate_scores_tasks_from_the_claim_or_a_config_map():
+    on_claim = parse_model(with_spec(example("tiny.yaml"), "evaluation.tasks",
+                                     {"path": "tasks", "limit": 100, "maxAccuracyDrop": 0.05}))
+    args = _container(builders.evaluate_job(on_claim, ARTIFACT))["command"]
+    assert args[args.index("--tasks") + 1] == "/artifacts/tasks"
+    assert args[args.index("--task-limit") + 1] == "100" and args[args.index("--max-accuracy-drop") + 1] == "0.05"
+    # A ConfigMap is one directory: every key a file (the task YAMLs and their data).
+    in_config_map = parse_model(with_spec(example("tiny.yaml"), "evaluation.tasks", {"configMap": {"name": "evals"}}))
+    job = builders.evaluate_job(in_config_map, ARTIFACT)
+    args = _container(job)["command"]
+    assert args[args.index("--tasks") + 1] == "/texts/tasks"
+    assert "--task-limit" not in args and "--max-accuracy-drop" not in args
+    assert {"name": "tasks", "configMap": {"name": "evals"}} in job["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "tasks", "mountPath": "/texts/tasks", "readOnly": True} in _container(job)["volumeMounts"]
+    # Tasks are part of the verdict, not of the artifact.
+    looser = parse_model(with_spec(example("tiny.yaml"), "evaluation.tasks",
+                                   {"path": "tasks", "limit": 100, "maxAccuracyDrop": 0.1}))
+    assert builders.evaluation_key(looser) != builders.evaluation_key(on_claim)
+    assert builders.artifact_hash(looser) == builders.artifact_hash(on_claim)
+    with pytest.raises(SpecError, match="exactly one of path or configMap"):
+        parse_model(with_spec(example("tiny.yaml"), "evaluation.tasks", {"limit": 10}))
+    with pytest.raises(SpecError, match=r"generation, tasks and throughput\.minSpeedup compare with the source"):
+        parse_model(with_spec(with_spec(example(), "evaluation.compareWithSource", False),
+                              "evaluation.tasks", {"path": "tasks"}))
+
+
 def test_sliding_windows_reach_both_jobs_and_the_engine_gets_room_for_its_token():
     model = parse_model(with_spec(example(), "evaluation.stride", 512))
     quantize = _container(builders.quantize_job(model))["command"]

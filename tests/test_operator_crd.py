@@ -39,7 +39,8 @@ def test_crd_shape():
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Bits", "Group", "Baseline PPL", "Quantized PPL", "KL", "Top-1", "Ready", "Age"]
+    assert columns == ["Phase", "Bits", "Group", "Baseline PPL", "Quantized PPL", "KL", "Top-1", "Task Drop", "Ready",
+                       "Age"]
 
 
 def test_crd_is_a_valid_structural_crd():
@@ -112,8 +113,12 @@ INVALID = [
     ("zero KL", [("spec.evaluation.maxKLDivergence", 0)], "evaluation.maxKLDivergence must be positive"),
     ("agreement without the source", [("spec.evaluation.compareWithSource", False),
                                       ("spec.evaluation.minTopTokenAgreement", 0.9)],
-     "evaluation.maxKLDivergence, minTopTokenAgreement, generation and throughput.minSpeedup compare with the source model: they need compareWithSource true"),
+     "evaluation.maxKLDivergence, minTopTokenAgreement, generation, tasks and throughput.minSpeedup compare with the source model: they need compareWithSource true"),
     ("zero speedup", [("spec.evaluation.throughput", {"minSpeedup": 0})], "evaluation.throughput.minSpeedup must be positive"),
+    ("tasks from two places", [("spec.evaluation.tasks", {"path": "tasks", "configMap": {"name": "tasks"}})],
+     "evaluation.tasks must set exactly one of path or configMap"),
+    ("escaping tasks path", [("spec.evaluation.tasks", {"path": "../tasks"})],
+     "a tasks path must be relative to the root of the storage PVC and must not contain '..'"),
     ("ratio below 1", [("spec.evaluation.maxPerplexityRatio", 0.9)],
      "evaluation.maxPerplexityRatio must be at least 1.0 (it divides the served perplexity by the baseline)"),
     ("stride above the window", [("spec.evaluation.stride", 4096)],

@@ -376,7 +376,9 @@ def test_the_agreement_with_the_source_model_lands_in_status():
     verdict = {**PASSED, "kl_divergence": {"mean": 0.012, "p99": 0.068, "max": 0.21}, "top_token_agreement": 0.902,
                "generation_match": 0.2, "generations": {"prompts": 10},
                "throughput": [{"batch_size": 16, "output_tokens_per_second": 900.0, "time_to_first_token_seconds": 0.2,
-                               "source_output_tokens_per_second": 500.0, "speedup": 1.8}]}
+                               "source_output_tokens_per_second": 500.0, "speedup": 1.8}],
+               "tasks": [{"task": "python_identifier", "metric": "acc", "source": 0.2, "quantized": 0.19,
+                          "drop": 0.01, "stderr": None, "samples": 100}]}
     sim.finish("evaluate", "succeeded", verdict)
     evaluation = sim.step().status["evaluation"]
     assert evaluation["klDivergence"] == {"mean": 0.012, "p99": 0.068, "max": 0.21}
@@ -384,6 +386,9 @@ def test_the_agreement_with_the_source_model_lands_in_status():
     assert "generations" not in evaluation  # details stay in the Job's result
     assert evaluation["throughput"] == [{"batchSize": 16, "outputTokensPerSecond": 900.0, "timeToFirstTokenSeconds": 0.2,
                                          "sourceOutputTokensPerSecond": 500.0, "speedup": 1.8}]
+    # An unmeasured standard error is left out rather than written as null (the schema types it a number).
+    assert evaluation["tasks"] == [{"task": "python_identifier", "metric": "acc", "source": 0.2, "quantized": 0.19,
+                                    "drop": 0.01, "samples": 100}]
 
 
 def test_a_tensor_parallel_change_is_gated_before_the_deployment_changes():

@@ -23,6 +23,7 @@ from kubequant.spec import (
     VERSION,
     HuggingFaceSource,
     Model,
+    Tasks,
     TextSource,
 )
 from quantizer.contract import EXIT_BAD_INPUT, EXIT_GATE_FAILED
@@ -108,7 +109,9 @@ def evaluation_key(model: Model) -> str:
                                                  "minExactMatch": e.generation.min_exact_match},
                  "throughput": e.throughput and {"batchSizes": list(e.throughput.batch_sizes),
                                                  "maxNewTokens": e.throughput.max_new_tokens,
-                                                 "minSpeedup": e.throughput.min_speedup}},
+                                                 "minSpeedup": e.throughput.min_speedup},
+                 "tasks": e.tasks and {"path": e.tasks.path, "configMap": e.tasks.config_map, "limit": e.tasks.limit,
+                                       "maxAccuracyDrop": e.tasks.max_accuracy_drop}},
         "serving": {"tensorParallelSize": model.spec.serving.tensor_parallel_size},
     })
 
@@ -196,6 +199,16 @@ def _texts(model: Model, which: str, text: TextSource) -> tuple[str, list[dict],
         [{"name": volume, "configMap": {"name": text.config_map, "items": [{"key": text.key, "path": text.key}]}}],
         [{"name": volume, "mountPath": mount, "readOnly": True}],
     )
+
+
+def _task_files(model: Model, tasks: Tasks) -> tuple[str, list[dict], list[dict]]:
+    """(path inside the Pod, volumes, mounts) for the task YAMLs: on the claim, or a ConfigMap's keys
+    as the files of one directory."""
+    if tasks.path:
+        return f"{ARTIFACTS_MOUNT}/{tasks.path}", [], []
+    mount = f"{TEXTS_MOUNT}/tasks"
+    return (mount, [{"name": "tasks", "configMap": {"name": tasks.config_map}}],
+            [{"name": "tasks", "mountPath": mount, "readOnly": True}])
 
 
 def _artifacts_volume(model: Model, read_only: bool) -> dict:
@@ -410,7 +423,7 @@ def _number(value: Any) -> str:
 
 def evaluate_command(
     model: Model, *, artifact_path: str, eval_text: str, baseline_ppl: Any, fakequant_ppl: Any,
-    source_path: str, prompts_path: str | None = None, python: str = "python",
+    source_path: str, prompts_path: str | None = None, tasks_path: str | None = None, python: str = "python",
 ) -> list[str]:
     """The evaluator's command line for this spec: the Job's container and `kubequant run` share it."""
     e, serving = model.spec.evaluation, model.spec.serving
@@ -428,6 +441,12 @@ def evaluate_command(
                 against_source += ["--min-generation-match", repr(float(e.generation.min_exact_match))]
         if e.throughput is not None and e.throughput.min_speedup is not None:
             against_source += ["--min-speedup", repr(float(e.throughput.min_speedup))]
+        if e.tasks is not None:
+            against_source += ["--tasks", str(tasks_path)]
+            if e.tasks.limit is not None:
+                against_source += ["--task-limit", str(e.tasks.limit)]
+            if e.tasks.max_accuracy_drop is not None:
+                against_source += ["--max-accuracy-drop", repr(float(e.tasks.max_accuracy_drop))]
     throughput = [] if e.throughput is None else [
         "--throughput-batches", ",".join(map(str, e.throughput.batch_sizes)),
         "--throughput-tokens", str(e.throughput.max_new_tokens)]
@@ -465,17 +484,20 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
     e, serving = model.spec.evaluation, model.spec.serving
     volumes, mounts = _serving_pod_parts(model)
     text_path, text_volumes, text_mounts = _texts(model, "evaluation", e.text)
-    source_path, prompts_path = "", None
+    source_path, prompts_path, tasks_path = "", None, None
     if e.compare_with_source:
         source_path, source_volumes, source_mounts = source_location(model)
         text_volumes, text_mounts = text_volumes + source_volumes, text_mounts + source_mounts
         if e.generation is not None:
             prompts_path, prompt_volumes, prompt_mounts = _texts(model, "prompts", e.generation.prompts)
             text_volumes, text_mounts = text_volumes + prompt_volumes, text_mounts + prompt_mounts
+        if e.tasks is not None:
+            tasks_path, task_volumes, task_mounts = _task_files(model, e.tasks)
+            text_volumes, text_mounts = text_volumes + task_volumes, text_mounts + task_mounts
     args = evaluate_command(
         model, artifact_path=f"{ARTIFACTS_MOUNT}/{artifact['path']}", eval_text=text_path,
         baseline_ppl=artifact.get("baselinePerplexity"), fakequant_ppl=artifact.get("fakequantPerplexity"),
-        source_path=source_path, prompts_path=prompts_path,
+        source_path=source_path, prompts_path=prompts_path, tasks_path=tasks_path,
     )
     return _job(
         model, evaluate_job_name(model), "evaluate",

@@ -80,6 +80,16 @@ def _text_path(run: LocalRun, model: Model, text: TextSource, what: str) -> Path
     raise SpecError(f"{what} comes from ConfigMap {text.config_map!r}: local runs read texts from a claim path")
 
 
+def _tasks_path(run: LocalRun, model: Model) -> Path | None:
+    tasks = model.spec.evaluation.tasks
+    if tasks is None:
+        return None
+    if tasks.path:
+        return _claim_path(run, model.spec.storage.claim_name, tasks.path, "spec.evaluation.tasks.path")
+    raise SpecError(f"spec.evaluation.tasks comes from ConfigMap {tasks.config_map!r}: local runs read tasks "
+                    "from a claim path (spec.evaluation.tasks.path)")
+
+
 def _step(title: str) -> None:
     print(f"\n==> {title}", flush=True)
 
@@ -157,6 +167,10 @@ def _summary(model: Model, quantized: QuantizeResult, gate: EvaluateResult, endp
         rows.append(("top-1 agreement", f"{gate.top_token_agreement:.2%}"))
     if gate.generation_match is not None:
         rows.append(("generations matching", f"{gate.generation_match:.0%}"))
+    for task in gate.tasks or []:
+        rows.append((f"task {task['task']} ({task['metric']})",
+                     f"{task['source']:.4f} -> {task['quantized']:.4f} (drop {task['drop']:+.4f}, "
+                     f"{task['samples']} documents)"))
     rows.append(("gate", f"{gate.reason}: {gate.message}"))
     if endpoint:
         rows.append(("endpoint", endpoint))
@@ -190,10 +204,12 @@ def run_local(run: LocalRun) -> int:
     _step("evaluate: perplexity in the serving engine, then the gate")
     generation = model.spec.evaluation.generation
     prompts = _text_path(run, model, generation.prompts, "spec.evaluation.generation.prompts") if generation else None
+    tasks = _tasks_path(run, model)
     command = builders.evaluate_command(
         model, python=run.python, artifact_path=str(artifact), eval_text=str(evaluation),
         baseline_ppl=quantized.baseline_ppl, fakequant_ppl=quantized.fakequant_ppl,
         source_path=str(model_path), prompts_path=str(prompts) if prompts else None,
+        tasks_path=str(tasks) if tasks else None,
     )
     command += ["--engine", run.engine, "--result-file", str(results / "evaluate.json")]
     gate = _run_step(command, results / "evaluate.json", EvaluateResult, (EXIT_OK, EXIT_GATE_FAILED))

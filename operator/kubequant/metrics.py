@@ -30,6 +30,8 @@ KL_DIVERGENCE = Gauge("kubequant_kl_divergence", "Mean KL divergence of the serv
                       "distributions from the source model's, nats per token.", ["namespace", "model"])
 TOP_TOKEN_AGREEMENT = Gauge("kubequant_top_token_agreement", "Share of tokens whose most likely successor is the "
                             "source model's.", ["namespace", "model"])
+TASK_SCORE = Gauge("kubequant_task_score", "Score of the served model on an lm-evaluation-harness task (its first "
+                   "metric), and of the source model.", ["namespace", "model", "task", "metric", "of"])
 GATE_OUTCOMES = Counter("kubequant_gate_outcomes", "Quality gate verdicts.", ["namespace", "model", "outcome"])
 
 _phases: dict[tuple[str, str], str] = {}
@@ -75,6 +77,11 @@ def record(namespace: str, name: str, old: dict, new: dict) -> None:
         KL_DIVERGENCE.labels(namespace=namespace, model=name).set(evaluation["klDivergence"]["mean"])
     if evaluation.get("topTokenAgreement") is not None:
         TOP_TOKEN_AGREEMENT.labels(namespace=namespace, model=name).set(evaluation["topTokenAgreement"])
+    for task in evaluation.get("tasks") or []:
+        for of in ("quantized", "source"):
+            if task.get(of) is not None:
+                TASK_SCORE.labels(namespace=namespace, model=name, task=task.get("task", ""),
+                                  metric=task.get("metric", ""), of=of).set(task[of])
 
 
 def forget(namespace: str, name: str) -> None:
@@ -85,7 +92,9 @@ def forget(namespace: str, name: str) -> None:
     for gauge in (BASELINE_PPL, QUANTIZED_PPL, KL_DIVERGENCE, TOP_TOKEN_AGREEMENT):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
-    for labels in [s.labels for m in GATE_OUTCOMES.collect() for s in m.samples]:
-        if labels.get("namespace") == namespace and labels.get("model") == name and "outcome" in labels:
-            with contextlib.suppress(KeyError):
-                GATE_OUTCOMES.remove(namespace, name, labels["outcome"])
+    for metric, label_names in ((GATE_OUTCOMES, ("outcome",)), (TASK_SCORE, ("task", "metric", "of"))):
+        for labels in [s.labels for m in metric.collect() for s in m.samples]:
+            if labels.get("namespace") == namespace and labels.get("model") == name \
+                    and all(n in labels for n in label_names):
+                with contextlib.suppress(KeyError):
+                    metric.remove(namespace, name, *(labels[n] for n in label_names))

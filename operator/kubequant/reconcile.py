@@ -235,6 +235,7 @@ def _evaluation_record(model: Model, e_key: str, a_hash: str, verdict: EvaluateR
         "topTokenAgreement": verdict.top_token_agreement,
         "generationMatch": verdict.generation_match,
         "throughput": verdict.throughput and [_throughput_row(row) for row in verdict.throughput],
+        "tasks": verdict.tasks and [_task_row(row) for row in verdict.tasks],
         "tensorParallelSize": model.spec.serving.tensor_parallel_size,
         "seconds": seconds,
     }
@@ -248,6 +249,13 @@ _THROUGHPUT_FIELDS = {"batch_size": "batchSize", "output_tokens_per_second": "ou
 
 def _throughput_row(row: dict) -> dict:
     return {camel: row[name] for name, camel in _THROUGHPUT_FIELDS.items() if isinstance(row, dict) and name in row}
+
+
+_TASK_FIELDS = ("task", "metric", "source", "quantized", "drop", "stderr", "samples")
+
+
+def _task_row(row: dict) -> dict:
+    return {name: row[name] for name in _TASK_FIELDS if isinstance(row, dict) and row.get(name) is not None}
 
 
 # ---- the decision -------------------------------------------------------------------------------

@@ -134,6 +134,17 @@ class Throughput:
 
 
 @dataclass(frozen=True)
+class Tasks:
+    """lm-evaluation-harness task YAMLs and their data: exactly one of `path` (a file or directory on
+    the storage claim) or `config_map` (every key a file of one directory)."""
+
+    path: str | None = None
+    config_map: str | None = None
+    limit: int | None = None
+    max_accuracy_drop: float | None = None
+
+
+@dataclass(frozen=True)
 class Evaluation:
     text: TextSource
     jsonl_field: str = "text"
@@ -148,6 +159,7 @@ class Evaluation:
     min_top_token_agreement: float | None = None
     generation: Generation | None = None
     throughput: Throughput | None = None
+    tasks: Tasks | None = None
     dtype: str = "float16"
     image: str = _image("KUBEQUANT_EVALUATOR_IMAGE", EVALUATOR_IMAGE)
     backoff_limit: int = 1
@@ -320,10 +332,22 @@ def _evaluation(raw: dict) -> Evaluation:
             **({"batch_sizes": tuple(t["batchSizes"])} if "batchSizes" in t else {}),
             **_kwargs(t, {"maxNewTokens": "max_new_tokens", "minSpeedup": "min_speedup"}),
         )
+    tasks = None
+    if e.get("tasks") is not None:
+        t = _obj(e["tasks"], "spec.evaluation.tasks")
+        if ("path" in t) == ("configMap" in t):
+            raise SpecError("spec.evaluation.tasks must set exactly one of path or configMap")
+        tasks = Tasks(
+            path=_relative_path(str(t["path"]), "spec.evaluation.tasks.path") if "path" in t else None,
+            config_map=_required(_obj(t["configMap"], "spec.evaluation.tasks.configMap"), "name",
+                                 "spec.evaluation.tasks.configMap") if "configMap" in t else None,
+            **_kwargs(t, {"limit": "limit", "maxAccuracyDrop": "max_accuracy_drop"}),
+        )
     evaluation = Evaluation(
         text=_text(e.get("text"), "spec.evaluation.text"),
         generation=generation,
         throughput=throughput,
+        tasks=tasks,
         **_kwargs(e, {
             "jsonlField": "jsonl_field", "seqLen": "seq_len", "maxWindows": "max_windows", "stride": "stride",
             "maxPerplexityIncrease": "max_perplexity_increase", "maxPerplexityRatio": "max_perplexity_ratio",
@@ -351,12 +375,16 @@ def _evaluation(raw: dict) -> Evaluation:
          "spec.evaluation.throughput.maxNewTokens must be between 1 and 4096"),
         (throughput is not None and throughput.min_speedup is not None and throughput.min_speedup <= 0,
          "spec.evaluation.throughput.minSpeedup must be positive"),
+        (tasks is not None and tasks.limit is not None and tasks.limit < 1,
+         "spec.evaluation.tasks.limit must be at least 1"),
+        (tasks is not None and tasks.max_accuracy_drop is not None and tasks.max_accuracy_drop < 0,
+         "spec.evaluation.tasks.maxAccuracyDrop must be 0 or more"),
         (not evaluation.compare_with_source and (
-            evaluation.max_kl_divergence is not None or generation is not None
+            evaluation.max_kl_divergence is not None or generation is not None or tasks is not None
             or evaluation.min_top_token_agreement is not None
             or (throughput is not None and throughput.min_speedup is not None)),
-         "spec.evaluation.maxKLDivergence, minTopTokenAgreement, generation and throughput.minSpeedup compare with "
-         "the source model: they need compareWithSource true"),
+         "spec.evaluation.maxKLDivergence, minTopTokenAgreement, generation, tasks and throughput.minSpeedup "
+         "compare with the source model: they need compareWithSource true"),
         (evaluation.max_perplexity_increase is not None and evaluation.max_perplexity_increase <= 0,
          "spec.evaluation.maxPerplexityIncrease must be positive"),
         (evaluation.engine_tolerance <= 0, "spec.evaluation.engineTolerance must be positive"),

@@ -49,6 +49,7 @@ def data_volume(cluster: ControlPlane, namespace: str, claim: str, folder: Path,
     if with_fixtures:  # what examples/tiny.yaml expects at the root of its claim
         shutil.copytree(FIXTURES / "tiny-llama", folder / "tiny-llama", dirs_exist_ok=True)
         shutil.copytree(FIXTURES / "text", folder / "text", dirs_exist_ok=True)
+        shutil.copytree(FIXTURES / "tasks", folder / "tasks", dirs_exist_ok=True)
     pv_name = f"{namespace}-{claim}"
     cluster.apply({
         "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
