@@ -4,8 +4,9 @@
     python bench/gate_bench.py --model DIR --calibration TXT --eval-text TXT --prompts TXT --seq-len 2048
 
 For each recipe (4-bit g128, 4-bit g32, 3-bit g128): `python -m quantizer quantize`, then `python -m
-quantizer evaluate` twice, as the evaluate Job runs it: perplexity and the engine check only, and with
-the source model served beside the artifact (KL divergence, top-1 agreement, greedy generations). Every
+quantizer evaluate` three times, as the evaluate Job runs it: perplexity and the engine check only;
+with the source model served beside the artifact (KL divergence, top-1 agreement, greedy generations);
+and that plus the lm-evaluation-harness tasks (--tasks, the tiny model's shipped task by default). Every
 step is its own process, timed from outside. vLLM 0.32 serves no 3-bit GPTQ: that recipe is evaluated
 with the torch engine, and the table says so.
 """
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--tasks", type=Path, default=FIXTURES / "tasks", help="task YAMLs, or a directory of them")
+    parser.add_argument("--task-limit", type=int, help="documents per task (default: all)")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -69,14 +72,18 @@ def main() -> None:
                       "--baseline-ppl", repr(quantized["baseline_ppl"]), "--fakequant-ppl", repr(quantized["fakequant_ppl"]),
                       "--max-ppl-ratio", "100"]  # measure, do not stop: the bench reports, the gate decides
             plain_seconds, plain = _run(common, work / f"{out.name}.plain.json")
-            full_seconds, full = _run([*common, "--baseline-model", str(args.model), "--generation-prompts",
-                                       str(args.prompts), "--max-new-tokens", str(args.max_new_tokens)],
-                                      work / f"{out.name}.full.json")
+            with_source = [*common, "--baseline-model", str(args.model), "--generation-prompts", str(args.prompts),
+                           "--max-new-tokens", str(args.max_new_tokens)]
+            full_seconds, full = _run(with_source, work / f"{out.name}.full.json")
+            tasks_seconds, tasked = _run([*with_source, "--tasks", str(args.tasks),
+                                          *(["--task-limit", str(args.task_limit)] if args.task_limit else [])],
+                                         work / f"{out.name}.tasks.json")
             row = {
                 "recipe": name, "engine": full["engine"],
                 "quantize_seconds": round(quantize_seconds, 1),
                 "evaluate_seconds_perplexity_only": round(plain_seconds, 1),
                 "evaluate_seconds_with_source": round(full_seconds, 1),
+                "evaluate_seconds_with_source_and_tasks": round(tasks_seconds, 1),
                 "gate_over_quantize": round(full_seconds / quantize_seconds, 2),
                 "served_ppl": round(plain["served_ppl"], 4),
                 "served_over_baseline_ppl": round(full["served_ppl"] / full["baseline_ppl"], 4),
@@ -85,11 +92,14 @@ def main() -> None:
                 "top1_agreement": round(full["top_token_agreement"], 4),
                 "generation_match": full["generation_match"],
                 "mean_first_difference": full["generations"]["mean_first_difference"],
+                "tasks": [{k: task[k] for k in ("task", "metric", "source", "quantized", "drop", "stderr", "samples")}
+                          for task in tasked["tasks"]],
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
     report = {"model": str(args.model), "seq_len": args.seq_len, "max_windows": args.max_windows,
-              "prompts": str(args.prompts), "max_new_tokens": args.max_new_tokens, "rows": rows}
+              "prompts": str(args.prompts), "max_new_tokens": args.max_new_tokens, "tasks": str(args.tasks),
+              "task_limit": args.task_limit, "rows": rows}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,8 +1,9 @@
-"""The GPTQ checkpoint vLLM 0.32 serves as it is, written atomically, and its verification.
+"""The checkpoint vLLM 0.32 serves as it is, written atomically, and its verification.
 
-Layout and dtypes follow docs/development.md ("The checkpoint contract"). The checkpoint is assembled in a
-hidden temporary directory next to the target and renamed into place only when it is complete and
-verified, so a failure never leaves a half-written model where a server could pick it up.
+Two layouts of the same codes and scales (quantizer/formats.py): compressed-tensors (the default) and
+GPTQ; their contracts are in docs/development.md ("The checkpoint contract"). The checkpoint is
+assembled in a hidden temporary directory next to the target and renamed into place only when it is
+complete and verified, so a failure never leaves a half-written model where a server could pick it up.
 """
 
 from __future__ import annotations
@@ -12,24 +13,22 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantizer.contract import unservable_reasons
+from quantizer.contract import DEFAULT_FORMAT, unservable_reasons
 from quantizer.errors import InputError
+from quantizer.formats import CheckpointFormat, Header, checkpoint_format, format_of
 from quantizer.gptq import QuantizedWeight, QuantRecipe
-from quantizer.packing import gptq_tensors
 
 # The writer holds a shard in host memory until it is written (safetensors writes a file at once),
 # so this bounds the writer's memory whatever the model's size: 1 GB, not the Hub's usual 5 GB.
 MAX_SHARD_BYTES = 10**9
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "kubequant.json"
-QUANTIZE_CONFIG_FILE = "quantize_config.json"
 # Files besides the weights that a server or a client needs from the source model.
 COPIED_FILES = (
     "tokenizer.json",
@@ -44,7 +43,6 @@ COPIED_FILES = (
     "chat_template.jinja",
     "preprocessor_config.json",
 )
-GPTQ_SUFFIXES = (".qweight", ".scales", ".qzeros", ".g_idx")
 
 
 class CheckpointError(ValueError):
@@ -59,33 +57,16 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def quantization_config(recipe: QuantRecipe, version: str) -> dict:
-    """The dict vLLM reads from config.json; the keys it ignores document the recipe for others."""
-    return {
-        "quant_method": "gptq",
-        "bits": recipe.bits,
-        "group_size": recipe.group_size,
-        # Static and group-aware act-order keep g_idx trivial, which is what desc_act=false means to every loader.
-        "desc_act": False,
-        "sym": recipe.sym,
-        "lm_head": False,
-        "true_sequential": True,
-        "damp_percent": recipe.damp,
-        "checkpoint_format": "gptq",
-        "meta": {"quantizer": [f"kubequant:{version}"], "act_order": recipe.order,
-                 "scales": recipe.scale_search + (", full-range" if recipe.full_range and recipe.sym else ""),
-                 "refine_sweeps": recipe.refine_sweeps},
-    }
-
-
 class CheckpointWriter:
     """Streams tensors into safetensors shards in a temporary directory; `commit` renames it into place."""
 
     def __init__(
-        self, output: Path, recipe: QuantRecipe, max_shard_bytes: int | None = None, overwrite: bool = False
+        self, output: Path, recipe: QuantRecipe, max_shard_bytes: int | None = None, overwrite: bool = False,
+        format_name: str = DEFAULT_FORMAT,
     ):
         self.output = output
         self.recipe = recipe
+        self.format: CheckpointFormat = checkpoint_format(format_name)
         self.max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
         self.overwrite = overwrite
         if output.exists() and not overwrite:
@@ -126,7 +107,7 @@ class CheckpointWriter:
         """The pipeline's sink: pack each quantized Linear, copy the layer's other tensors."""
         for name, qw in quantized.items():
             self.quantized_shapes[prefix + name] = list(qw.codes.shape)
-            for suffix, tensor in gptq_tensors(qw, self.recipe.bits).items():
+            for suffix, tensor in self.format.layer_tensors(qw, self.recipe).items():
                 self.add(f"{prefix}{name}.{suffix}", tensor)
         for name, tensor in others.items():
             self.add(name, tensor)
@@ -152,11 +133,8 @@ class CheckpointWriter:
         total_size = sum((self.tmp / f).stat().st_size for f in set(weight_map.values()))
         _write_json(self.tmp / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
 
-        qconfig = quantization_config(self.recipe, version)
         config = json.loads((source_dir / "config.json").read_text())
-        config["quantization_config"] = qconfig
-        _write_json(self.tmp / "config.json", config)
-        _write_json(self.tmp / QUANTIZE_CONFIG_FILE, qconfig)
+        self.format.write_config(self.tmp, config, self.recipe, version)
         for name in COPIED_FILES:
             if (source_dir / name).is_file():
                 shutil.copy2(source_dir / name, self.tmp / name)
@@ -198,8 +176,12 @@ def read_quantization_config(model_dir: Path) -> dict:
     if not config_path.exists():
         raise InputError(f"{model_dir}: no config.json; not a model directory")
     qconfig = json.loads(config_path.read_text()).get("quantization_config")
-    if not qconfig or qconfig.get("quant_method") != "gptq":
-        raise InputError(f"{model_dir}: config.json has no GPTQ quantization_config; not a GPTQ checkpoint")
+    if not qconfig:
+        raise InputError(f"{model_dir}: config.json has no quantization_config; not a quantized checkpoint")
+    try:
+        format_of(qconfig)
+    except InputError as exc:
+        raise InputError(f"{model_dir}: {exc}") from None
     return qconfig
 
 
@@ -211,42 +193,33 @@ def iter_checkpoint_tensors(model_dir: Path):
                 yield name, handle
 
 
-def gptq_part(name: str) -> tuple[str, str] | None:
-    """('model.layers.0.mlp.down_proj', 'qweight') for a GPTQ tensor's name; None for any other tensor."""
-    for suffix in GPTQ_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)], suffix[1:]
-    return None
-
-
-@dataclass(frozen=True)
-class _Header:
-    """One tensor as its file's header describes it; `read` loads it."""
-
-    file: Path
-    name: str
-    shape: list[int]
-    dtype: str  # safetensors' names: I32, F16, BF16, ...
-
-    def read(self) -> torch.Tensor:
-        # Opened for this tensor alone: a handle kept open keeps every page read through it resident.
-        with safe_open(self.file, framework="pt") as handle:
-            return handle.get_tensor(self.name)
+def quantized_parts(model_dir: Path, fmt: CheckpointFormat) -> dict[str, dict[str, Header]]:
+    """{linear: {part: Header}} of every quantized Linear, from the files' headers (nothing is read)."""
+    parts_of: dict[str, dict[str, Header]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                if part := fmt.part(name):
+                    info = handle.get_slice(name)
+                    parts_of.setdefault(part[0], {})[part[1]] = Header(file, name, info.get_shape(), info.get_dtype())
+    return parts_of
 
 
 def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
-    """Check a GPTQ checkpoint against the vLLM 0.32 contract; raise CheckpointError listing every
-    problem found. Returns a summary (quantized layer count, shapes)."""
+    """Check a checkpoint against its format's vLLM 0.32 contract; raise CheckpointError listing every
+    problem found. Returns a summary (format, quantized layer count, shapes)."""
     qconfig = read_quantization_config(model_dir)
+    fmt = format_of(qconfig)
+    try:
+        scheme = fmt.scheme(qconfig)
+    except InputError as exc:
+        raise CheckpointError(f"{model_dir}: {exc}") from None
     problems: list[str] = []
-    for key in ("bits", "group_size", "desc_act", "sym"):
-        if key not in qconfig:
-            problems.append(f"quantization_config lacks {key!r} (vLLM requires it)")
-    bits, group_size = qconfig.get("bits", 4), qconfig.get("group_size", -1)
-    if qconfig.get("desc_act"):
-        problems.append("desc_act is true: vLLM 0.32 refuses dynamic act-order with groups; write static act-order")
+    if scheme.desc_act:
+        problems.append("dynamic act-order (desc_act, or actorder group): vLLM 0.32 refuses it with groups; "
+                        "write static act-order")
     if not allow_unservable:
-        problems.extend(unservable_reasons(bits, group_size, bool(qconfig.get("sym", True))))
+        problems.extend(unservable_reasons(scheme.bits, scheme.group_size, scheme.sym))
 
     index_path = model_dir / INDEX_FILE
     if index_path.exists():
@@ -255,49 +228,47 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
             if not (model_dir / file).exists():
                 problems.append(f"index names {file}, which is missing")
 
-    # Shapes and dtypes come from the files' headers; only scales and g_idx are read, one tensor at a
-    # time, so verifying takes the memory of one layer's scales whatever the model's size.
-    parts_of: dict[str, dict[str, _Header]] = {}
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                if part := gptq_part(name):
-                    info = handle.get_slice(name)
-                    parts_of.setdefault(part[0], {})[part[1]] = _Header(file, name, info.get_shape(), info.get_dtype())
+    # Shapes and dtypes come from the files' headers; only small tensors (scales, g_idx, shapes) are
+    # read, one at a time, so verifying takes the memory of one layer's scales whatever the model's size.
+    parts_of = quantized_parts(model_dir, fmt)
     if not parts_of:
-        problems.append("no quantized tensors (*.qweight) found")
-    pack = 32 // bits if 32 % bits == 0 else None
+        problems.append(f"no quantized tensors (*.{fmt.required[0]}) found")
     shapes = {}
     for layer, parts in sorted(parts_of.items()):
-        missing = {"qweight", "scales", "qzeros"} - set(parts)
+        missing = set(fmt.required) - set(parts)
         if missing:
             problems.append(f"{layer}: missing {sorted(missing)}")
             continue
-        qweight, scales, qzeros = parts["qweight"], parts["scales"], parts["qzeros"]
-        k = qweight.shape[0] * 32 // bits
-        n = qweight.shape[1]
-        shapes[layer] = [n, k]
-        group = k if group_size == -1 else group_size
-        if qweight.dtype != "I32" or qzeros.dtype != "I32":
-            problems.append(f"{layer}: qweight/qzeros must be int32")
-        if scales.dtype != "F16":
-            problems.append(f"{layer}: scales must be float16, found {scales.dtype}")
-        if k % group:
-            problems.append(f"{layer}: in_features {k} not divisible by group_size {group}")
-            continue
-        if tuple(scales.shape) != (k // group, n):
-            problems.append(f"{layer}: scales shape {tuple(scales.shape)} != {(k // group, n)}")
-        if pack and tuple(qzeros.shape) != (k // group, n // pack):
-            problems.append(f"{layer}: qzeros shape {tuple(qzeros.shape)} != {(k // group, n // pack)}")
-        if not torch.isfinite(scales.read().float()).all():
-            problems.append(f"{layer}: scales hold NaN or inf")
-        if "g_idx" in parts:
-            expected = torch.arange(k, dtype=torch.int32) // group
-            if not torch.equal(parts["g_idx"].read().to(torch.int32), expected):
-                problems.append(
-                    f"{layer}: g_idx is not arange(in_features) // group_size; vLLM ignores g_idx and would "
-                    "serve this layer with the wrong scales"
-                )
+        layer_problems = fmt.check_layer(layer, parts, scheme)
+        problems += layer_problems
+        if not layer_problems:
+            shapes[layer] = list(fmt.linear_shape(parts, scheme))
     if problems:
         raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
-    return {"quantized_linears": len(parts_of), "shapes": shapes}
+    return {"format": fmt.name, "quantized_linears": len(parts_of), "shapes": shapes}
+
+
+def verify_manifest(model_dir: Path) -> int:
+    """Every file the manifest lists, with its size and SHA-256, and the format it names; raise
+    CheckpointError listing what differs. Returns the number of files checked."""
+    path = model_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: no {MANIFEST_FILE}; not a checkpoint kubequant wrote")
+    manifest = json.loads(path.read_text())
+    listed = manifest.get("files") or {}
+    problems = []
+    for name, expected in sorted(listed.items()):
+        file = model_dir / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != expected.get("bytes") or sha256_file(file) != expected.get("sha256"):
+            problems.append(f"{name} differs from the manifest (size or SHA-256)")
+    unlisted = sorted(p.name for p in model_dir.iterdir() if p.name not in listed and p.name != MANIFEST_FILE)
+    if unlisted:
+        problems.append(f"files not in the manifest: {', '.join(unlisted)}")
+    written = format_of(read_quantization_config(model_dir)).name
+    if manifest.get("format", "gptq") != written:
+        problems.append(f"the manifest says format {manifest.get('format')!r}, config.json holds {written!r}")
+    if problems:
+        raise CheckpointError(f"{model_dir}: " + "; ".join(problems))
+    return len(listed)

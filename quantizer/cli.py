@@ -14,6 +14,8 @@ from pathlib import Path
 
 from quantizer import contract
 from quantizer.contract import (
+    CHECKPOINT_FORMATS,
+    DEFAULT_FORMAT,
     EVALUATION_FAILED,
     INVALID_INPUT,
     SCALE_SEARCHES,
@@ -66,6 +68,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--eval-seq-len", type=int, help="evaluation window (default: --seq-len)")
     p.add_argument("--eval-max-windows", type=int, help="evaluate at most this many windows")
     p.add_argument("--eval-stride", type=int, help="sliding windows every N tokens (default: non-overlapping)")
+    p.add_argument("--format", choices=CHECKPOINT_FORMATS, default=DEFAULT_FORMAT,
+                   help=f"checkpoint layout (default {DEFAULT_FORMAT}, what llm-compressor writes and vLLM's docs "
+                        "recommend; gptq: AutoGPTQ's layout)")
     p.add_argument("--allow-unservable", action="store_true",
                    help="write recipes vLLM cannot serve (marked in the manifest)")
     p.add_argument("--overwrite", action="store_true",
@@ -77,7 +82,7 @@ def _add_quantize(sub) -> None:
 
 
 def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="check a checkpoint against the vLLM GPTQ contract")
+    p = sub.add_parser("verify", help="check a checkpoint against its format's vLLM contract and its manifest")
     p.add_argument("model", type=Path)
     p.add_argument("--allow-unservable", action="store_true")
     p.add_argument("--result-file", type=Path)
@@ -170,6 +175,7 @@ def _quantize(args) -> Result:
             model=args.model, output=args.output, calibration=args.calibration, recipe=recipe,
             samples=args.samples, seq_len=args.seq_len, seed=args.seed, jsonl_field=args.jsonl_field,
             device=args.device, method=args.method, solver=args.solver, allow_unservable=args.allow_unservable, overwrite=args.overwrite,
+            format=args.format,
             eval_text=args.eval_text, eval_seq_len=args.eval_seq_len, eval_max_windows=args.eval_max_windows,
             eval_stride=args.eval_stride,
             batch_size=args.batch_size, offload_activations=args.offload_activations,
@@ -208,11 +214,14 @@ def _evaluate(args) -> Result:
 
 
 def _verify(args) -> Result:
-    from quantizer.checkpoint import verify_checkpoint
+    from quantizer.checkpoint import verify_checkpoint, verify_manifest
 
     summary = verify_checkpoint(args.model, allow_unservable=args.allow_unservable)
-    print(f"{args.model}: OK, {summary['quantized_linears']} quantized linears match the vLLM GPTQ contract")
-    return DoneResult(details={"quantized_linears": summary["quantized_linears"]})
+    files = verify_manifest(args.model)
+    print(f"{args.model}: OK, {summary['quantized_linears']} quantized linears match vLLM's {summary['format']} "
+          f"contract; {files} files match the manifest's digests")
+    return DoneResult(details={"format": summary["format"], "quantized_linears": summary["quantized_linears"],
+                               "files_verified": files})
 
 
 def _fetch(args) -> Result:

@@ -46,6 +46,13 @@ GATE_VERDICTS = (PASSED, PERPLEXITY_REGRESSION, ENGINE_MISMATCH, KL_DIVERGENCE, 
 
 # ---- recipes: what the quantizer makes, what vLLM 0.32 serves -------------------------------------
 
+# Checkpoint formats (quantizer/formats.py): the same codes and scales in two layouts vLLM serves.
+COMPRESSED_TENSORS_FORMAT = "compressed-tensors"
+GPTQ_FORMAT = "gptq"
+CHECKPOINT_FORMATS = (COMPRESSED_TENSORS_FORMAT, GPTQ_FORMAT)
+# vLLM's quantization docs point GPTQ users to llm-compressor, which writes compressed-tensors; README.
+DEFAULT_FORMAT = COMPRESSED_TENSORS_FORMAT
+
 QUANTIZABLE_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (-1, 32, 64, 128, 256)  # -1: one group per row
 # How each group's scale is chosen: min-max; the unweighted clipping search; the importance-weighted

@@ -25,6 +25,7 @@ from quantizer.agreement import distribution_agreement, generation_agreement
 from quantizer.checkpoint import read_quantization_config
 from quantizer.contract import EvaluateResult
 from quantizer.errors import InputError
+from quantizer.formats import format_of
 from quantizer.gate import GateThresholds, decide
 from quantizer.perplexity import (
     EngineScores,
@@ -145,6 +146,7 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     if not opts.model.is_dir():
         raise InputError(f"--model {opts.model}: not a directory; pass the quantized checkpoint directory")
     qconfig = read_quantization_config(opts.model)
+    scheme = format_of(qconfig).scheme(qconfig)
     if opts.baseline_ppl is None and opts.baseline_model is None:
         raise InputError("no baseline: pass --baseline-ppl (from the quantize result) or --baseline-model DIR")
     if opts.baseline_model is not None and not (opts.baseline_model / "config.json").exists():
@@ -204,7 +206,8 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         "windows": served.perplexity.windows,
         "tokens_scored": served.perplexity.tokens_scored,
         "seq_len": opts.seq_len,
-        "recipe": {k: qconfig.get(k) for k in ("bits", "group_size", "sym", "desc_act")},
+        "recipe": {"format": format_of(qconfig).name, "bits": scheme.bits, "group_size": scheme.group_size,
+                   "sym": scheme.sym},
         "thresholds": {
             "max_ppl_increase": opts.thresholds.max_ppl_increase,
             "max_ppl_ratio": opts.thresholds.effective_ratio(),

@@ -152,31 +152,30 @@ def load_prompts(path: Path, tokenizer, jsonl_field: str = "text") -> list[list[
 
 
 def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A plain Transformers model whose Linear weights are the checkpoint's dequantized GPTQ tensors,
-    read exactly as stored (g_idx included): the reference vLLM must agree with."""
+    """A plain Transformers model whose Linear weights are the checkpoint's dequantized tensors, in
+    either format, read exactly as stored (GPTQ's g_idx included): the reference vLLM must agree with."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from quantizer.checkpoint import gptq_part, iter_checkpoint_tensors, read_quantization_config
-    from quantizer.packing import dequantize_gptq
+    from quantizer.checkpoint import iter_checkpoint_tensors, read_quantization_config
+    from quantizer.formats import format_of
 
     qconfig = read_quantization_config(model_dir)
-    bits, group_size = qconfig["bits"], qconfig["group_size"]
+    fmt = format_of(qconfig)
+    scheme = fmt.scheme(qconfig)
     config_dict = json.loads((model_dir / "config.json").read_text())
     config_dict.pop("quantization_config")
     config = AutoConfig.for_model(**config_dict)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state: dict[str, torch.Tensor] = {}
-    gptq: dict[str, dict[str, torch.Tensor]] = {}
+    quantized: dict[str, dict[str, torch.Tensor]] = {}
     for name, handle in iter_checkpoint_tensors(model_dir):
-        if part := gptq_part(name):
-            gptq.setdefault(part[0], {})[part[1]] = handle.get_tensor(name)
+        if part := fmt.part(name):
+            quantized.setdefault(part[0], {})[part[1]] = handle.get_tensor(name)
         else:
             state[name] = handle.get_tensor(name).to(dtype)
-    for layer, parts in gptq.items():
-        k = parts["qweight"].shape[0] * 32 // bits
-        parts.setdefault("g_idx", torch.arange(k, dtype=torch.int32) // (k if group_size == -1 else group_size))
-        state[f"{layer}.weight"] = dequantize_gptq(parts, bits).to(dtype)
+    for layer, parts in quantized.items():
+        state[f"{layer}.weight"] = fmt.dequantize(parts, scheme).to(dtype)
     if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=False, assign=True)

@@ -13,7 +13,7 @@ import torch
 from quantizer import __version__
 from quantizer.calibration import Calibration, clamp_seq_len, load_calibration
 from quantizer.checkpoint import MANIFEST_FILE, CheckpointWriter, sha256_file
-from quantizer.contract import QuantizeResult
+from quantizer.contract import DEFAULT_FORMAT, QuantizeResult
 from quantizer.errors import InputError, UnservableRecipeError
 from quantizer.gptq import QuantRecipe
 from quantizer.perplexity import load_evaluation_windows
@@ -44,6 +44,7 @@ class QuantizeOptions:
     solver: str = "auto"
     allow_unservable: bool = False
     overwrite: bool = False
+    format: str = DEFAULT_FORMAT  # the checkpoint's layout (quantizer/formats.py)
     eval_text: Path | None = None
     eval_seq_len: int | None = None
     eval_max_windows: int | None = None
@@ -121,6 +122,7 @@ class QuantizeReport:
             "version": 1,
             "source": {"path": str(opts.model), "repo": opts.source_repo, "revision": opts.source_revision},
             "method": opts.method,
+            "format": opts.format,
             "recipe": opts.recipe.to_dict(),
             "unservable": self.unservable,
             "calibration": self.calibration.describe() | {"seed": opts.seed},
@@ -165,6 +167,7 @@ class QuantizeReport:
             fakequant_ppl=perplexity.get("fakequant_ppl"),
             details={
                 "method": self.opts.method,
+                "format": self.opts.format,
                 "servable": not self.unservable,
                 "solver": p.solver,
                 "device": self.device,
@@ -216,7 +219,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
             opts.eval_text, tokenizer, eval_seq_len, opts.eval_max_windows, opts.jsonl_field, opts.eval_stride
         )
 
-    with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite) as writer:
+    with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite, format_name=opts.format) as writer:
         pipeline = quantize_model(
             source,
             recipe,
@@ -261,7 +264,8 @@ def summary_lines(quantized: QuantizeResult) -> list[str]:
     lines = [
         f"quantized {result['quantized_linears']} linears -> {result['output']} "
         f"({result['method']}, {result['recipe']['bits']}-bit, group {result['recipe']['group_size']}, "
-        f"act-order {'static' if result['recipe']['act_order'] else 'off'}, solver {result['solver']})",
+        f"act-order {'static' if result['recipe']['act_order'] else 'off'}, solver {result['solver']}, "
+        f"{result['format']} format)",
         f"size {result['size_before_bytes'] * mb:.1f} MiB -> {result['size_after_bytes'] * mb:.1f} MiB "
         f"({result['size_before_bytes'] / result['size_after_bytes']:.2f}x smaller)",
         f"relative output error: mean {result['mean_relative_error']:.3e}, worst {result['worst_linear']['relative_error']:.3e} "

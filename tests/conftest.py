@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from quantizer.cli import main as quantizer_main
 
@@ -31,8 +33,8 @@ def quantize(output: Path, *extra: str, model: Path = TINY_MODEL, calibration: P
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """GPTQ and RTN checkpoints of the tiny model at groups 128 and 32, and one with full-range
-    (signed) scales, made once."""
+    """GPTQ and RTN checkpoints of the tiny model at groups 128 and 32, one with full-range (signed)
+    scales, all in the default format (compressed-tensors), and GPTQ g128 in the GPTQ format, made once."""
     root = tmp_path_factory.mktemp("checkpoints")
     made = {}
     for name, args in {
@@ -41,11 +43,39 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
         "rtn-g128": ["--group-size", "128", "--method", "rtn"],
         "rtn-g32": ["--group-size", "32", "--method", "rtn"],
         "full-range-g32": ["--group-size", "32", "--scale-search", "cost", "--full-range"],
+        "gptq-g128-gptq-format": ["--group-size", "128", "--format", "gptq"],
     }.items():
         code, result = quantize(root / name, *args)
         assert code == 0, result
         made[name] = (root / name, result)
     return made
+
+
+def damaged_copy(path: Path, out: Path, step: int, layers: str = "model.layers.") -> Path:
+    """A copy of a 4-bit checkpoint (either format) whose Linears under `layers` have their codes moved
+    to a grid `step` times coarser, written consistently: vLLM and our reference read the same damaged
+    weights, so the engine check cannot see the damage; only the comparison with the source can."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+    from safetensors.torch import load_file, save_file
+
+    from quantizer.packing import pack, unpack
+
+    def coarser(signed):  # codes centred on 0, in [-8, 7]
+        return (torch.round(signed / step) * step).clamp(-8, 7)
+
+    shutil.copytree(path, out)
+    for file in out.glob("model-*.safetensors"):
+        tensors = load_file(file)
+        for name in [n for n in tensors if n.startswith(layers)]:
+            if name.endswith(".qweight"):  # GPTQ: unsigned codes, packed along the input
+                codes = unpack(tensors[name], 4, tensors[name].shape[0] * 8)
+                tensors[name] = pack((coarser(codes - 8) + 8).to(torch.int32), 4)
+            elif name.endswith(".weight_packed"):  # compressed-tensors: signed codes, packed per row
+                shape = torch.Size(tensors[name.replace("weight_packed", "weight_shape")].tolist())
+                codes = unpack_from_int32(tensors[name], 4, shape)
+                tensors[name] = pack_to_int32(coarser(codes.float()).to(torch.int8), 4)
+        save_file(tensors, file, metadata={"format": "pt"})
+    return out
 
 
 # ---- the real control plane (scripts/cluster.sh) ----------------------------------------------------

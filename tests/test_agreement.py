@@ -6,20 +6,17 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from quantizer import contract
 from quantizer.agreement import distribution_agreement, generation_agreement, quantile, token_kl
 from quantizer.cli import main as quantizer_main
-from quantizer.packing import pack, unpack
-from tests.conftest import EVALUATION, FIXTURES, TINY_MODEL
+from tests.conftest import EVALUATION, FIXTURES, TINY_MODEL, damaged_copy
 
 PROMPTS = FIXTURES / "text" / "prompts.txt"
 WINDOWS = ["--eval-text", str(EVALUATION), "--seq-len", "256", "--max-windows", "24"]
@@ -74,19 +71,6 @@ def _evaluate(model: Path, tmp_path: Path, *extra: str) -> tuple[int, dict]:
     return code, json.loads(result_file.read_text())
 
 
-def _damaged(path: Path, out: Path, step: int = 4) -> Path:
-    """Decoder layer 1's codes moved to a grid `step` times coarser, written consistently (qweight
-    only): vLLM and our reference read the same damaged weights, so the engine check cannot see it."""
-    shutil.copytree(path, out)
-    for file in out.glob("model-*.safetensors"):
-        tensors = load_file(file)
-        for name in [n for n in tensors if n.startswith("model.layers.1.") and n.endswith(".qweight")]:
-            codes = unpack(tensors[name], 4, tensors[name].shape[0] * 8)
-            tensors[name] = pack((8 + torch.round((codes - 8) / step) * step).clamp(0, 15).to(torch.int32), 4)
-        save_file(tensors, file, metadata={"format": "pt"})
-    return out
-
-
 def test_the_sane_checkpoint_passes_every_check(checkpoints, tmp_path):
     path, _ = checkpoints["gptq-g128"]
     code, result = _evaluate(path, tmp_path, "--engine", "torch", *CHECKS)
@@ -102,7 +86,7 @@ def test_the_sane_checkpoint_passes_every_check(checkpoints, tmp_path):
 
 def test_damage_that_perplexity_lets_through_fails_on_the_distributions(checkpoints, tmp_path):
     path, _ = checkpoints["gptq-g128"]
-    bad = _damaged(path, tmp_path / "bad")
+    bad = damaged_copy(path, tmp_path / "bad", step=4, layers="model.layers.1.")
     code, result = _evaluate(bad, tmp_path, "--engine", "torch", *CHECKS)
     assert code == contract.EXIT_GATE_FAILED
     assert result["reason"] == contract.KL_DIVERGENCE  # the first failed check

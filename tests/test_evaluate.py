@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantizer import contract
 from quantizer.cli import main as quantizer_main
 from tests.conftest import EVALUATION, TINY_MODEL, quantize
 
@@ -45,15 +46,21 @@ def _gate_args(result: dict) -> list[str]:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_serves_the_checkpoint_as_quantized(checkpoints, tmp_path):
-    """vLLM loads the checkpoint with no quantization flag; its perplexity matches our reference."""
-    path, quantized = checkpoints["gptq-g128"]
-    code, result = evaluate_with_vllm(path, tmp_path, *_gate_args(quantized))
-    assert code == 0, result
-    assert result["reason"] == "Passed" and result["engine"].startswith("vllm")
-    assert result["tokens_scored"] == quantized["eval_tokens"]
-    assert result["baseline_ppl"] <= result["fakequant_ppl"]
-    assert abs(result["served_ppl"] / result["fakequant_ppl"] - 1) < 0.005
+def test_vllm_serves_both_formats_as_quantized(checkpoints, tmp_path):
+    """vLLM loads each format with no quantization flag; its perplexity matches our reference, and the
+    two layouts of the same weights serve at the same perplexity."""
+    served = {}
+    for name in ("gptq-g128", "gptq-g128-gptq-format"):
+        path, quantized = checkpoints[name]
+        code, result = evaluate_with_vllm(path, tmp_path, *_gate_args(quantized))
+        assert code == 0, result
+        assert result["reason"] == "Passed" and result["engine"].startswith("vllm")
+        assert result["tokens_scored"] == quantized["eval_tokens"]
+        assert result["baseline_ppl"] <= result["fakequant_ppl"]
+        assert abs(result["served_ppl"] / result["fakequant_ppl"] - 1) < 0.005
+        assert result["recipe"]["format"] == quantized["format"]
+        served[quantized["format"]] = result["served_ppl"]
+    assert served[contract.COMPRESSED_TENSORS_FORMAT] == pytest.approx(served[contract.GPTQ_FORMAT], rel=1e-4)
 
 
 @pytest.mark.vllm
@@ -63,7 +70,7 @@ def test_vllm_serves_negative_full_range_scales(checkpoints, tmp_path):
     kernel computes scale * (q - 8) as we do, so its perplexity still matches our reference."""
     path, quantized = checkpoints["full-range-g32"]
     scales = torch.cat([t.flatten() for file in path.glob("model-*.safetensors")
-                        for name, t in load_file(file).items() if name.endswith(".scales")])  # fmt: skip
+                        for name, t in load_file(file).items() if name.endswith(".weight_scale")])  # fmt: skip
     assert 0.3 < float((scales < 0).float().mean()) < 0.7
     code, result = evaluate_with_vllm(path, tmp_path, *_gate_args(quantized))
     assert code == 0, result
@@ -76,7 +83,7 @@ def test_vllm_serves_negative_full_range_scales(checkpoints, tmp_path):
 def test_permuted_g_idx_is_an_engine_mismatch(checkpoints, tmp_path):
     """vLLM ignores g_idx; our reference honours it. Without --fakequant-ppl the reference is measured
     from the checkpoint as written, so a permuted g_idx shows up as a disagreement."""
-    path, quantized = checkpoints["gptq-g32"]
+    path, quantized = checkpoints["gptq-g128-gptq-format"]  # compressed-tensors stores no g_idx for static order
     bad = tmp_path / "bad"
     shutil.copytree(path, bad)
     for file in bad.glob("model-*.safetensors"):
@@ -89,15 +96,17 @@ def test_permuted_g_idx_is_an_engine_mismatch(checkpoints, tmp_path):
     assert result["reason"] == "EngineMismatch", result["message"]
 
 
-def test_swapped_scales_are_an_engine_mismatch(checkpoints, tmp_path):
-    path, quantized = checkpoints["gptq-g128"]
+@pytest.mark.parametrize(("name", "scales", "channels"), [("gptq-g128", ".weight_scale", 0),
+                                                         ("gptq-g128-gptq-format", ".scales", 1)])
+def test_swapped_scales_are_an_engine_mismatch(checkpoints, tmp_path, name, scales, channels):
+    path, quantized = checkpoints[name]
     bad = tmp_path / "bad"
     shutil.copytree(path, bad)
     for file in bad.glob("model-*.safetensors"):
         tensors = load_file(file)
         # Every quantized Linear of decoder layer 0 gets its output channels' scales end for end.
-        for name in [n for n in tensors if n.startswith("model.layers.0.") and n.endswith(".scales")]:
-            tensors[name] = tensors[name].flip(-1).contiguous()
+        for name in [n for n in tensors if n.startswith("model.layers.0.") and n.endswith(scales)]:
+            tensors[name] = tensors[name].flip(channels).contiguous()
         save_file(tensors, file, metadata={"format": "pt"})
     code, result = evaluate_in_process(bad, tmp_path, "--engine", "torch", *_gate_args(quantized))
     assert code == 3
@@ -127,7 +136,7 @@ def test_torch_engine_passes_a_good_checkpoint(checkpoints, tmp_path):
         ("empty-text", "fewer than one window"),
         ("short-text", "fewer than one window"),
         ("long-seq", "exceeds the model's context"),
-        ("not-a-checkpoint", "not a GPTQ checkpoint"),
+        ("not-a-checkpoint", "not a quantized checkpoint"),
         ("no-baseline", "no baseline"),
     ],
 )

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantizer.checkpoint import CheckpointError, CheckpointWriter, verify_checkpoint
+from quantizer import contract
+from quantizer.checkpoint import CheckpointError, CheckpointWriter, verify_checkpoint, verify_manifest
 from quantizer.cli import main as quantizer_main
 from quantizer.errors import InputError
 from quantizer.gptq import QuantRecipe
@@ -32,12 +33,30 @@ def test_gptq_damages_perplexity_less_than_rtn(checkpoints, group):
     assert 0 < gptq_increase < 0.8 * rtn_increase, (gptq_increase / rtn_increase, gptq, rtn)
 
 
-def test_checkpoint_layout_and_manifest(checkpoints):
-    path, result = checkpoints["gptq-g128"]
+@pytest.mark.parametrize("name", ["gptq-g128", "gptq-g128-gptq-format"])
+def test_checkpoint_layout_and_manifest(checkpoints, name):
+    path, result = checkpoints[name]
     config = json.loads((path / "config.json").read_text())
     qconfig = config["quantization_config"]
-    assert qconfig["quant_method"] == "gptq" and qconfig["desc_act"] is False and qconfig["sym"] is True
-    assert json.loads((path / "quantize_config.json").read_text()) == qconfig
+    if name == "gptq-g128":  # the default: compressed-tensors, as llm-compressor writes W4A16
+        assert result["format"] == contract.COMPRESSED_TENSORS_FORMAT == contract.DEFAULT_FORMAT
+        assert qconfig["quant_method"] == "compressed-tensors" and qconfig["format"] == "pack-quantized"
+        assert qconfig["ignore"] == ["lm_head"] and qconfig["quantization_status"] == "compressed"
+        (group,) = qconfig["config_groups"].values()
+        assert group["targets"] == ["Linear"] and group["input_activations"] is None
+        assert {k: group["weights"][k] for k in ("num_bits", "type", "symmetric", "strategy", "group_size",
+                                                 "actorder", "dynamic")} == \
+            {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
+             "actorder": "weight", "dynamic": False}
+        tensors = load_file(next(path.glob("model-*.safetensors")))
+        assert tensors["model.layers.0.mlp.down_proj.weight_packed"].shape == (128, 384 // 8)
+        assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (128, 384 // 128)
+        assert tensors["model.layers.0.mlp.down_proj.weight_shape"].tolist() == [128, 384]
+        assert not (path / "quantize_config.json").exists()
+    else:
+        assert result["format"] == contract.GPTQ_FORMAT
+        assert qconfig["quant_method"] == "gptq" and qconfig["desc_act"] is False and qconfig["sym"] is True
+        assert json.loads((path / "quantize_config.json").read_text()) == qconfig
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "model.safetensors.index.json"):
         assert (path / name).is_file(), name
     manifest = json.loads((path / "kubequant.json").read_text())
@@ -49,7 +68,28 @@ def test_checkpoint_layout_and_manifest(checkpoints):
     assert not list(path.parent.glob(".*partial*")), "temporary directory left behind"
     assert len(json.dumps(result, separators=(",", ":"))) < 4096
     summary = verify_checkpoint(path)
-    assert summary["quantized_linears"] == 28
+    assert summary["quantized_linears"] == 28 and summary["format"] == result["format"] == manifest["format"]
+    assert verify_manifest(path) == len(manifest["files"])
+
+
+def test_both_formats_hold_the_same_weights(checkpoints):
+    """The same recipe and calibration in the two layouts: the same dequantized model, bit for bit."""
+    ours = load_dequantized_model(checkpoints["gptq-g128"][0]).state_dict()
+    gptq = load_dequantized_model(checkpoints["gptq-g128-gptq-format"][0]).state_dict()
+    assert ours.keys() == gptq.keys()
+    for name in ours:
+        assert torch.equal(ours[name], gptq[name]), name
+
+
+def test_verify_compares_the_files_with_the_manifest(checkpoints, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(checkpoints["gptq-g128"][0], copy)
+    (copy / "tokenizer_config.json").write_text("{}")
+    (copy / "stray.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"tokenizer_config\.json differs.*files not in the manifest: stray\.txt"):
+        verify_manifest(copy)
+    code = quantizer_main(["verify", str(copy), "--result-file", str(tmp_path / "r.json")])
+    assert code == contract.EXIT_BAD_INPUT
 
 
 def test_fakequant_matches_the_dequantized_checkpoint(checkpoints):
@@ -73,7 +113,7 @@ def _copy_with_permuted_g_idx(src: Path, dst: Path) -> None:
 
 
 def test_permuted_g_idx_is_caught(checkpoints, tmp_path):
-    path, _ = checkpoints["gptq-g32"]
+    path, _ = checkpoints["gptq-g128-gptq-format"]
     _copy_with_permuted_g_idx(path, tmp_path / "bad")
     with pytest.raises(CheckpointError, match="g_idx is not arange"):
         verify_checkpoint(tmp_path / "bad")

@@ -12,16 +12,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from quantizer import contract
 from quantizer.cli import main as quantizer_main
 from quantizer.errors import InputError
 from quantizer.gate import GateThresholds, decide
-from quantizer.packing import pack, unpack
 from quantizer.tasks import TaskScore, compare_tasks, load_tasks, task_files
-from tests.conftest import EVALUATION, FIXTURES, TINY_MODEL
+from tests.conftest import EVALUATION, FIXTURES, TINY_MODEL, damaged_copy
 
 pytest.importorskip("lm_eval", reason="the `tasks` extra (lm-evaluation-harness) is not installed")
 
@@ -79,18 +76,6 @@ def test_the_gate_fails_a_task_that_dropped_too_far_and_names_it():
         GateThresholds(max_accuracy_drop=-0.1)
 
 
-def _damaged_everywhere(path: Path, out: Path, step: int) -> Path:
-    """Every decoder layer's codes moved to a grid `step` times coarser, written consistently."""
-    shutil.copytree(path, out)
-    for file in out.glob("model-*.safetensors"):
-        tensors = load_file(file)
-        for name in [n for n in tensors if n.startswith("model.layers.") and n.endswith(".qweight")]:
-            codes = unpack(tensors[name], 4, tensors[name].shape[0] * 8)
-            tensors[name] = pack((8 + torch.round((codes - 8) / step) * step).clamp(0, 15).to(torch.int32), 4)
-        save_file(tensors, file, metadata={"format": "pt"})
-    return out
-
-
 def _evaluate(model: Path, tmp_path: Path, *extra: str) -> tuple[int, dict]:
     result_file = tmp_path / f"{model.name}.json"
     code = quantizer_main(["evaluate", "--model", str(model), *WINDOWS, "--engine", "torch",
@@ -111,7 +96,7 @@ def test_the_sane_checkpoint_keeps_its_task_score_and_a_damaged_one_fails(checkp
     assert "python_identifier acc" in result["message"]
 
     # Perplexity would fail it first; loosened, the task is the check that fails, with its numbers.
-    bad = _damaged_everywhere(path, tmp_path / "bad", step=8)
+    bad = damaged_copy(path, tmp_path / "bad", step=8)
     code, result = _evaluate(bad, tmp_path, "--max-accuracy-drop", "0.05", "--max-ppl-ratio", "50")
     assert code == contract.EXIT_GATE_FAILED
     assert result["reason"] == contract.TASK_ACCURACY_DROP
