@@ -48,6 +48,7 @@ def test_quantize_and_gate_with_the_torch_engine(tmp_path, capsys):
     assert (recipe["scale_search"], recipe["full_range"], recipe["refine_sweeps"], recipe["group_aware_order"]) == \
         (spec.scale_search, spec.full_range, spec.refine_sweeps, spec.group_aware_order)
     assert "scales cost, full-range" in out  # the summary names the recipe
+    assert "compressed-tensors" in out  # and the checkpoint's format
 
     # Same source and recipe: the artifact is reused, not quantized again.
     code = kubequant_main(["run", "-f", str(EXAMPLE), "--claim", CLAIM, "--workdir", str(workdir),

@@ -205,6 +205,18 @@ def test_the_gate_serves_the_source_model_beside_the_artifact():
     assert builders.artifact_hash(plain) == builders.artifact_hash(MODELS["llama"])
 
 
+def test_the_checkpoint_format_reaches_the_quantizer_and_keys_the_artifact():
+    default = parse_model(example("tiny.yaml"))
+    gptq = parse_model(with_spec(example("tiny.yaml"), "quantization.format", "gptq"))
+    command = _container(builders.quantize_job(default))["command"]
+    assert command[command.index("--format") + 1] == "compressed-tensors"
+    command = _container(builders.quantize_job(gptq))["command"]
+    assert command[command.index("--format") + 1] == "gptq"
+    assert builders.artifact_hash(gptq) != builders.artifact_hash(default)  # another artifact, quantized again
+    with pytest.raises(SpecError, match=r"spec\.quantization\.format must be one of compressed-tensors, gptq"):
+        parse_model(with_spec(example("tiny.yaml"), "quantization.format", "awq"))
+
+
 def test_the_gate_scores_tasks_from_the_claim_or_a_config_map():
     on_claim = parse_model(with_spec(example("tiny.yaml"), "evaluation.tasks",
                                      {"path": "tasks", "limit": 100, "maxAccuracyDrop": 0.05}))

@@ -197,6 +197,8 @@ def test_recipe_choices_are_the_contracts():
     assert tuple(quantization["groupSize"]["enum"]) == contract.GROUP_SIZES
     assert tuple(quantization["scaleSearch"]["enum"]) == contract.SCALE_SEARCHES
     assert quantization["refineSweeps"]["maximum"] == contract.MAX_REFINE_SWEEPS
+    assert tuple(quantization["format"]["enum"]) == contract.CHECKPOINT_FORMATS
+    assert quantization["format"]["default"] == contract.DEFAULT_FORMAT
 
 
 @pytest.mark.parametrize("bits", contract.QUANTIZABLE_BITS)

@@ -156,6 +156,7 @@ def _summary(model: Model, quantized: QuantizeResult, gate: EvaluateResult, endp
     rows = [
         ("model", f"{model.namespace}/{model.name}"),
         ("recipe", _recipe_line(quantized.recipe)),
+        ("format", quantized.details.get("format", "?")),
         ("size", f"{quantized.size_before_bytes * mib:.1f} MiB -> {quantized.size_after_bytes * mib:.1f} MiB"),
         ("baseline perplexity", f"{gate.baseline_ppl:.4f}"),
         ("quantized perplexity (ours)", f"{gate.fakequant_ppl:.4f}"),
@@ -234,6 +235,7 @@ def _result_from_manifest(manifest: dict, output: str) -> QuantizeResult:
         size_after_bytes=manifest["size_after_bytes"], seconds=manifest["timings"]["total_seconds"],
         group_size=manifest["group_size"], row_parallel_in_features=sorted(set(row_parallel)),
         baseline_ppl=perplexity["baseline_ppl"], fakequant_ppl=perplexity["fakequant_ppl"],
+        details={"format": manifest.get("format", "gptq")},  # manifests before formats were GPTQ's
     )
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from quantizer.contract import (
+    CHECKPOINT_FORMATS,
+    DEFAULT_FORMAT,
     GROUP_SIZES,
     MAX_REFINE_SWEEPS,
     QUANTIZABLE_BITS,
@@ -100,6 +102,7 @@ class Quantization:
     symmetric: bool = True
     damp_percent: float = 1.0
     scale_search: str = "cost"
+    format: str = DEFAULT_FORMAT
     full_range: bool = True
     refine_sweeps: int = 0
     group_aware_order: bool = False
@@ -296,7 +299,8 @@ def _quantization(raw: dict) -> Quantization:
         ),
         **_kwargs(q, {
             "bits": "bits", "groupSize": "group_size", "actOrder": "act_order", "symmetric": "symmetric",
-            "dampPercent": "damp_percent", "scaleSearch": "scale_search", "fullRange": "full_range",
+            "dampPercent": "damp_percent", "scaleSearch": "scale_search", "format": "format",
+            "fullRange": "full_range",
             "refineSweeps": "refine_sweeps", "groupAwareOrder": "group_aware_order", "image": "image",
             "resources": "resources", "nodeSelector": "node_selector", "tolerations": "tolerations",
             "backoffLimit": "backoff_limit", "activeDeadlineSeconds": "active_deadline_seconds",
@@ -309,6 +313,8 @@ def _quantization(raw: dict) -> Quantization:
          f"spec.quantization.groupSize must be {_one_of(GROUP_SIZES)}"),
         (quantization.scale_search not in SCALE_SEARCHES,
          f"spec.quantization.scaleSearch must be one of {', '.join(SCALE_SEARCHES)}"),
+        (quantization.format not in CHECKPOINT_FORMATS,
+         f"spec.quantization.format must be one of {', '.join(CHECKPOINT_FORMATS)}"),
         (not 0 <= quantization.refine_sweeps <= MAX_REFINE_SWEEPS,
          f"spec.quantization.refineSweeps must be between 0 and {MAX_REFINE_SWEEPS}"),
         (quantization.group_aware_order and not quantization.act_order,
