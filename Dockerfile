@@ -67,6 +67,7 @@ FROM ${PYTORCH_IMAGE} AS quantizer
 ARG TRANSFORMERS_VERSION=5.19.0
 ARG SAFETENSORS_VERSION=0.8.0
 ARG TOKENIZERS_VERSION=0.23.3
+ARG COMPRESSED_TENSORS_VERSION=0.17.0
 LABEL org.opencontainers.image.title="kubequant-quantizer" \
       org.opencontainers.image.description="GPTQ quantization Jobs of kubequant (python -m quantizer)" \
       org.opencontainers.image.source="https://github.com/kubequant/kubequant" \
@@ -81,10 +82,11 @@ RUN python -m pip list --format=freeze | grep -iE '^(torch|triton)==' > /tmp/kee
       "transformers==${TRANSFORMERS_VERSION}" \
       "safetensors==${SAFETENSORS_VERSION}" \
       "tokenizers==${TOKENIZERS_VERSION}" \
+      "compressed-tensors==${COMPRESSED_TENSORS_VERSION}" \
       "$(ls /wheels/kubequant-*.whl)[quantizer,triton]" \
  && python -m pip list --format=freeze | grep -iE '^(torch|triton)==' | diff - /tmp/keep-base.txt \
  && rm -rf /wheels /tmp/keep-base.txt \
- && python -c "import torch, triton, transformers, quantizer.gptq, quantizer.pipeline" \
+ && python -c "import torch, triton, transformers, compressed_tensors, quantizer.gptq, quantizer.pipeline" \
  && python -m quantizer --help > /dev/null \
  && groupadd --system --gid 65532 kubequant \
  && useradd --system --uid 65532 --gid 65532 --create-home --home-dir /home/kubequant \
