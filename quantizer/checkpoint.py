@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -23,12 +27,21 @@ from quantizer.contract import DEFAULT_FORMAT, unservable_reasons
 from quantizer.errors import InputError
 from quantizer.formats import CheckpointFormat, Header, checkpoint_format, format_of
 from quantizer.gptq import QuantizedWeight, QuantRecipe
+from quantizer.termination import check as check_termination
+
+log = logging.getLogger(__name__)
 
 # The writer holds a shard in host memory until it is written (safetensors writes a file at once),
 # so this bounds the writer's memory whatever the model's size: 1 GB, not the Hub's usual 5 GB.
 MAX_SHARD_BYTES = 10**9
 INDEX_FILE = "model.safetensors.index.json"
 MANIFEST_FILE = "kubequant.json"
+# In a partial output: who writes it. The writer touches it every HEARTBEAT_SECONDS; a partial whose
+# writer is a dead process on this host, or whose heartbeat stopped STALE_AFTER_SECONDS ago (a Pod
+# on another node, OOM-killed or preempted), is a leftover that the next writer of the target removes.
+WRITER_FILE = ".writer.json"
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 600.0
 # Files besides the weights that a server or a client needs from the source model.
 COPIED_FILES = (
     "tokenizer.json",
@@ -78,12 +91,19 @@ class CheckpointWriter:
             output.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise InputError(f"--output {output}: {output.parent} is not a directory") from None
+        remove_stale_partials(output)
         self.tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
         self.tmp.mkdir()
+        _write_json(self.tmp / WRITER_FILE, {"host": socket.gethostname(), "pid": os.getpid(),
+                                             "started": time.time()})
+        self._stop_heartbeat = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="checkpoint-heartbeat", daemon=True)
+        self._heartbeat.start()
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
         self.quantized_shapes: dict[str, list[int]] = {}
+        self.layers_written = 0
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -93,7 +113,15 @@ class CheckpointWriter:
             self.abort()
 
     def abort(self) -> None:
+        self._stop_heartbeat.set()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _beat(self) -> None:
+        while not self._stop_heartbeat.wait(HEARTBEAT_SECONDS):
+            try:
+                os.utime(self.tmp / WRITER_FILE)
+            except OSError:  # removed under us (abort, commit): nothing to keep alive
+                return
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
@@ -104,7 +132,10 @@ class CheckpointWriter:
         self._pending_bytes += size
 
     def add_layer(self, prefix: str, quantized: dict[str, QuantizedWeight], others: dict[str, torch.Tensor]) -> None:
-        """The pipeline's sink: pack each quantized Linear, copy the layer's other tensors."""
+        """The pipeline's sink: pack each quantized Linear, copy the layer's other tensors. Between
+        layers is a safe point to stop at when SIGTERM has arrived."""
+        check_termination(f"after {self.layers_written} decoder layers; the partial output was removed")
+        self.layers_written += 1
         for name, qw in quantized.items():
             self.quantized_shapes[prefix + name] = list(qw.codes.shape)
             for suffix, tensor in self.format.layer_tensors(qw, self.recipe).items():
@@ -144,6 +175,10 @@ class CheckpointWriter:
     def commit(self, manifest: dict) -> dict:
         """Write the manifest (with every file's checksum) and rename the checkpoint into place.
         Returns the manifest as written."""
+        check_termination(f"after all {self.layers_written} decoder layers, before the checkpoint was moved into "
+                          "place; the partial output was removed")
+        self._stop_heartbeat.set()
+        (self.tmp / WRITER_FILE).unlink()
         manifest = dict(manifest)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(self.tmp.iterdir())
@@ -159,7 +194,44 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             raise InputError(f"--output {self.output} appeared while quantizing; the result was not moved there")
+        remove_stale_partials(self.output)  # writers that died while this one ran
         return manifest
+
+
+def _writer_gone(partial: Path, now: float) -> bool:
+    """Whether a partial output's writer is gone: a dead process on this host, or no heartbeat for
+    STALE_AFTER_SECONDS. A partial without a writer file predates them, or died before writing it."""
+    lock = partial / WRITER_FILE
+    try:
+        writer = json.loads(lock.read_text())
+        beat = lock.stat().st_mtime
+    except (OSError, ValueError):
+        return now - partial.stat().st_mtime > STALE_AFTER_SECONDS
+    if writer.get("host") == socket.gethostname():
+        try:
+            os.kill(int(writer["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, KeyError, TypeError, ValueError):
+            pass
+    return now - beat > STALE_AFTER_SECONDS
+
+
+def remove_stale_partials(output: Path) -> list[Path]:
+    """Remove the partial outputs of `output` whose writers are gone; a live writer's is kept."""
+    removed = []
+    if not output.parent.is_dir():
+        return removed
+    now = time.time()
+    for partial in output.parent.glob(f".{output.name}.partial-*"):
+        try:
+            if partial.is_dir() and _writer_gone(partial, now):
+                shutil.rmtree(partial)
+                removed.append(partial)
+                log.warning("removed %s, left by a writer that is gone", partial)
+        except OSError:  # another writer removed it first
+            continue
+    return removed
 
 
 def _write_json(path: Path, data: dict) -> None:

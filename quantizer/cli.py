@@ -8,11 +8,12 @@ Kubernetes picks it up as the container's termination message for the operator.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
 
-from quantizer import contract
+from quantizer import contract, termination
 from quantizer.contract import (
     CHECKPOINT_FORMATS,
     DEFAULT_FORMAT,
@@ -249,6 +250,11 @@ def _fetch(args) -> Result:
     return DoneResult(details={"repo": args.repo, "revision": args.revision, "output": str(path)})
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, whether from Python's own writes or from safetensors' (which reports it in its message)."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
 COMMANDS = {"quantize": _quantize, "verify": _verify, "evaluate": _evaluate, "fetch": _fetch}
 
 
@@ -258,14 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     from quantizer.checkpoint import CheckpointError
 
     try:
-        result = COMMANDS[args.command](args)
+        with termination.handled():
+            result = COMMANDS[args.command](args)
     except (InputError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         result = FailedResult(reason=INVALID_INPUT, message=str(exc))
+    except termination.Terminated as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        result = FailedResult(reason=contract.TERMINATED, message=str(exc))
     except Exception as exc:
-        logging.getLogger("quantizer").exception("failed")
-        # The evaluator's failures are gate reasons too, so the operator can tell them apart.
-        reason = EVALUATION_FAILED if args.command == "evaluate" else contract.ERROR
-        result = FailedResult(reason=reason, message=f"{type(exc).__name__}: {exc}")
+        if _disk_full(exc):
+            message = f"the output volume is full ({exc}); the partial output was removed: free space or use a larger volume"
+            print(f"error: {message}", file=sys.stderr)
+            result = FailedResult(reason=contract.DISK_FULL, message=message)
+        else:
+            logging.getLogger("quantizer").exception("failed")
+            # The evaluator's failures are gate reasons too, so the operator can tell them apart.
+            reason = EVALUATION_FAILED if args.command == "evaluate" else contract.ERROR
+            result = FailedResult(reason=reason, message=f"{type(exc).__name__}: {exc}")
     write_result(result, args.result_file)
     return contract.exit_code(result)

@@ -32,6 +32,8 @@ FAILED = "Failed"
 INVALID_INPUT = "InvalidInput"
 ERROR = "Error"
 EVALUATION_FAILED = "EvaluationFailed"  # the evaluator could not measure: no verdict
+TERMINATED = "Terminated"  # SIGTERM (eviction, preemption): stopped at a safe point, nothing left behind
+DISK_FULL = "DiskFull"  # the output volume cannot hold the checkpoint: nothing left behind
 
 PASSED = "Passed"
 PERPLEXITY_REGRESSION = "PerplexityRegression"

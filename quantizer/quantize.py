@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,6 +221,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
             opts.eval_text, tokenizer, eval_seq_len, opts.eval_max_windows, opts.jsonl_field, opts.eval_stride
         )
 
+    _check_free_space(opts.output, expected_checkpoint_bytes(source, recipe))
     with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite, format_name=opts.format) as writer:
         pipeline = quantize_model(
             source,
@@ -248,6 +251,33 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
         )
         writer.commit(report.manifest())
     return report.result(sha256_file(opts.output / MANIFEST_FILE))
+
+
+def expected_checkpoint_bytes(source: SourceModel, recipe: QuantRecipe) -> int:
+    """About what the checkpoint takes: each decoder Linear's codes and 16-bit scales, the rest as it is
+    in the source (from the safetensors headers; nothing is read)."""
+    names = source.weights.names()
+    shapes = {name: source.weights.shape(name) for name in names}
+    total_numel = sum(math.prod(shape) for shape in shapes.values()) or 1
+    bytes_per_value = source.weights.size_bytes() / total_numel
+    quantized = sum(math.prod(shape) for name, shape in shapes.items()
+                    if len(shape) == 2 and name.endswith(".weight") and any(p.isdigit() for p in name.split(".")))
+    group = recipe.group_size if recipe.group_size > 0 else max(min(s) for s in shapes.values() if len(s) == 2)
+    packed = quantized * recipe.bits / 8 + quantized / group * 2 * (1 if recipe.sym else 2)
+    return int((total_numel - quantized) * bytes_per_value + packed)
+
+
+def _check_free_space(output: Path, needed: int) -> None:
+    """Refuse before any work when the output's volume cannot hold the checkpoint (with 5% to spare)."""
+    volume = next(p for p in (output, *output.parents) if p.exists())
+    free = shutil.disk_usage(volume).free
+    if free < needed * 1.05:
+        raise InputError(f"--output {output}: its volume has {_size(free)} free and the checkpoint needs about "
+                         f"{_size(needed)}; free space or write to a larger volume")
+
+
+def _size(count: float) -> str:
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def _layers_prefix(quantized_shapes: dict[str, list[int]]) -> str:

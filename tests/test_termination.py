@@ -1,0 +1,132 @@
+"""Quantize runs that die leave nothing behind: real signals on the CLI, leftovers of dead writers,
+a volume too small, a disk that fills up while writing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from quantizer import checkpoint, contract
+from quantizer.checkpoint import STALE_AFTER_SECONDS, WRITER_FILE, remove_stale_partials
+from tests.conftest import CALIBRATION, CALIBRATION_ARGS, EVALUATION, TINY_MODEL, quantize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start(output: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantizer", "quantize", "--model", str(TINY_MODEL), "--output", str(output),
+         "--calibration", str(CALIBRATION), "--eval-text", str(EVALUATION), "--no-progress", *CALIBRATION_ARGS,
+         "--result-file", str(output.parent / "result.json")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _partials(output: Path) -> list[Path]:
+    return list(output.parent.glob(f".{output.name}.partial-*"))
+
+
+def _wait_for_partial(process: subprocess.Popen, output: Path, layers: int = 0) -> Path:
+    """The partial output once it holds a shard of `layers` or more decoder layers (0: once it exists)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        found = _partials(output)
+        if found and (layers == 0 or any(found[0].glob("shard-*.safetensors"))):
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError("no partial output appeared")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_safe_point_removes_the_partial_and_says_so(tmp_path):
+    output = tmp_path / "out" / "ckpt"
+    output.parent.mkdir()
+    process = _start(output)
+    _wait_for_partial(process, output)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == contract.EXIT_ERROR, stderr  # retryable: a preempted Job runs again
+    result = json.loads((output.parent / "result.json").read_text())
+    assert result["status"] == contract.FAILED and result["reason"] == contract.TERMINATED
+    assert "terminated by SIGTERM" in result["message"] and "decoder layers" in result["message"]
+    assert "partial output was removed" in result["message"]
+    assert not output.exists() and _partials(output) == []
+
+
+@pytest.mark.slow
+def test_a_killed_writer_leaves_a_partial_that_the_next_run_removes(tmp_path):
+    output = tmp_path / "out" / "ckpt"
+    output.parent.mkdir()
+    process = _start(output)
+    partial = _wait_for_partial(process, output)
+    process.send_signal(signal.SIGKILL)  # what an OOM kill or a lost node does: no handler runs
+    process.communicate(timeout=60)
+    assert partial.is_dir() and not output.exists()
+    code, result = quantize(output)
+    assert code == 0, result
+    assert output.is_dir() and _partials(output) == []  # the dead writer's leftover went
+    assert WRITER_FILE not in {p.name for p in output.iterdir()}  # and the live one's lock with its commit
+
+
+def _fake_partial(output: Path, name: str, writer: dict | None, age: float = 0.0) -> Path:
+    partial = output.parent / f".{output.name}.partial-{name}"
+    partial.mkdir(parents=True)
+    (partial / "shard-00001.safetensors").write_bytes(b"x" * 10)
+    if writer is not None:
+        (partial / WRITER_FILE).write_text(json.dumps(writer))
+    stamp = time.time() - age
+    for path in (partial / WRITER_FILE, partial):
+        if path.exists():
+            os.utime(path, (stamp, stamp))
+    return partial
+
+
+def test_only_the_partials_of_writers_that_are_gone_are_removed(tmp_path):
+    output = tmp_path / "ckpt"
+    here = socket.gethostname()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    live_here = _fake_partial(output, "live", {"host": here, "pid": os.getpid()})
+    dead_here = _fake_partial(output, "dead", {"host": here, "pid": dead_pid})
+    elsewhere_beating = _fake_partial(output, "beating", {"host": "other-node", "pid": 1}, age=60)
+    elsewhere_silent = _fake_partial(output, "silent", {"host": "other-node", "pid": 1}, age=STALE_AFTER_SECONDS + 60)
+    no_lock_old = _fake_partial(output, "old", None, age=STALE_AFTER_SECONDS + 60)
+    other_target = _fake_partial(tmp_path / "other", "dead", {"host": here, "pid": dead_pid})
+    removed = remove_stale_partials(output)
+    assert sorted(removed) == sorted([dead_here, elsewhere_silent, no_lock_old])
+    assert live_here.is_dir() and elsewhere_beating.is_dir() and other_target.is_dir()
+
+
+def test_a_volume_too_small_is_refused_before_any_work(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("quantizer.quantize.shutil.disk_usage", lambda path: usage(10**9, 10**9 - 10**5, 10**5))
+    output = tmp_path / "out" / "ckpt"
+    output.parent.mkdir()
+    code, result = quantize(output)
+    assert code == contract.EXIT_BAD_INPUT
+    assert "0.1 MiB free" in result["message"] and "needs about 1.4 MiB" in result["message"]
+    assert not output.exists() and _partials(output) == []
+
+
+def test_a_disk_that_fills_up_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    output = tmp_path / "out" / "ckpt"
+    output.parent.mkdir()
+    code, result = quantize(output)
+    assert code == contract.EXIT_ERROR
+    assert result["reason"] == contract.DISK_FULL and "the partial output was removed" in result["message"]
+    assert not output.exists() and _partials(output) == []
