@@ -362,7 +362,29 @@ def test_metrics_service_selects_the_operator():
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert not _of_kind("default", "ServiceMonitor")
     policy = _one("all-on", "NetworkPolicy")
-    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == ["metrics", "health"]
+    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == ["metrics"]
+    assert policy["spec"]["ingress"][0]["from"] == ALL_ON["networkPolicy"]["metricsFrom"]
+
+
+def test_the_network_policy_is_on_by_default_and_closes_everything_else():
+    policy = _one("default", "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= \
+        _one("default", "Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert ingress["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    api, dns = policy["spec"]["egress"]
+    assert [p["port"] for p in api["ports"]] == [443, 6443] and "to" not in api
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    def policies(values: dict) -> list[dict]:
+        return [o for o in _parse(_render(values)) if o["kind"] == "NetworkPolicy"]
+
+    (pinned,) = policies({"networkPolicy": {"apiServer": {"cidrs": ["10.0.0.1/32"]}}})
+    assert pinned["spec"]["egress"][0]["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    assert policies({"networkPolicy": {"enabled": False}}) == []
 
 
 # ---- RBAC: least privilege ----------------------------------------------------------------------
