@@ -206,6 +206,12 @@ FAILURES = [
                                                              "message": "--calibration: no such file"}),
      "InvalidInput", "--calibration: no such file"),
     ("crash without result", dict(state="failed", exit_code=1), "Error", "exited with code 1"),
+    ("terminated (SIGTERM) on every try", dict(state="failed", exit_code=1, result={
+        "status": "Failed", "reason": "Terminated",
+        "message": "terminated by SIGTERM after 12 decoder layers; the partial output was removed"}),
+     "Terminated", "after 12 decoder layers"),
+    ("disk full", dict(state="failed", exit_code=1, result={
+        "status": "Failed", "reason": "DiskFull", "message": "the output volume is full"}), "DiskFull", "volume is full"),
     ("success without result", dict(state="succeeded", exit_code=0), "NoResult", "termination message"),
     ("gated repo in the fetch init container",
      dict(state="failed", exit_code=2, container="fetch", init=True,
