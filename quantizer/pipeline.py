@@ -73,6 +73,8 @@ class SafetensorsCheckpoint:
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.file_of = {name: model_dir / file for name, file in weight_map.items()}
+            for file in sorted(set(self.file_of.values())):
+                self._keys(file)
         else:
             files = sorted(model_dir.glob("*.safetensors"))
             if not files:
@@ -82,8 +84,20 @@ class SafetensorsCheckpoint:
                 )
             self.file_of = {}
             for file in files:
-                with safe_open(file, framework="pt") as handle:
-                    self.file_of.update(dict.fromkeys(handle.keys(), file))
+                self.file_of.update(dict.fromkeys(self._keys(file), file))
+
+    def _keys(self, file: Path) -> list[str]:
+        """The tensor names of one file, whose header (and size) are checked: a truncated or missing
+        shard is bad input, found before any work, not a crash halfway through."""
+        try:
+            with safe_open(file, framework="pt") as handle:
+                return list(handle.keys())
+        except FileNotFoundError:
+            raise InputError(f"--model {self.model_dir}: {file.name} is named in the index but missing; "
+                             "download the model again") from None
+        except Exception as exc:  # safetensors raises its own error type for a malformed file
+            raise InputError(f"--model {self.model_dir}: {file.name} is not a complete safetensors file ({exc}); "
+                             "it may be truncated: download the model again") from None
 
     def names(self) -> list[str]:
         return list(self.file_of)

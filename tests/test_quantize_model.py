@@ -145,6 +145,12 @@ def _poison_weight(model: Path) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
+def _truncate_weights(model: Path) -> None:
+    file = next(model.glob("*.safetensors"))
+    with file.open("r+b") as handle:  # what an interrupted download leaves
+        handle.truncate(file.stat().st_size // 2)
+
+
 def _no_weights(model: Path) -> None:
     for file in model.glob("*.safetensors"):
         file.unlink()
@@ -158,6 +164,7 @@ def _no_weights(model: Path) -> None:
         ("architecture", _set_architecture, [], "not supported; supported: LlamaForCausalLM"),
         ("nan", _poison_weight, [], r"model\.layers\.1\.mlp\.up_proj.*NaN or inf"),
         ("no-weights", _no_weights, [], "no \\*.safetensors weights"),
+        ("truncated", _truncate_weights, [], "model.safetensors is not a complete safetensors file.*download"),
         ("group", None, ["--group-size", "256", "--allow-unservable"], "not divisible by group_size=256"),
         ("unservable", None, ["--bits", "3"], "vLLM 0.32 cannot serve this recipe"),
         ("little-text", "tiny-text", [], "fewer than one window"),
