@@ -8,6 +8,7 @@ complete and verified, so a failure never leaves a half-written model where a se
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,8 +26,9 @@ from safetensors.torch import save_file
 
 from quantizer.contract import DEFAULT_FORMAT, unservable_reasons
 from quantizer.errors import InputError
-from quantizer.formats import CheckpointFormat, Header, checkpoint_format, format_of
+from quantizer.formats import CheckpointFormat, Header, Scheme, checkpoint_format, format_of
 from quantizer.gptq import QuantizedWeight, QuantRecipe
+from quantizer.termination import Terminated
 from quantizer.termination import check as check_termination
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ MANIFEST_FILE = "kubequant.json"
 # writer is a dead process on this host, or whose heartbeat stopped STALE_AFTER_SECONDS ago (a Pod
 # on another node, OOM-killed or preempted), is a leftover that the next writer of the target removes.
 WRITER_FILE = ".writer.json"
+# In a partial output: the layers finished so far, their shards' digests and statistics, and the key of
+# the run (source, recipe, calibration, format, version): a retry with the same key resumes from it.
+PROGRESS_FILE = ".progress.json"
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0
 # Files besides the weights that a server or a client needs from the source model.
@@ -75,7 +80,7 @@ class CheckpointWriter:
 
     def __init__(
         self, output: Path, recipe: QuantRecipe, max_shard_bytes: int | None = None, overwrite: bool = False,
-        format_name: str = DEFAULT_FORMAT,
+        format_name: str = DEFAULT_FORMAT, resume_key: str | None = None,
     ):
         self.output = output
         self.recipe = recipe
@@ -91,26 +96,40 @@ class CheckpointWriter:
             output.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise InputError(f"--output {output}: {output.parent} is not a directory") from None
-        remove_stale_partials(output)
+        self.resume_key = resume_key
         self.tmp = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
+        # The finished layers of a writer that is gone, when it ran with the same key: resumed from.
+        self.resumed: list[dict] = _adopt(output, resume_key, self.tmp) if resume_key else []
+        self.tmp.mkdir(exist_ok=True)  # an adopted partial is already there
         _write_json(self.tmp / WRITER_FILE, {"host": socket.gethostname(), "pid": os.getpid(),
                                              "started": time.time()})
+        remove_stale_partials(output)  # after ours is marked live
         self._stop_heartbeat = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="checkpoint-heartbeat", daemon=True)
         self._heartbeat.start()
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []
-        self.quantized_shapes: dict[str, list[int]] = {}
-        self.layers_written = 0
+        self._shards: list[tuple[str, list[str]]] = [(shard["file"], shard["names"]) for layer in self.resumed
+                                                     for shard in layer["shards"]]
+        self.quantized_shapes: dict[str, list[int]] = {
+            layer["prefix"] + name: shape for layer in self.resumed for name, shape in layer["shapes"].items()}
+        self.layers_written = len(self.resumed)
+        self._progress: list[dict] = list(self.resumed)
 
     def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None or self.tmp.exists():
+        if exc_type is Terminated and self._progress and self.resume_key:
+            self.release()  # a preempted run: its finished layers stay for the retry to resume from
+        elif exc_type is not None or self.tmp.exists():
             self.abort()
+
+    def release(self) -> None:
+        """Stop writing and leave the partial output to the next writer (its writer is now gone)."""
+        self._stop_heartbeat.set()
+        with contextlib.suppress(FileNotFoundError):
+            (self.tmp / WRITER_FILE).unlink()
 
     def abort(self) -> None:
         self._stop_heartbeat.set()
@@ -134,14 +153,43 @@ class CheckpointWriter:
     def add_layer(self, prefix: str, quantized: dict[str, QuantizedWeight], others: dict[str, torch.Tensor]) -> None:
         """The pipeline's sink: pack each quantized Linear, copy the layer's other tensors. Between
         layers is a safe point to stop at when SIGTERM has arrived."""
-        check_termination(f"after {self.layers_written} decoder layers; the partial output was removed")
+        kept = "its finished layers were kept for the retry to resume from" if self._progress and self.resume_key \
+            else "the partial output was removed"
+        check_termination(f"after {self.layers_written} decoder layers; {kept}")
         self.layers_written += 1
+        first_shard = len(self._shards)
         for name, qw in quantized.items():
             self.quantized_shapes[prefix + name] = list(qw.codes.shape)
             for suffix, tensor in self.format.layer_tensors(qw, self.recipe).items():
                 self.add(f"{prefix}{name}.{suffix}", tensor)
         for name, tensor in others.items():
             self.add(name, tensor)
+        if self.resume_key is None:
+            return
+        # Each layer ends its shard, so that what is on disk is whole layers, each with its digest.
+        self._flush()
+        shards = [{"file": file, "names": names, "sha256": sha256_file(self.tmp / file)}
+                  for file, names in self._shards[first_shard:]]
+        self._progress.append({
+            "prefix": prefix, "shards": shards,
+            "shapes": {name: list(qw.codes.shape) for name, qw in quantized.items()},
+            "linears": {name: {"relative_error": qw.relative_error, "damp": qw.damp} for name, qw in quantized.items()},
+        })
+        progress = self.tmp / f"{PROGRESS_FILE}.tmp"
+        _write_json(progress, {"key": self.resume_key, "layers": self._progress})
+        os.replace(progress, self.tmp / PROGRESS_FILE)  # a reader sees the old record or the new one
+
+    def stored_layer(self, index: int) -> dict[str, torch.Tensor]:
+        """{linear name: dequantized weight [out, in] float32} of a resumed layer, read from its shards."""
+        record = self.resumed[index]
+        scheme = Scheme(self.recipe.bits, self.recipe.group_size, self.recipe.sym)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for shard in record["shards"]:
+            with safe_open(self.tmp / shard["file"], framework="pt") as handle:
+                for name in shard["names"]:
+                    if name.startswith(record["prefix"]) and (part := self.format.part(name)):
+                        parts.setdefault(part[0][len(record["prefix"]):], {})[part[1]] = handle.get_tensor(name)
+        return {name: self.format.dequantize(tensors, scheme) for name, tensors in parts.items()}
 
     def _flush(self) -> None:
         if not self._pending:
@@ -179,6 +227,8 @@ class CheckpointWriter:
                           "place; the partial output was removed")
         self._stop_heartbeat.set()
         (self.tmp / WRITER_FILE).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.tmp / PROGRESS_FILE).unlink()
         manifest = dict(manifest)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(self.tmp.iterdir())
@@ -199,9 +249,12 @@ class CheckpointWriter:
 
 
 def _writer_gone(partial: Path, now: float) -> bool:
-    """Whether a partial output's writer is gone: a dead process on this host, or no heartbeat for
-    STALE_AFTER_SECONDS. A partial without a writer file predates them, or died before writing it."""
+    """Whether a partial output's writer is gone: released (progress kept, writer file removed), a dead
+    process on this host, or no heartbeat for STALE_AFTER_SECONDS. A partial with neither file is one
+    whose writer has not written its file yet, or predates them: gone once it is old."""
     lock = partial / WRITER_FILE
+    if not lock.exists() and (partial / PROGRESS_FILE).exists():
+        return True
     try:
         writer = json.loads(lock.read_text())
         beat = lock.stat().st_mtime
@@ -215,6 +268,41 @@ def _writer_gone(partial: Path, now: float) -> bool:
         except (PermissionError, KeyError, TypeError, ValueError):
             pass
     return now - beat > STALE_AFTER_SECONDS
+
+
+def _adopt(output: Path, key: str, target: Path) -> list[dict]:
+    """Take over the partial output of a writer that is gone and ran with `key` (the one with the
+    most finished layers): renamed to `target`, which makes it ours (a rename succeeds for one writer
+    only), and its finished layers returned; a layer whose shards fail their digest ends the list."""
+    now = time.time()
+    candidates = []
+    for partial in output.parent.glob(f".{output.name}.partial-*") if output.parent.is_dir() else []:
+        try:
+            progress = json.loads((partial / PROGRESS_FILE).read_text())
+            if progress.get("key") == key and _writer_gone(partial, now):
+                candidates.append((len(progress["layers"]), partial, progress))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    for _, partial, progress in sorted(candidates, key=lambda c: c[0], reverse=True):
+        try:
+            os.rename(partial, target)
+        except OSError:  # another writer took it first
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            (target / WRITER_FILE).unlink()
+        layers = []
+        for layer in progress["layers"]:
+            if not all((target / s["file"]).is_file() and sha256_file(target / s["file"]) == s["sha256"]
+                       for s in layer["shards"]):
+                break
+            layers.append(layer)
+        kept = {s["file"] for layer in layers for s in layer["shards"]}
+        for file in target.iterdir():  # shards past the last whole layer are redone
+            if file.name not in kept and file.name != PROGRESS_FILE:
+                file.unlink()
+        log.warning("resuming from %s: %d finished decoder layers", partial, len(layers))
+        return layers
+    return []
 
 
 def remove_stale_partials(output: Path) -> list[Path]:

@@ -230,6 +230,7 @@ class PipelineResult:
     eval_tokens: int = 0
     eval_windows: int = 0
     solver: str = ""
+    resumed_layers: int = 0
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
@@ -256,6 +257,16 @@ def peak_host_bytes() -> int:
 
 # Called with (layer prefix, {linear name: QuantizedWeight}, {other tensor name: tensor}) per layer.
 LayerSink = Callable[[str, dict[str, QuantizedWeight], dict[str, torch.Tensor]], None]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Layers a previous run finished: `weights(i)` gives layer i's Linears as quantized (dequantized,
+    [out, in]), `stats(i)` their {name: {"relative_error", "damp"}} as that run measured them."""
+
+    layers: int
+    weights: Callable[[int], dict[str, torch.Tensor]]
+    stats: Callable[[int], dict[str, dict]]
 
 
 def _layer_output(out) -> torch.Tensor:
@@ -360,8 +371,12 @@ def quantize_model(
     progress: bool = True,
     solver: str = "auto",
     quantize_matrix: MatrixQuantizer = gptq_quantize,
+    resumed: Resumed | None = None,
 ) -> PipelineResult:
-    """Quantize every decoder Linear of the source model; hand each finished layer to sink."""
+    """Quantize every decoder Linear of the source model; hand each finished layer to sink. With
+    `resumed`, its layers are not quantized again: their stored weights replace the originals and the
+    calibration and evaluation streams run through them (a forward pass only), so that the next layer
+    sees the inputs an uninterrupted run would have given it."""
     from transformers import AutoModelForCausalLM
 
     config, checkpoint = source.config, source.weights
@@ -409,6 +424,12 @@ def quantize_model(
         layer_start = time.perf_counter()
         prefix = f"{layers_name}.{index}."
         layer = layers[index]
+        if resumed is not None and index < resumed.layers:
+            with torch.no_grad(), materialized(layer, prefix, checkpoint, device, compute_dtype):
+                hidden = _replay_layer(layer, prefix, index, resumed, hidden, runner, evaluation, device, result)
+            result.resumed_layers += 1
+            result.layer_seconds.append(time.perf_counter() - layer_start)
+            continue
         with torch.no_grad(), materialized(layer, prefix, checkpoint, device, compute_dtype):
             if evaluation is not None:
                 with _timed(result, "evaluate", device):
@@ -443,6 +464,26 @@ def quantize_model(
     if device.type == "cuda":
         result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     return result
+
+
+def _replay_layer(layer: nn.Module, prefix: str, index: int, resumed: Resumed, hidden: torch.Tensor,
+                  runner: _LayerRunner, evaluation: EvalStreams | None, device, result: PipelineResult) -> torch.Tensor:
+    """A finished layer of a previous run: its stored weights in place of the originals, the streams
+    through it. Returns the next layer's calibration inputs."""
+    with _timed(result, "resume", device):
+        if evaluation is not None:
+            evaluation.through_original(layer)
+        stats = resumed.stats(index)
+        for name, weight in resumed.weights(index).items():
+            linear = layer.get_submodule(name)
+            linear.weight.data = weight.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            result.linears.append(LinearStats(name=prefix + name, shape=tuple(linear.weight.shape),
+                                              relative_error=stats[name]["relative_error"],
+                                              damp=stats[name]["damp"], seconds=0.0))
+        hidden = runner.forward(layer, hidden, device)
+        if evaluation is not None:
+            evaluation.through_quantized(layer)
+    return hidden
 
 
 def _quantize_layer(

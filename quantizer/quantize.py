@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import platform
@@ -22,6 +24,7 @@ from quantizer.perplexity import load_evaluation_windows
 from quantizer.pipeline import (
     ROW_PARALLEL,
     PipelineResult,
+    Resumed,
     SourceModel,
     check_linear_shapes,
     peak_host_bytes,
@@ -125,6 +128,7 @@ class QuantizeReport:
             "source": {"path": str(opts.model), "repo": opts.source_repo, "revision": opts.source_revision},
             "method": opts.method,
             "format": opts.format,
+            "resumed_layers": p.resumed_layers,  # finished by a run that was stopped, not quantized again
             "recipe": opts.recipe.to_dict(),
             "unservable": self.unservable,
             "calibration": self.calibration.describe() | {"seed": opts.seed},
@@ -222,7 +226,12 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
         )
 
     _check_free_space(opts.output, expected_checkpoint_bytes(source, recipe))
-    with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite, format_name=opts.format) as writer:
+    with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite, format_name=opts.format,
+                          resume_key=resume_key(opts, source, calibration, device)) as writer:
+        resumed = None
+        if writer.resumed:
+            resumed = Resumed(layers=len(writer.resumed), weights=writer.stored_layer,
+                              stats=lambda index: writer.resumed[index]["linears"])
         pipeline = quantize_model(
             source,
             recipe,
@@ -235,6 +244,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
             offload_activations=opts.offload_activations,
             progress=opts.progress,
             solver=opts.solver,
+            resumed=resumed,
         )
         # Embeddings, final norm and lm_head stay in the source dtype, copied as they are.
         layers_prefix = _layers_prefix(writer.quantized_shapes)
@@ -251,6 +261,17 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
         )
         writer.commit(report.manifest())
     return report.result(sha256_file(opts.output / MANIFEST_FILE))
+
+
+def resume_key(opts: QuantizeOptions, source: SourceModel, calibration: Calibration, device: torch.device) -> str:
+    """What a run's output depends on, bit for bit: a partial output made with the same key is resumed.
+    The source is named by its files' names and sizes (hashing a 70B model's weights would take longer
+    than resuming saves); the libraries by their versions; the device by its type."""
+    files = sorted({(f.name, f.stat().st_size) for f in source.weights.file_of.values()})
+    key = {"source": files, "config": source.config.to_dict(), "recipe": opts.recipe.to_dict(),
+           "method": opts.method, "format": opts.format, "calibration": calibration.digest, "seed": opts.seed,
+           "solver": opts.solver, "device": device.type, "batch_size": opts.batch_size, "versions": library_versions()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def expected_checkpoint_bytes(source: SourceModel, recipe: QuantRecipe) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from quantizer import checkpoint, contract
-from quantizer.checkpoint import STALE_AFTER_SECONDS, WRITER_FILE, remove_stale_partials
+from quantizer.checkpoint import PROGRESS_FILE, STALE_AFTER_SECONDS, WRITER_FILE, remove_stale_partials
 from tests.conftest import CALIBRATION, CALIBRATION_ARGS, EVALUATION, TINY_MODEL, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +77,63 @@ def test_a_killed_writer_leaves_a_partial_that_the_next_run_removes(tmp_path):
     assert code == 0, result
     assert output.is_dir() and _partials(output) == []  # the dead writer's leftover went
     assert WRITER_FILE not in {p.name for p in output.iterdir()}  # and the live one's lock with its commit
+
+
+def _wait_for_layers(process: subprocess.Popen, output: Path, layers: int) -> Path:
+    """The partial output once its progress record holds `layers` finished decoder layers."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be stopped"
+        for partial in _partials(output):
+            try:
+                if len(json.loads((partial / PROGRESS_FILE).read_text())["layers"]) >= layers:
+                    return partial
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.01)
+    raise AssertionError(f"no partial output with {layers} finished layers appeared")
+
+
+def _tensor_files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())
+            if p.suffix == ".safetensors" or p.name in ("config.json", "model.safetensors.index.json")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("uninterrupted") / "ckpt"
+    code, result = quantize(output)
+    assert code == 0, result
+    return output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_resumes_from_its_last_finished_layer_bit_for_bit(tmp_path, uninterrupted, stop):
+    """Preempted (SIGTERM) or killed (SIGKILL) after two of the four decoder layers, then run again:
+    the retry quantizes only the last two, and the checkpoint equals an uninterrupted run's."""
+    output = tmp_path / "out" / "ckpt"
+    output.parent.mkdir()
+    process = _start(output)
+    partial = _wait_for_layers(process, output, 2)
+    process.send_signal(stop)
+    process.communicate(timeout=300)
+    assert not output.exists() and partial.is_dir()
+    if stop == signal.SIGTERM:
+        result = json.loads((output.parent / "result.json").read_text())
+        assert process.returncode == contract.EXIT_ERROR and result["reason"] == contract.TERMINATED
+        assert "kept for the retry to resume from" in result["message"]
+        assert not (partial / WRITER_FILE).exists()  # released: the retry may take it at once
+    code, result = quantize(output)
+    assert code == 0, result
+    manifest = json.loads((output / "kubequant.json").read_text())
+    assert manifest["resumed_layers"] >= 2
+    assert _tensor_files(output) == _tensor_files(uninterrupted)
+    assert _partials(output) == []
+    # The statistics of the resumed layers are the first run's.
+    reference = json.loads((uninterrupted / "kubequant.json").read_text())
+    assert [(x["name"], x["relative_error"]) for x in manifest["linears"]] == \
+        [(x["name"], x["relative_error"]) for x in reference["linears"]]
 
 
 def _fake_partial(output: Path, name: str, writer: dict | None, age: float = 0.0) -> Path:
