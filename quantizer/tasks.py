@@ -136,8 +136,11 @@ def score_tasks(model: Any, configs: list[dict], *, limit: int | None) -> list[T
     # Each config is a complete task: no hub lookups, and none of the harness's own tasks to index.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     manager = TaskManager(include_defaults=False)
+    # No bootstrap: the harness runs it in a forked multiprocessing pool, and a fork of a process that
+    # holds a vLLM engine's threads can hang for ever (seen here). The headline's standard error comes
+    # from the per-document values instead (_mean_stderr).
     results = simple_evaluate(model=model, tasks=[dict(c) for c in configs], limit=limit, task_manager=manager,
-                              log_samples=False, bootstrap_iters=1000, verbosity="WARNING")
+                              log_samples=True, bootstrap_iters=0, verbosity="WARNING")
     if results is None:  # only on non-zero ranks of a distributed run, which this is not
         raise RuntimeError("lm-evaluation-harness returned no results")
     scores = []
@@ -145,14 +148,25 @@ def score_tasks(model: Any, configs: list[dict], *, limit: int | None) -> list[T
         name = config["task"]
         metrics = results["results"][name]
         metric = _first_metric(config, metrics)
-        value = metrics[f"{metric},none"]
-        stderr = metrics.get(f"{metric}_stderr,none")
+        value = float(metrics[f"{metric},none"])
         samples = results.get("n-samples", {}).get(name, {}).get("effective", 0)
         better = results.get("higher_is_better", {}).get(name, {}).get(metric, True)
-        scores.append(TaskScore(task=name, metric=metric, value=float(value),
-                                stderr=float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr)
-                                else None, samples=int(samples), higher_is_better=bool(better)))
+        scores.append(TaskScore(task=name, metric=metric, value=value,
+                                stderr=_mean_stderr(value, results.get("samples", {}).get(name, []), metric),
+                                samples=int(samples), higher_is_better=bool(better)))
     return scores
+
+
+def _mean_stderr(value: float, samples: list[dict], metric: str) -> float | None:
+    """The standard error of a score that is the mean of per-document values (acc and most others),
+    as the harness computes it; None for other aggregations (perplexity, F1, BLEU)."""
+    from lm_eval.api.metrics import mean_stderr
+
+    values = [float(s[metric]) for s in samples if isinstance(s.get(metric), (int, float))]
+    if len(values) < 2 or len(values) != len(samples) or not math.isclose(sum(values) / len(values), value,
+                                                                          rel_tol=1e-9, abs_tol=1e-12):
+        return None
+    return float(mean_stderr(values))
 
 
 def _first_metric(config: dict, metrics: dict) -> str:
