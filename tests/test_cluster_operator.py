@@ -11,6 +11,7 @@ terminated state a command would leave.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,6 +249,40 @@ def test_job_failures_and_operator_kills_in_every_phase(control_plane: ControlPl
     evaluated = next(c for c in status["conditions"] if c["type"] == "Evaluated")
     assert status["failure"]["exitCode"] == 1 and "exited with code 1" in evaluated["message"]
     process.stop()
+
+
+@pytest.mark.slow
+def test_bad_input_on_the_claim_fails_once_naming_the_file(control_plane: ControlPlane, operator, tmp_path: Path):
+    """The real quantizer, run by the test's kubelet, on what a user's claim may hold: a missing model
+    path, a missing or too short calibration file, a truncated safetensors file. Each ends the model
+    in Failed with InvalidInput and a message naming the path, after one Pod (exit code 2 is never
+    retried): no crash loop."""
+    ns = "kq-faults"
+    models = _models(control_plane, ns, tmp_path)
+    claim = data_volume(control_plane, ns, "bad-inputs", tmp_path / "claim", with_fixtures=True)
+    (claim / "text" / "short.txt").write_text("x = 1\n")
+    shutil.copytree(claim / "tiny-llama", claim / "truncated-llama")
+    weights = claim / "truncated-llama" / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    on_claim = {"source__pvc__claimName": "bad-inputs", "storage__claimName": "bad-inputs"}
+    cases = {
+        "no-model": ({"source__pvc__path": "missing-llama"}, "missing-llama: not a directory"),
+        "no-calibration": ({"quantization__calibration__text__path": "text/missing.txt"}, "text/missing.txt"),
+        "short-calibration": ({"quantization__calibration__text__path": "text/short.txt"}, "fewer than one window"),
+        "truncated": ({"source__pvc__path": "truncated-llama"}, "model.safetensors is not a complete safetensors file"),
+    }
+    for name, (changes, _) in cases.items():
+        models.apply(example("tiny.yaml", name, **on_claim, **changes))
+    for name, (_, words) in cases.items():
+        job = models.wait_job(name, "quantize")
+        terminated = models.kubelet.run(models.kubelet.running_pod(job))
+        assert terminated["exitCode"] == 2, Path(terminated["log"]).read_text()[-2000:]
+        status = models.wait_phase(name, "Failed")
+        assert status["failure"]["reason"] == "InvalidInput" and words in status["failure"]["message"], status
+        quantized = next(c for c in status["conditions"] if c["type"] == "Quantized")
+        assert quantized["status"] == "False" and words in quantized["message"]
+        assert len(models.kubelet.job_pods(job)) == 1  # not retried
 
 
 def test_deletion_honours_the_retention_policy(control_plane: ControlPlane, operator, tmp_path: Path):

@@ -6,7 +6,6 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantizer.errors import InputError
 from quantizer.formats import FORMATS, checkpoint_format, format_of
@@ -15,10 +14,16 @@ from tests.conftest import EVALUATION, TINY_MODEL
 
 
 def _windows() -> torch.Tensor:
+    from transformers import AutoTokenizer
+
     return load_evaluation_windows(EVALUATION, AutoTokenizer.from_pretrained(TINY_MODEL), 128, 8).ids
 
 
 def test_transformers_loads_the_compressed_tensors_checkpoint_with_our_logits(checkpoints):
+    # Imported here: importing it at collection decorates Triton kernels before tests/test_gptq_triton.py
+    # can select the interpreter.
+    from transformers import AutoModelForCausalLM
+
     path, _ = checkpoints["gptq-g128"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference = load_dequantized_model(path)
@@ -38,6 +43,8 @@ def test_transformers_loads_the_gptq_checkpoint_where_a_cpu_loader_exists(checkp
             "current release (7.7.0) needs torch>=2.14.1 and transformers>=5.20.2, newer than this "
             "project's pins (torch 2.13.0, transformers<5.20); the compressed-tensors format loads without it"
         )
+    from transformers import AutoModelForCausalLM
+
     path, _ = checkpoints["gptq-g128-gptq-format"]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu").eval()
     ids = _windows()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_serves_with_vllm_and_stops_on_ctrl_c(tmp_path):
         threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
         assert process.poll() is None, "".join(output[-40:])
         text = "".join(output)
-        assert f"endpoint                     {base}" in text and f"{base}/metrics" in text
+        assert re.search(rf"^  endpoint +{re.escape(base)}$", text, flags=re.M) and f"{base}/metrics" in text
         request = urllib.request.Request(
             f"{base}/v1/completions",
             data=json.dumps({"model": "tiny-llama", "prompt": "def main(", "max_tokens": 8}).encode(),

@@ -48,7 +48,7 @@ def test_checkpoint_layout_and_manifest(checkpoints, name):
                                                  "actorder", "dynamic")} == \
             {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
              "actorder": "weight", "dynamic": False}
-        tensors = load_file(next(path.glob("model-*.safetensors")))
+        tensors = {k: v for f in path.glob("model-*.safetensors") for k, v in load_file(f).items()}
         assert tensors["model.layers.0.mlp.down_proj.weight_packed"].shape == (128, 384 // 8)
         assert tensors["model.layers.0.mlp.down_proj.weight_scale"].shape == (128, 384 // 128)
         assert tensors["model.layers.0.mlp.down_proj.weight_shape"].tolist() == [128, 384]
@@ -107,8 +107,8 @@ def _copy_with_permuted_g_idx(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
     for file in dst.glob("model-*.safetensors"):
         tensors = load_file(file)
-        name = next(n for n in tensors if n.endswith("mlp.down_proj.g_idx"))
-        tensors[name] = tensors[name][torch.randperm(tensors[name].numel())]
+        for name in [n for n in tensors if n.endswith("mlp.down_proj.g_idx")]:
+            tensors[name] = tensors[name][torch.randperm(tensors[name].numel())]
         save_file(tensors, file, metadata={"format": "pt"})
 
 
