@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from quantizer.contract import DEFAULT_FORMAT, unservable_reasons
 from quantizer.errors import InputError
-from quantizer.formats import CheckpointFormat, Header, Scheme, checkpoint_format, format_of
+from quantizer.formats import CheckpointFormat, Header, Scheme, checkpoint_format, format_of, write_json
 from quantizer.gptq import QuantizedWeight, QuantRecipe
 from quantizer.termination import Terminated
 from quantizer.termination import check as check_termination
@@ -101,7 +101,7 @@ class CheckpointWriter:
         # The finished layers of a writer that is gone, when it ran with the same key: resumed from.
         self.resumed: list[dict] = _adopt(output, resume_key, self.tmp) if resume_key else []
         self.tmp.mkdir(exist_ok=True)  # an adopted partial is already there
-        _write_json(self.tmp / WRITER_FILE, {"host": socket.gethostname(), "pid": os.getpid(),
+        write_json(self.tmp / WRITER_FILE, {"host": socket.gethostname(), "pid": os.getpid(),
                                              "started": time.time()})
         remove_stale_partials(output)  # after ours is marked live
         self._stop_heartbeat = threading.Event()
@@ -176,7 +176,7 @@ class CheckpointWriter:
             "linears": {name: {"relative_error": qw.relative_error, "damp": qw.damp} for name, qw in quantized.items()},
         })
         progress = self.tmp / f"{PROGRESS_FILE}.tmp"
-        _write_json(progress, {"key": self.resume_key, "layers": self._progress})
+        write_json(progress, {"key": self.resume_key, "layers": self._progress})
         os.replace(progress, self.tmp / PROGRESS_FILE)  # a reader sees the old record or the new one
 
     def stored_layer(self, index: int) -> dict[str, torch.Tensor]:
@@ -210,7 +210,7 @@ class CheckpointWriter:
             (self.tmp / file).rename(self.tmp / final)
             weight_map.update(dict.fromkeys(names, final))
         total_size = sum((self.tmp / f).stat().st_size for f in set(weight_map.values()))
-        _write_json(self.tmp / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+        write_json(self.tmp / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
 
         config = json.loads((source_dir / "config.json").read_text())
         self.format.write_config(self.tmp, config, self.recipe, version)
@@ -233,7 +233,7 @@ class CheckpointWriter:
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(self.tmp.iterdir())
         }
-        _write_json(self.tmp / MANIFEST_FILE, manifest)
+        write_json(self.tmp / MANIFEST_FILE, manifest)
         if not self.output.exists():
             os.rename(self.tmp, self.output)
         elif self.overwrite:
@@ -246,6 +246,13 @@ class CheckpointWriter:
             raise InputError(f"--output {self.output} appeared while quantizing; the result was not moved there")
         remove_stale_partials(self.output)  # writers that died while this one ran
         return manifest
+
+
+def _partials(output: Path) -> list[Path]:
+    """The partial outputs of `output` on its volume, live or not."""
+    if not output.parent.is_dir():
+        return []
+    return [p for p in output.parent.glob(f".{output.name}.partial-*") if p.is_dir()]
 
 
 def _writer_gone(partial: Path, now: float) -> bool:
@@ -276,7 +283,7 @@ def _adopt(output: Path, key: str, target: Path) -> list[dict]:
     only), and its finished layers returned; a layer whose shards fail their digest ends the list."""
     now = time.time()
     candidates = []
-    for partial in output.parent.glob(f".{output.name}.partial-*") if output.parent.is_dir() else []:
+    for partial in _partials(output):
         try:
             progress = json.loads((partial / PROGRESS_FILE).read_text())
             if progress.get("key") == key and _writer_gone(partial, now):
@@ -308,22 +315,16 @@ def _adopt(output: Path, key: str, target: Path) -> list[dict]:
 def remove_stale_partials(output: Path) -> list[Path]:
     """Remove the partial outputs of `output` whose writers are gone; a live writer's is kept."""
     removed = []
-    if not output.parent.is_dir():
-        return removed
     now = time.time()
-    for partial in output.parent.glob(f".{output.name}.partial-*"):
+    for partial in _partials(output):
         try:
-            if partial.is_dir() and _writer_gone(partial, now):
+            if _writer_gone(partial, now):
                 shutil.rmtree(partial)
                 removed.append(partial)
                 log.warning("removed %s, left by a writer that is gone", partial)
         except OSError:  # another writer removed it first
             continue
     return removed
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------

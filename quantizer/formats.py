@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from quantizer.contract import COMPRESSED_TENSORS_FORMAT, GPTQ_FORMAT
-from quantizer.errors import InputError
+from quantizer.errors import InputError, require
 from quantizer.gptq import QuantizedWeight, QuantRecipe
 from quantizer.packing import dequantize_gptq, gptq_tensors
 
@@ -111,8 +111,8 @@ class GptqFormat(CheckpointFormat):
     def write_config(self, directory: Path, config: dict, recipe: QuantRecipe, version: str) -> dict:
         qconfig = self.config(recipe, version)
         # Both: vLLM detects the format from config.json, AutoGPTQ's successors read quantize_config.json.
-        _write_json(directory / "config.json", {**config, "quantization_config": qconfig})
-        _write_json(directory / self.QUANTIZE_CONFIG_FILE, qconfig)
+        write_json(directory / "config.json", {**config, "quantization_config": qconfig})
+        write_json(directory / self.QUANTIZE_CONFIG_FILE, qconfig)
         return qconfig
 
     def config(self, recipe: QuantRecipe, version: str) -> dict:
@@ -183,12 +183,8 @@ class CompressedTensorsFormat(CheckpointFormat):
 
     @staticmethod
     def _library() -> Any:
-        try:
-            import compressed_tensors
-        except ImportError as exc:
-            raise InputError("--format compressed-tensors needs the compressed-tensors library "
-                             f"(pip install compressed-tensors; vLLM depends on it): {exc}") from exc
-        return compressed_tensors
+        return require("compressed_tensors", "--format compressed-tensors",
+                       "pip install compressed-tensors; vLLM depends on it")
 
     def _scheme_object(self, recipe: QuantRecipe) -> Any:
         self._library()
@@ -214,12 +210,12 @@ class CompressedTensorsFormat(CheckpointFormat):
             config_groups={self.GROUP: self._scheme_object(recipe)}, format="pack-quantized",
             quantization_status="compressed", ignore=["lm_head"],
         )
-        _write_json(directory / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
+        write_json(directory / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
         # The library's own writer, as llm-compressor calls it after saving a model.
         ModelCompressor(quantization_config=qconfig).update_config(str(directory))
         written = json.loads((directory / "config.json").read_text())
         written["quantization_config"]["kubequant"] = _provenance(recipe, version)  # ignored by loaders
-        _write_json(directory / "config.json", written)
+        write_json(directory / "config.json", written)
         return written["quantization_config"]
 
     def layer_tensors(self, qw: QuantizedWeight, recipe: QuantRecipe) -> dict[str, torch.Tensor]:
@@ -304,7 +300,8 @@ def _finite(layer: str, scales: Header) -> list[str]:
     return [] if torch.isfinite(scales.read().float()).all() else [f"{layer}: scales hold NaN or inf"]
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """The checkpoint's JSON files (configs, index, manifest, the partial output's records)."""
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -277,15 +277,18 @@ def resume_key(opts: QuantizeOptions, source: SourceModel, calibration: Calibrat
 def expected_checkpoint_bytes(source: SourceModel, recipe: QuantRecipe) -> int:
     """About what the checkpoint takes: each decoder Linear's codes and 16-bit scales, the rest as it is
     in the source (from the safetensors headers; nothing is read)."""
-    names = source.weights.names()
-    shapes = {name: source.weights.shape(name) for name in names}
-    total_numel = sum(math.prod(shape) for shape in shapes.values()) or 1
-    bytes_per_value = source.weights.size_bytes() / total_numel
-    quantized = sum(math.prod(shape) for name, shape in shapes.items()
-                    if len(shape) == 2 and name.endswith(".weight") and any(p.isdigit() for p in name.split(".")))
-    group = recipe.group_size if recipe.group_size > 0 else max(min(s) for s in shapes.values() if len(s) == 2)
-    packed = quantized * recipe.bits / 8 + quantized / group * 2 * (1 if recipe.sym else 2)
-    return int((total_numel - quantized) * bytes_per_value + packed)
+    shapes = {name: source.weights.shape(name) for name in source.weights.names()}
+    bytes_per_value = source.weights.size_bytes() / (sum(math.prod(shape) for shape in shapes.values()) or 1)
+    scale_bytes = 2 if recipe.sym else 4  # 16-bit scales, and packed zero points on an asymmetric grid
+    total = 0.0
+    for name, shape in shapes.items():
+        if len(shape) == 2 and name.endswith(".weight") and any(p.isdigit() for p in name.split(".")):
+            rows, columns = shape
+            groups = 1 if recipe.group_size == -1 else -(-columns // recipe.group_size)
+            total += rows * columns * recipe.bits / 8 + rows * groups * scale_bytes
+        else:
+            total += math.prod(shape) * bytes_per_value
+    return int(total)
 
 
 def _check_free_space(output: Path, needed: int) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from quantizer.errors import InputError
+from quantizer.errors import InputError, require
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,8 @@ class TaskComparison:
 
 
 def _import_harness() -> Any:
-    try:
-        import lm_eval
-    except ImportError as exc:
-        raise InputError("--tasks needs lm-evaluation-harness: install the `tasks` extra "
-                         f"(pip install 'kubequant[tasks]'; import failed: {exc})") from exc
-    return lm_eval
+    return require("lm_eval", "--tasks (lm-evaluation-harness)",
+                   "install the `tasks` extra: pip install 'kubequant[tasks]'")
 
 
 def task_files(paths: Sequence[Path]) -> list[Path]:

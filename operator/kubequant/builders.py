@@ -201,7 +201,7 @@ def _texts(model: Model, which: str, text: TextSource) -> tuple[str, list[dict],
     )
 
 
-def _task_files(model: Model, tasks: Tasks) -> tuple[str, list[dict], list[dict]]:
+def _task_files(tasks: Tasks) -> tuple[str, list[dict], list[dict]]:
     """(path inside the Pod, volumes, mounts) for the task YAMLs: on the claim, or a ConfigMap's keys
     as the files of one directory."""
     if tasks.path:
@@ -493,7 +493,7 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
             prompts_path, prompt_volumes, prompt_mounts = _texts(model, "prompts", e.generation.prompts)
             text_volumes, text_mounts = text_volumes + prompt_volumes, text_mounts + prompt_mounts
         if e.tasks is not None:
-            tasks_path, task_volumes, task_mounts = _task_files(model, e.tasks)
+            tasks_path, task_volumes, task_mounts = _task_files(e.tasks)
             text_volumes, text_mounts = text_volumes + task_volumes, text_mounts + task_mounts
     args = evaluate_command(
         model, artifact_path=f"{ARTIFACTS_MOUNT}/{artifact['path']}", eval_text=text_path,
