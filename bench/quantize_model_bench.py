@@ -35,6 +35,8 @@ SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
     "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
     "llama3-70b-2layers": (8192, 28672, 2, 64, 8, 128256),
+    "llama3-70b": (8192, 28672, 80, 64, 8, 128256),
+    "small": (1024, 2816, 4, 16, 4, 32000),
     "tiny": (256, 768, 2, 4, 2, 1024),
 }
 
@@ -58,11 +60,17 @@ def write_synthetic_model(path: Path, shape: str, dtype: torch.dtype, device: to
     def rand(*s: int) -> torch.Tensor:
         return (torch.randn(*s, device=device, dtype=torch.float32) * 0.02).to(dtype).cpu()
 
-    save_file({"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
-               "model.norm.weight": torch.ones(hidden, dtype=dtype)}, path / "model-outer.safetensors")
+    weight_map: dict[str, str] = {}
+
+    def save_shard(tensors: dict[str, torch.Tensor], name: str) -> None:
+        save_file(tensors, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    save_shard({"model.embed_tokens.weight": rand(vocab, hidden), "lm_head.weight": rand(vocab, hidden),
+                "model.norm.weight": torch.ones(hidden, dtype=dtype)}, "model-outer.safetensors")
     for i in range(layers):
         p = f"model.layers.{i}."
-        save_file({
+        save_shard({
             p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
             p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
             p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
@@ -72,7 +80,22 @@ def write_synthetic_model(path: Path, shape: str, dtype: torch.dtype, device: to
             p + "mlp.down_proj.weight": rand(hidden, inter),
             p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
             p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
-        }, path / f"model-layer{i:03d}.safetensors")
+        }, f"model-layer{i:03d}.safetensors")
+    # The index Transformers (and so the peers) look for in a sharded checkpoint.
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    write_placeholder_tokenizer(path)
+
+
+def write_placeholder_tokenizer(path: Path) -> None:
+    """A three-token tokenizer: the benches hand every tool token ids, but the peers' loaders insist
+    on a tokenizer being there."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tokenizer.save_pretrained(path)
 
 
 def main() -> None:

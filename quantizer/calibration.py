@@ -1,4 +1,5 @@
-"""Calibration windows: seeded random windows of seq_len tokens from local text."""
+"""Calibration windows: seeded random windows of seq_len tokens from local text, or windows
+tokenized beforehand (a safetensors file whose `input_ids` is [windows, tokens])."""
 
 from __future__ import annotations
 
@@ -46,6 +47,35 @@ def clamp_seq_len(seq_len: int, max_context: int | None, what: str) -> int:
     return seq_len
 
 
+TOKEN_IDS_KEY = "input_ids"
+
+
+def is_token_file(path: str | Path) -> bool:
+    """Calibration already tokenized: no tokenizer is needed to read it."""
+    return Path(path).suffix == ".safetensors"
+
+
+def load_token_windows(path: Path, samples: int, seq_len: int) -> Calibration:
+    """The first `samples` rows of the file's input_ids, each cut to seq_len: used as they are, so
+    that every tool given the file calibrates on the same tokens."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise InputError(f"calibration {path}: not a readable safetensors file ({exc})") from None
+    ids = tensors.get(TOKEN_IDS_KEY)
+    if ids is None or ids.dim() != 2 or ids.dtype.is_floating_point:
+        raise InputError(f"calibration {path}: needs an integer tensor {TOKEN_IDS_KEY!r} of shape [windows, tokens]; "
+                         f"it holds {sorted(tensors)}")
+    if ids.shape[0] < samples or ids.shape[1] < seq_len:
+        raise InputError(f"calibration {path}: its {TOKEN_IDS_KEY} is {list(ids.shape)}, smaller than samples x seq_len = "
+                         f"{samples} x {seq_len}; lower them or tokenize more")
+    windows = ids[:samples, :seq_len].to(torch.long).contiguous()
+    return Calibration(windows=windows, source=str(path), digest=digest_tokens(windows), corpus_tokens=ids.numel())
+
+
 def load_calibration(
     path: str | Path,
     tokenizer,
@@ -56,6 +86,8 @@ def load_calibration(
 ) -> Calibration:
     if samples < 1 or seq_len < 2:
         raise InputError(f"calibration needs samples >= 1 and seq_len >= 2 (got {samples} x {seq_len})")
+    if is_token_file(path):
+        return load_token_windows(Path(path), samples, seq_len)
     ids = tokenize_corpus(tokenizer, read_texts(path, jsonl_field))
     if ids.numel() < seq_len:
         raise InputError(

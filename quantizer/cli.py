@@ -36,7 +36,7 @@ def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a Hugging Face model directory with GPTQ")
     p.add_argument("--model", type=Path, required=True, help="source model directory (safetensors)")
     p.add_argument("--output", type=Path, required=True, help="checkpoint directory to create (must not exist)")
-    p.add_argument("--calibration", type=Path, required=True, help="calibration text: .txt, .jsonl or a directory")
+    p.add_argument("--calibration", type=Path, required=True, help="calibration text (.txt, .jsonl or a directory), or token ids already windowed: a .safetensors file with input_ids [windows, tokens]")
     p.add_argument("--jsonl-field", default="text", help="text field of JSONL records (default: text)")
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (vLLM serves 4 and 8)")
     p.add_argument("--group-size", type=int, default=128, help="-1 (per row), 32, 64, 128 or 256")

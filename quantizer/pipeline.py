@@ -23,6 +23,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,17 +188,54 @@ def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.Modu
     raise InputError(f"no list of {num_layers} decoder layers found in the model")
 
 
-@contextmanager
-def materialized(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint, device, dtype):
-    """Load a module's tensors from the checkpoint onto the device; back to meta on exit."""
-    module.to_empty(device=device)
+def read_module_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint) -> dict[str, torch.Tensor]:
+    """A module's parameters and buffers from the checkpoint, in host memory and the source dtype."""
     state = {}
     for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
         key = f"{prefix}{name}"
         if key not in checkpoint.file_of:
             raise InputError(f"tensor {key} missing from the checkpoint in {checkpoint.model_dir}")
-        state[name] = checkpoint.get(key).to(device=device, dtype=dtype)
-    module.load_state_dict(state, strict=True, assign=True)
+        state[name] = checkpoint.get(key)
+    return state
+
+
+class LayerPrefetcher:
+    """Reads the next decoder layer from disk on a background thread while the current one computes.
+
+    The read is I/O and a copy out of the file's pages, both outside the GIL's hot path, so it
+    overlaps the forward passes and the solve; it holds at most one layer beyond the current one in
+    host memory, so the resident set stays flat in depth.
+    """
+
+    def __init__(self, layers: nn.ModuleList, layers_name: str, checkpoint: SafetensorsCheckpoint):
+        self._layers, self._layers_name, self._checkpoint = layers, layers_name, checkpoint
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kq-prefetch")
+        self._pending: dict[int, Future] = {}
+
+    def _request(self, index: int) -> None:
+        if index < len(self._layers) and index not in self._pending:
+            prefix = f"{self._layers_name}.{index}."
+            self._pending[index] = self._pool.submit(read_module_tensors, self._layers[index], prefix, self._checkpoint)
+
+    def take(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s tensors (waiting for its read if needed); the read of the next one starts."""
+        self._request(index)
+        state = self._pending.pop(index).result()
+        self._request(index + 1)
+        return state
+
+    def close(self) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
+
+
+@contextmanager
+def materialized(module: nn.Module, state: dict[str, torch.Tensor], device, dtype):
+    """The module with `state` (read_module_tensors) on the device in dtype; back to meta on exit."""
+    module.to_empty(device=device)
+    module.load_state_dict({name: t.to(device=device, dtype=dtype) for name, t in state.items()}, strict=True, assign=True)
     try:
         yield module
     finally:
@@ -420,39 +458,44 @@ def quantize_model(
             evaluation = EvalStreams(model, layers, eval_windows, device, store_device, batch_size)
 
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
-    for index in bar:
-        layer_start = time.perf_counter()
-        prefix = f"{layers_name}.{index}."
-        layer = layers[index]
-        if resumed is not None and index < resumed.layers:
-            with torch.no_grad(), materialized(layer, prefix, checkpoint, device, compute_dtype):
-                hidden = _replay_layer(layer, prefix, index, resumed, hidden, runner, evaluation, device, result)
-            result.resumed_layers += 1
-            result.layer_seconds.append(time.perf_counter() - layer_start)
-            continue
-        with torch.no_grad(), materialized(layer, prefix, checkpoint, device, compute_dtype):
-            if evaluation is not None:
-                with _timed(result, "evaluate", device):
-                    evaluation.through_original(layer)
-            quantized = _quantize_layer(
-                layer, prefix, recipe, method, block_solver, hidden, runner, device, result, quantize_matrix
-            )
-            with _timed(result, "forward", device):
-                hidden = runner.forward(layer, hidden, device)
-            if evaluation is not None:
-                with _timed(result, "evaluate", device):
-                    evaluation.through_quantized(layer)
-            others = {
-                f"{prefix}{name}": checkpoint.get(f"{prefix}{name}")
-                for name, _ in layer.named_parameters()
-                if not any(name == f"{q}.weight" for q in quantized)
-            }
-        with _timed(result, "pack_write", torch.device("cpu")):
-            sink(prefix, quantized, others)
-        seconds = time.perf_counter() - layer_start
-        result.layer_seconds.append(seconds)
-        worst = max(s.relative_error for s in result.linears[-len(quantized) :])
-        bar.set_postfix(seconds=f"{seconds:.1f}", worst_rel_err=f"{worst:.2e}")
+    prefetcher = LayerPrefetcher(layers, layers_name, checkpoint)
+    try:
+        for index in bar:
+            layer_start = time.perf_counter()
+            prefix = f"{layers_name}.{index}."
+            layer = layers[index]
+            state = prefetcher.take(index)
+            if resumed is not None and index < resumed.layers:
+                with torch.no_grad(), materialized(layer, state, device, compute_dtype):
+                    hidden = _replay_layer(layer, prefix, index, resumed, hidden, runner, evaluation, device, result)
+                result.resumed_layers += 1
+                result.layer_seconds.append(time.perf_counter() - layer_start)
+                continue
+            with torch.no_grad(), materialized(layer, state, device, compute_dtype):
+                if evaluation is not None:
+                    with _timed(result, "evaluate", device):
+                        evaluation.through_original(layer)
+                quantized = _quantize_layer(
+                    layer, prefix, recipe, method, block_solver, hidden, runner, device, result, quantize_matrix
+                )
+                with _timed(result, "forward", device):
+                    hidden = runner.forward(layer, hidden, device)
+                if evaluation is not None:
+                    with _timed(result, "evaluate", device):
+                        evaluation.through_quantized(layer)
+                others = {
+                    f"{prefix}{name}": tensor
+                    for name, tensor in state.items()
+                    if not any(name == f"{q}.weight" for q in quantized)
+                }
+            with _timed(result, "pack_write", torch.device("cpu")):
+                sink(prefix, quantized, others)
+            seconds = time.perf_counter() - layer_start
+            result.layer_seconds.append(seconds)
+            worst = max(s.relative_error for s in result.linears[-len(quantized) :])
+            bar.set_postfix(seconds=f"{seconds:.1f}", worst_rel_err=f"{worst:.2e}")
+    finally:
+        prefetcher.close()
 
     if evaluation is not None:
         with torch.no_grad(), _timed(result, "evaluate", device):

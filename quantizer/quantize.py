@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from quantizer import __version__
-from quantizer.calibration import Calibration, clamp_seq_len, load_calibration
+from quantizer.calibration import Calibration, clamp_seq_len, is_token_file, load_calibration
 from quantizer.checkpoint import MANIFEST_FILE, CheckpointWriter, sha256_file
 from quantizer.contract import DEFAULT_FORMAT, QuantizeResult
 from quantizer.errors import InputError, UnservableRecipeError
@@ -212,7 +212,9 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
     device = resolve_device(opts.device)
     source = SourceModel.open(opts.model)
     check_linear_shapes(source.config, source.weights, recipe.group_size)
-    tokenizer = source.tokenizer()
+    # Pre-tokenized calibration without evaluation text needs no tokenizer (synthetic models have none).
+    needs_tokenizer = opts.eval_text is not None or not is_token_file(opts.calibration)
+    tokenizer = source.tokenizer() if needs_tokenizer else None
     context = getattr(source.config, "max_position_embeddings", None)
     seq_len = clamp_seq_len(opts.seq_len, context, "calibration")
     calibration = load_calibration(opts.calibration, tokenizer, opts.samples, seq_len, opts.seed, opts.jsonl_field)

@@ -17,7 +17,7 @@ from quantizer.cli import main as quantizer_main
 from quantizer.errors import InputError
 from quantizer.gptq import QuantRecipe
 from quantizer.perplexity import load_dequantized_model, load_evaluation_windows, torch_perplexity
-from tests.conftest import CALIBRATION, EVALUATION, TINY_MODEL, quantize
+from tests.conftest import CALIBRATION, CALIBRATION_ARGS, EVALUATION, TINY_MODEL, quantize
 
 
 @pytest.mark.parametrize("group", ["g128", "g32"])
@@ -168,6 +168,8 @@ def _no_weights(model: Path) -> None:
         ("group", None, ["--group-size", "256", "--allow-unservable"], "not divisible by group_size=256"),
         ("unservable", None, ["--bits", "3"], "vLLM 0.32 cannot serve this recipe"),
         ("little-text", "tiny-text", [], "fewer than one window"),
+        ("token-ids-key", "token-ids-key", [], r"needs an integer tensor 'input_ids'.*it holds \['ids'\]"),
+        ("token-ids-short", "token-ids-short", [], r"input_ids is \[4, 256\], smaller than samples x seq_len = 32 x 256"),
     ],
 )
 def test_bad_input(tmp_path, capsys, case, edit, args, message):
@@ -180,6 +182,10 @@ def test_bad_input(tmp_path, capsys, case, edit, args, message):
     elif edit == "tiny-text":
         calibration = tmp_path / "short.txt"
         calibration.write_text("def f(): return 1\n")
+    elif isinstance(edit, str) and edit.startswith("token-ids"):
+        calibration = tmp_path / "ids.safetensors"
+        ids = torch.zeros(4 if edit == "token-ids-short" else 32, 256, dtype=torch.int64)
+        save_file({"ids" if edit == "token-ids-key" else "input_ids": ids}, calibration)
     elif edit is not None:
         model = _broken_model(tmp_path, edit)
     out = tmp_path / "out" / "ckpt"
@@ -259,3 +265,64 @@ def test_the_shards_stay_under_their_limit_and_the_writer_holds_one(tmp_path, mo
     for file in files:
         assert (tmp_path / "ckpt" / file).stat().st_size <= max(limit, largest_tensor) + 64 * 1024  # + header
     verify_checkpoint(tmp_path / "ckpt")
+
+
+def test_the_next_layer_is_read_while_the_current_one_computes(tmp_path):
+    """The prefetcher hands each layer its own tensors, has the next read under way, and a tensor
+    missing from the checkpoint surfaces as bad input when that layer is taken."""
+    from transformers import AutoModelForCausalLM
+
+    from quantizer.pipeline import LayerPrefetcher, SourceModel, find_decoder_layers
+
+    source = SourceModel.open(TINY_MODEL)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(source.config)
+    name, layers = find_decoder_layers(model, source.config.num_hidden_layers)
+    prefetcher = LayerPrefetcher(layers, name, source.weights)
+    try:
+        first = prefetcher.take(0)
+        assert 1 in prefetcher._pending  # the next read started before layer 0 was used
+        second = prefetcher.take(1)
+        for index, state in ((0, first), (1, second)):
+            for key, tensor in state.items():
+                assert torch.equal(tensor, source.weights.get(f"{name}.{index}.{key}"))
+    finally:
+        prefetcher.close()
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(TINY_MODEL, model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors[f"{name}.1.mlp.up_proj.weight"]
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    prefetcher = LayerPrefetcher(layers, name, SourceModel.open(model_dir).weights)
+    try:
+        prefetcher.take(0)
+        with pytest.raises(InputError, match=r"layers\.1\.mlp\.up_proj\.weight missing"):
+            prefetcher.take(1)
+    finally:
+        prefetcher.close()
+
+
+def test_calibration_tokenized_beforehand_gives_the_same_checkpoint(checkpoints, tmp_path):
+    """The windows the text calibration samples, written as input_ids, quantize to the same bits: a
+    tool handed the same file (the peers' benchmark) calibrates on exactly these tokens."""
+    from transformers import AutoTokenizer
+
+    from quantizer.calibration import load_calibration
+
+    text_dir, text_result = checkpoints["gptq-g128"]
+    samples, seq_len = int(CALIBRATION_ARGS[1]), int(CALIBRATION_ARGS[3])
+    windows = load_calibration(CALIBRATION, AutoTokenizer.from_pretrained(TINY_MODEL), samples, seq_len).windows
+    ids = tmp_path / "calibration.safetensors"
+    save_file({"input_ids": torch.cat([windows, windows[:2]]).to(torch.int32)}, ids)  # extra rows are not used
+    code, result = quantize(tmp_path / "ckpt", "--format", text_result["format"], calibration=ids)
+    assert code == 0, result
+    assert result["calibration"]["digest"] == text_result["calibration"]["digest"]
+
+    def tensors(directory: Path) -> dict[str, torch.Tensor]:
+        return {name: t for file in sorted(directory.glob("*.safetensors")) for name, t in load_file(file).items()}
+
+    made, expected = tensors(tmp_path / "ckpt"), tensors(text_dir)
+    assert made.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, made[name]), name
