@@ -57,6 +57,41 @@ def _peak_gpu_bytes() -> int:
     return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
+class ResidentSampler:
+    """The process's resident set every `interval` seconds on a thread: whether host memory stays
+    flat as the layers go by (the peak alone cannot tell growth from one early spike)."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        start = time.perf_counter()
+        while not self._stop.wait(interval):
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            self.samples.append((time.perf_counter() - start, pages * os.sysconf("SC_PAGE_SIZE")))
+
+    def __enter__(self) -> ResidentSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        """Peak resident bytes in each quarter of the run."""
+        if len(self.samples) < 4:
+            return {}
+        end = self.samples[-1][0]
+        quarters = [max((rss for t, rss in self.samples if q * end / 4 <= t <= (q + 1) * end / 4), default=0)
+                    for q in range(4)]
+        return {"rss_peak_by_quarter_bytes": quarters}
+
+
 def _rows(calibration: Path) -> torch.Tensor:
     return load_file(calibration)["input_ids"].to(torch.long)
 
@@ -326,7 +361,7 @@ def _projection(runs: list[dict], layers: int, depth: int) -> dict | None:
 def _print_summary(report: dict) -> None:
     print(f"\n{report['shape']} ({report['layers']} layers), {report['samples']} x {report['seq_len']} calibration, "
           f"{report['device']}")
-    print(f"{'tool':<20} {'wall s':>8} {'work s':>11} {'GPU GiB':>8} {'RSS GiB':>8} {'layer err':>10}")
+    print(f"{'tool':<20} {'wall s':>8} {'work s':>11} {'GPU GiB':>8} {'RSS GiB':>8} {'layer err':>10}  RSS by quarter GiB")
     for run in report["runs"]:
         if not run["ok"]:
             print(f"{run['tool']:<20} {run['why']}")
@@ -334,7 +369,8 @@ def _print_summary(report: dict) -> None:
         err = run.get("mean_layer_error")
         print(f"{run['tool']:<20} {run['process_wall_s']:>8.1f} {run['work_s']:>11.1f} "
               f"{run['peak_gpu_bytes'] / 2**30:>8.2f} {run['peak_host_bytes'] / 2**30:>8.2f} "
-              f"{err if err is None else f'{err:.3e}':>10}")
+              f"{err if err is None else f'{err:.3e}':>10}  "
+              + " ".join(f"{q / 2**30:.2f}" for q in run.get("rss_peak_by_quarter_bytes", [])))
     for tool, ratio in report["ratios_to_ours"].items():
         print(f"{tool} / ours: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
     if report["projection"]:
@@ -350,8 +386,9 @@ def _peer_main(argv: list[str]) -> None:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     args = parser.parse_args(argv)
-    figures = PEERS[args.tool](args.model, args.calibration, args.output)
-    figures.update(peak_gpu_bytes=_peak_gpu_bytes(), peak_host_bytes=_peak_rss_bytes())
+    with ResidentSampler() as rss:
+        figures = PEERS[args.tool](args.model, args.calibration, args.output)
+    figures.update(peak_gpu_bytes=_peak_gpu_bytes(), peak_host_bytes=_peak_rss_bytes(), **rss.summary())
     figures["work_s"] = round(figures["load_s"] + figures["quantize_s"] + figures["save_s"], 2)
     args.report.write_text(json.dumps(figures))
 

@@ -475,11 +475,13 @@ def quantize_model(
                 if evaluation is not None:
                     with _timed(result, "evaluate", device):
                         evaluation.through_original(layer)
-                quantized = _quantize_layer(
+                quantized, outputs = _quantize_layer(
                     layer, prefix, recipe, method, block_solver, hidden, runner, device, result, quantize_matrix
                 )
-                with _timed(result, "forward", device):
-                    hidden = runner.forward(layer, hidden, device)
+                if outputs is None:
+                    with _timed(result, "forward", device):
+                        outputs = runner.forward(layer, hidden, device)
+                hidden = outputs
                 if evaluation is not None:
                     with _timed(result, "evaluate", device):
                         evaluation.through_quantized(layer)
@@ -540,7 +542,10 @@ def _quantize_layer(
     device: torch.device,
     result: PipelineResult,
     quantize_matrix: MatrixQuantizer,
-) -> dict[str, QuantizedWeight]:
+) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None]:
+    """The layer's Linears quantized group by group (true-sequential: each group's Hessian comes from
+    inputs through the groups already quantized). Returns them and, when the staged forward ran, the
+    layer's outputs (the next layer's inputs); None means the caller runs the layer once more."""
     modules = dict(layer.named_modules())
     linears = {name for name, m in modules.items() if isinstance(m, nn.Linear)}
     expected = {name for group in SEQUENTIAL_GROUPS for name in group}
@@ -549,11 +554,8 @@ def _quantize_layer(
             f"{prefix}: Linear layers {sorted(linears)} differ from the supported layout {sorted(expected)}"
         )
     quantized: dict[str, QuantizedWeight] = {}
-    for group in SEQUENTIAL_GROUPS:
-        hessian = None
-        if method == "gptq":
-            with _timed(result, "forward", device):
-                hessian = _group_hessian(modules[group[0]], layer, hidden, runner, device)
+
+    def quantize_group(group: tuple[str, ...], hessian: torch.Tensor | None) -> None:
         for name in group:
             linear = modules[name]
             start = time.perf_counter()
@@ -564,40 +566,159 @@ def _quantize_layer(
                     qw = quantize_matrix(linear.weight.data, hessian, recipe, name=prefix + name, block_solver=block_solver)
                 linear.weight.data = qw.dequantized.to(linear.weight.dtype)
             quantized[name] = qw
-            result.linears.append(
-                LinearStats(
-                    name=prefix + name,
-                    shape=tuple(linear.weight.shape),
-                    relative_error=qw.relative_error,
-                    damp=qw.damp,
-                    seconds=time.perf_counter() - start,
-                )
-            )
+            result.linears.append(LinearStats(name=prefix + name, shape=tuple(linear.weight.shape),
+                                              relative_error=qw.relative_error, damp=qw.damp,
+                                              seconds=time.perf_counter() - start))
+
+    if method == "gptq" and StagedDecoderLayer.fits(layer):
+        staged = StagedDecoderLayer(layer, hidden, runner, device)
+        for group, hessian_of in zip(SEQUENTIAL_GROUPS, staged.stages(), strict=True):
+            with _timed(result, "forward", device):
+                hessian = hessian_of()
+            quantize_group(group, hessian)
+            del hessian
+        with _timed(result, "forward", device):
+            return quantized, staged.outputs()
+    for group in SEQUENTIAL_GROUPS:
+        hessian = None
+        if method == "gptq":
+            with _timed(result, "forward", device):
+                hessian = _group_hessian(modules[group[0]], layer, hidden, runner, device)
+        quantize_group(group, hessian)
         del hessian
-    return quantized
+    return quantized, None
 
 
-def _group_hessian(linear: nn.Linear, layer: nn.Module, hidden: torch.Tensor, runner: _LayerRunner, device) -> torch.Tensor:
-    """H = 2/n * sum x x^T over every input token of `linear` (float32)."""
-    columns = linear.in_features
-    hessian = torch.zeros(columns, columns, device=device, dtype=torch.float32)
-    count = 0
+class _HessianSum:
+    """H = 2/n * sum x x^T over the rows x of every batch added (float32)."""
 
-    def accumulate(_module, args):
-        nonlocal count
-        x = args[0].reshape(-1, columns).float()
-        hessian.addmm_(x.t(), x)
-        count += x.shape[0]
-        raise _StopForward
+    def __init__(self, columns: int, device):
+        self.hessian = torch.zeros(columns, columns, device=device, dtype=torch.float32)
+        self.count = 0
 
-    handle = linear.register_forward_pre_hook(accumulate)
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.hessian.shape[0]).float()
+        self.hessian.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.hessian.mul_(2.0 / max(self.count, 1))
+
+
+@contextmanager
+def _exact_tf32(dtype: torch.dtype) -> Iterator[None]:
     # 16-bit activations convert to TF32 without loss (fp16 has TF32's 10-bit mantissa, bf16 fewer),
     # and accumulation stays float32: TF32 tensor cores give the exact same H, several times faster.
     previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = hidden.dtype in (torch.float16, torch.bfloat16)
+    torch.backends.cuda.matmul.allow_tf32 = dtype in (torch.float16, torch.bfloat16)
     try:
-        runner.forward(layer, hidden, device, stop_early=True)
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+class StagedDecoderLayer:
+    """A pre-norm decoder layer (h = x + attn(norm(x)), then h + mlp(norm(h)): Llama's) run stage by
+    stage, so that true-sequential GPTQ computes each part of the layer as few times as it can.
+
+    Run whole up to each group, as `_group_hessian` does, the layer computes the attention four times
+    and the MLP's up projections twice. Here each stage starts from what the one before kept: the
+    attention's output before o_proj and the residual h (each the size of the hidden states). The
+    MLP's wide intermediate is not kept (3.5x the hidden states), so gate and up run twice. The same
+    operations in the same order as the layer's own forward: outputs and Hessians are bit for bit
+    those of the generic path.
+    """
+
+    def __init__(self, layer: nn.Module, hidden: torch.Tensor, runner: _LayerRunner, device):
+        self.layer, self.hidden, self.runner, self.device = layer, hidden, runner, device
+        self.attention = torch.empty_like(hidden)  # o_proj's inputs
+        self.residual = torch.empty_like(hidden)  # h = x + attention block; then the outputs, in place
+
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        mlp = getattr(layer, "mlp", None)
+        return (all(hasattr(layer, name) for name in ("input_layernorm", "self_attn", "post_attention_layernorm"))
+                and all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+                and hasattr(layer.self_attn, "o_proj"))
+
+    def _batches(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        size = self.runner.batch_size
+        for start in range(0, self.hidden.shape[0], size):
+            rows = slice(start, start + size)
+            yield rows, self.hidden[rows].to(self.device)
+
+    def _hessian(self, columns: int, inputs: Callable[[slice, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        total = _HessianSum(columns, self.device)
+        with _exact_tf32(self.hidden.dtype):
+            for rows, x in self._batches():
+                total.add(inputs(rows, x))
+        return total.result()
+
+    def _qkv_inputs(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.input_layernorm(x)
+
+    def _o_inputs(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
+        captured = []
+
+        def capture(_module, args):
+            captured.append(args[0])
+            raise _StopForward
+
+        handle = self.layer.self_attn.o_proj.register_forward_pre_hook(capture)
+        try:
+            with suppress(_StopForward):
+                self.layer.self_attn(hidden_states=self.layer.input_layernorm(x), **self.runner.kwargs)
+        finally:
+            handle.remove()
+        self.attention[rows] = captured[0].to(self.attention.device)
+        return captured[0]
+
+    def _gate_up_inputs(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.layer.self_attn.o_proj(self.attention[rows].to(self.device))
+        self.residual[rows] = h.to(self.residual.device)
+        return self.layer.post_attention_layernorm(h)
+
+    def _intermediate(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        mlp = self.layer.mlp
+        h = self.residual[rows].to(self.device)
+        n = self.layer.post_attention_layernorm(h)
+        return h, mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n)
+
+    def _down_inputs(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
+        return self._intermediate(rows)[1]
+
+    def stages(self) -> list[Callable[[], torch.Tensor]]:
+        """One Hessian per SEQUENTIAL_GROUPS entry, each called once the groups before it are
+        quantized (the layer's weights then hold their dequantized values)."""
+        attn, mlp = self.layer.self_attn, self.layer.mlp
+        return [
+            lambda: self._hessian(attn.q_proj.in_features, self._qkv_inputs),
+            lambda: self._hessian(attn.o_proj.in_features, self._o_inputs),
+            lambda: self._hessian(mlp.gate_proj.in_features, self._gate_up_inputs),
+            lambda: self._hessian(mlp.down_proj.in_features, self._down_inputs),
+        ]
+
+    def outputs(self) -> torch.Tensor:
+        """The layer's outputs with every group quantized: h + down(act(gate(n)) * up(n))."""
+        del self.attention
+        for rows, _ in self._batches():
+            h, intermediate = self._intermediate(rows)
+            self.residual[rows] = (h + self.layer.mlp.down_proj(intermediate)).to(self.residual.device)
+        return self.residual
+
+
+def _group_hessian(linear: nn.Linear, layer: nn.Module, hidden: torch.Tensor, runner: _LayerRunner, device) -> torch.Tensor:
+    """H = 2/n * sum x x^T over every input token of `linear` (float32), the layer run until it."""
+    total = _HessianSum(linear.in_features, device)
+
+    def accumulate(_module, args):
+        total.add(args[0])
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(accumulate)
+    try:
+        with _exact_tf32(hidden.dtype):
+            runner.forward(layer, hidden, device, stop_early=True)
+    finally:
         handle.remove()
-    return hessian.mul_(2.0 / max(count, 1))
+    return total.result()

@@ -326,3 +326,38 @@ def test_calibration_tokenized_beforehand_gives_the_same_checkpoint(checkpoints,
     assert made.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(tensor, made[name]), name
+
+
+def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch):
+    """True-sequential GPTQ through StagedDecoderLayer (each part of the layer computed once per stage)
+    quantizes to exactly the codes, scales and errors of the layer run whole for every group."""
+    from transformers import AutoTokenizer
+
+    from quantizer import pipeline
+    from quantizer.calibration import load_calibration
+
+    windows = load_calibration(CALIBRATION, AutoTokenizer.from_pretrained(TINY_MODEL), 8, 128).windows
+
+    def run() -> tuple[dict, list]:
+        kept = {}
+
+        def sink(prefix, quantized, others):
+            kept.update({prefix + name: (qw.codes, qw.scales, qw.dequantized) for name, qw in quantized.items()})
+
+        result = pipeline.quantize_model(pipeline.SourceModel.open(TINY_MODEL), QuantRecipe(), windows, sink,
+                                         torch.device("cpu"), progress=False, batch_size=3)
+        return kept, [(s.name, s.relative_error) for s in result.linears]
+
+    staged_layers = []
+    outputs = pipeline.StagedDecoderLayer.outputs
+    monkeypatch.setattr(pipeline.StagedDecoderLayer, "outputs", lambda self: staged_layers.append(self) or outputs(self))
+    staged, staged_errors = run()
+    layers = json.loads((TINY_MODEL / "config.json").read_text())["num_hidden_layers"]
+    assert len(staged_layers) == layers, "the tiny model's layers did not take the staged path"
+    monkeypatch.setattr(pipeline.StagedDecoderLayer, "fits", staticmethod(lambda layer: False))
+    generic, generic_errors = run()
+    assert staged_errors == generic_errors
+    assert staged.keys() == generic.keys()
+    for name, tensors in staged.items():
+        for a, b in zip(tensors, generic[name], strict=True):
+            assert torch.equal(a, b), name

@@ -168,11 +168,42 @@ class Evaluation:
     backoff_limit: int = 1
 
 
+# vLLM's gauges an autoscaler can target, by the spec's name: (the metric as vLLM exports it, the
+# name under which a Prometheus adapter's rule serves it to the custom metrics API; docs/install.md).
+AUTOSCALING_METRICS = {
+    "numRequestsWaiting": ("vllm:num_requests_waiting", "vllm_num_requests_waiting"),
+    "kvCacheUsage": ("vllm:kv_cache_usage_perc", "vllm_kv_cache_usage_perc"),
+}
+
+
+@dataclass(frozen=True)
+class Autoscaling:
+    """A HorizontalPodAutoscaler on one of vLLM's load gauges, averaged over the serving Pods."""
+
+    max_replicas: int
+    min_replicas: int = 1
+    metric: str = "numRequestsWaiting"
+    target: str = "5"  # the per-Pod average to hold (a quantity: "5", "800m")
+    scale_down_stabilization_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class InferencePool:
+    """A Gateway API Inference Extension InferencePool over the serving Pods, routed by its endpoint picker."""
+
+    endpoint_picker: str  # the endpoint picker's Service, in the model's namespace
+    endpoint_picker_port: int = 9002
+    failure_mode: str = "FailClose"
+
+
 @dataclass(frozen=True)
 class Serving:
     enabled: bool = True
     replicas: int = 1
     tensor_parallel_size: int = 1
+    nodes: int = 1  # > 1: a LeaderWorkerSet, tensor parallel within a node, pipeline parallel across nodes
+    autoscaling: Autoscaling | None = None
+    inference_pool: InferencePool | None = None
     image: str = _image("KUBEQUANT_VLLM_IMAGE", VLLM_IMAGE)
     served_model_name: str | None = None
     max_model_len: int = 4096
@@ -406,10 +437,12 @@ def _serving(raw: dict) -> Serving:
     service = _obj(s.get("service"), "spec.serving.service")
     monitor = _obj(s.get("serviceMonitor"), "spec.serving.serviceMonitor")
     serving = Serving(
+        autoscaling=_autoscaling(s),
+        inference_pool=_inference_pool(s),
         extra_args=tuple(s.get("extraArgs") or ()),
         shm_size=str(s.get("shmSize", Serving.shm_size)),
         **_kwargs(s, {
-            "enabled": "enabled", "replicas": "replicas", "tensorParallelSize": "tensor_parallel_size",
+            "enabled": "enabled", "replicas": "replicas", "tensorParallelSize": "tensor_parallel_size", "nodes": "nodes",
             "image": "image", "servedModelName": "served_model_name", "maxModelLen": "max_model_len",
             "gpuMemoryUtilization": "gpu_memory_utilization", "resources": "resources",
             "nodeSelector": "node_selector", "tolerations": "tolerations",
@@ -422,9 +455,44 @@ def _serving(raw: dict) -> Serving:
     tp = serving.tensor_parallel_size
     return _checked(serving, "spec.serving", lambda: [
         (tp < 1 or tp & (tp - 1), "spec.serving.tensorParallelSize must be a power of two (1, 2, 4, 8, ...)"),
+        (serving.nodes < 1, "spec.serving.nodes must be at least 1"),
         *((True, f"spec.serving.extraArgs must not set {arg.split('=')[0]}: the spec sets it")
           for arg in serving.extra_args
           if any(arg == f or arg.startswith(f + "=") for f in MANAGED_VLLM_FLAGS)),
+    ])
+
+
+def _autoscaling(serving: dict) -> Autoscaling | None:
+    a = _obj(serving.get("autoscaling"), "spec.serving.autoscaling")
+    if not a or not a.get("enabled", True):
+        return None
+    autoscaling = Autoscaling(
+        max_replicas=_required(a, "maxReplicas", "spec.serving.autoscaling"),
+        target=str(a.get("target", Autoscaling.target)),
+        **_kwargs(a, {"minReplicas": "min_replicas", "metric": "metric",
+                      "scaleDownStabilizationSeconds": "scale_down_stabilization_seconds"}),
+    )
+    return _checked(autoscaling, "spec.serving.autoscaling", lambda: [
+        (autoscaling.min_replicas < 1, "spec.serving.autoscaling.minReplicas must be at least 1"),
+        (autoscaling.max_replicas < autoscaling.min_replicas,
+         "spec.serving.autoscaling.maxReplicas must be at least minReplicas"),
+        (autoscaling.metric not in AUTOSCALING_METRICS,
+         f"spec.serving.autoscaling.metric must be {_one_of(tuple(AUTOSCALING_METRICS))}"),
+    ])
+
+
+def _inference_pool(serving: dict) -> InferencePool | None:
+    raw = _obj(serving.get("inferencePool"), "spec.serving.inferencePool")
+    if not raw or not raw.get("enabled", True):
+        return None
+    picker = _obj(_required(raw, "endpointPicker", "spec.serving.inferencePool"), "spec.serving.inferencePool.endpointPicker")
+    pool = InferencePool(
+        endpoint_picker=_required(picker, "name", "spec.serving.inferencePool.endpointPicker"),
+        **_kwargs(picker, {"port": "endpoint_picker_port", "failureMode": "failure_mode"}),
+    )
+    return _checked(pool, "spec.serving.inferencePool", lambda: [
+        (pool.failure_mode not in ("FailOpen", "FailClose"),
+         "spec.serving.inferencePool.endpointPicker.failureMode must be FailOpen or FailClose"),
     ])
 
 
