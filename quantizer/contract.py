@@ -160,6 +160,8 @@ class QuantizeResult(Result):
     row_parallel_in_features: list
     baseline_ppl: float | None = None  # None when no evaluation text was given
     fakequant_ppl: float | None = None
+    # Decoder layers: pipeline parallelism across nodes needs at least one per stage (None: older results).
+    decoder_layers: int | None = None
 
 
 @dataclass(frozen=True)

@@ -624,15 +624,20 @@ class StagedDecoderLayer:
     Run whole up to each group, as `_group_hessian` does, the layer computes the attention four times
     and the MLP's up projections twice. Here each stage starts from what the one before kept: the
     attention's output before o_proj and the residual h (each the size of the hidden states). The
-    MLP's wide intermediate is not kept (3.5x the hidden states), so gate and up run twice. The same
-    operations in the same order as the layer's own forward: outputs and Hessians are bit for bit
-    those of the generic path.
+    MLP's wide intermediate (about 3.5x the hidden states) is kept too when it takes at most a
+    quarter of the memory free where the activations are stored; otherwise gate and up run twice.
+    The same operations in the same order as the layer's own forward: outputs and Hessians are bit
+    for bit those of the generic path.
     """
 
     def __init__(self, layer: nn.Module, hidden: torch.Tensor, runner: _LayerRunner, device):
         self.layer, self.hidden, self.runner, self.device = layer, hidden, runner, device
         self.attention = torch.empty_like(hidden)  # o_proj's inputs
         self.residual = torch.empty_like(hidden)  # h = x + attention block; then the outputs, in place
+        wide = (*hidden.shape[:-1], layer.mlp.down_proj.in_features)
+        needed = math.prod(wide) * hidden.element_size()
+        self.intermediate = torch.empty(wide, dtype=hidden.dtype, device=hidden.device) \
+            if needed <= free_memory_bytes(hidden.device) // 4 else None
 
     @staticmethod
     def fits(layer: nn.Module) -> bool:
@@ -685,7 +690,10 @@ class StagedDecoderLayer:
         return h, mlp.act_fn(mlp.gate_proj(n)) * mlp.up_proj(n)
 
     def _down_inputs(self, rows: slice, x: torch.Tensor) -> torch.Tensor:
-        return self._intermediate(rows)[1]
+        intermediate = self._intermediate(rows)[1]
+        if self.intermediate is not None:
+            self.intermediate[rows] = intermediate.to(self.intermediate.device)
+        return intermediate
 
     def stages(self) -> list[Callable[[], torch.Tensor]]:
         """One Hessian per SEQUENTIAL_GROUPS entry, each called once the groups before it are
@@ -702,9 +710,23 @@ class StagedDecoderLayer:
         """The layer's outputs with every group quantized: h + down(act(gate(n)) * up(n))."""
         del self.attention
         for rows, _ in self._batches():
-            h, intermediate = self._intermediate(rows)
+            if self.intermediate is None:
+                h, intermediate = self._intermediate(rows)
+            else:
+                h, intermediate = self.residual[rows].to(self.device), self.intermediate[rows].to(self.device)
             self.residual[rows] = (h + self.layer.mlp.down_proj(intermediate)).to(self.residual.device)
+        self.intermediate = None
         return self.residual
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What can still be allocated on `device`: the GPU's free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with suppress(OSError, ValueError, StopIteration):
+        line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    return 0
 
 
 def _group_hessian(linear: nn.Linear, layer: nn.Module, hidden: torch.Tensor, runner: _LayerRunner, device) -> torch.Tensor:

@@ -169,6 +169,7 @@ class QuantizeReport:
             seconds=self.seconds,
             group_size=self.opts.recipe.group_size,
             row_parallel_in_features=self.row_parallel_in_features,
+            decoder_layers=len(self.pipeline.layer_seconds),
             baseline_ppl=perplexity.get("baseline_ppl"),
             fakequant_ppl=perplexity.get("fakequant_ppl"),
             details={

@@ -20,6 +20,8 @@ from lupa import lua51  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 ARGOCD = ROOT / "deploy" / "argocd"
 LUA = ARGOCD / "health-quantizedmodel.lua"
+LWS_LUA = ARGOCD / "health-leaderworkerset.lua"
+POOL_LUA = ARGOCD / "health-inferencepool.lua"
 SNIPPET = ARGOCD / "argocd-cm-snippet.yaml"
 APPLICATION = ARGOCD / "application.yaml"
 CRD = ROOT / "crds" / "quantizedmodels.kubequant.io.yaml"
@@ -50,9 +52,9 @@ def _runtime():
     return lua, lua.compile(SANDBOX)
 
 
-def health(resource: dict) -> tuple[str, str | None]:
+def health(resource: dict, script: Path = LUA) -> tuple[str, str | None]:
     lua, sandbox = _runtime()
-    status, message = sandbox(LUA.read_text(), lua.table_from(resource, recursive=True))
+    status, message = sandbox(script.read_text(), lua.table_from(resource, recursive=True))
     return status, message
 
 
@@ -160,8 +162,11 @@ def test_snippet_embeds_the_same_lua():
     snippet = yaml.safe_load(SNIPPET.read_text())
     crd = yaml.safe_load(CRD.read_text())
     key = f"resource.customizations.health.{crd['spec']['group']}_{crd['spec']['names']['kind']}"
-    assert list(snippet["data"]) == [key]
-    assert snippet["data"][key] == LUA.read_text(), "keep argocd-cm-snippet.yaml and the .lua file identical"
+    scripts = {key: LUA, "resource.customizations.health.leaderworkerset.x-k8s.io_LeaderWorkerSet": LWS_LUA,
+               "resource.customizations.health.inference.networking.k8s.io_InferencePool": POOL_LUA}
+    assert list(snippet["data"]) == list(scripts)
+    for name, script in scripts.items():
+        assert snippet["data"][name] == script.read_text(), f"keep argocd-cm-snippet.yaml and {script.name} identical"
     assert snippet["metadata"]["name"] == "argocd-cm"
 
 
@@ -285,3 +290,45 @@ def test_argocd_models_are_valid_and_match_the_examples():
     assert validate(argocd_model) == []
     assert argocd_model["spec"] == example["spec"], "deploy/argocd/models/ drifted from examples/llama-3-8b-tp2.yaml"
     assert argocd_model["metadata"]["name"] == example["metadata"]["name"]
+
+
+def _lws(status: dict | None, replicas: int = 2, generation: int = 1) -> dict:
+    obj = {"apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
+           "metadata": {"name": "m", "generation": generation}, "spec": {"replicas": replicas}}
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+AVAILABLE = [{"type": "Available", "status": "True"}]
+
+
+@pytest.mark.parametrize(("resource", "expected"), [
+    (_lws(None), ("Progressing", "waiting for the LeaderWorkerSet controller")),
+    (_lws({"observedGeneration": 1, "readyReplicas": 2, "updatedReplicas": 2, "conditions": AVAILABLE}),
+     ("Healthy", "2/2 groups ready")),
+    (_lws({"observedGeneration": 1, "readyReplicas": 1, "updatedReplicas": 2, "conditions": AVAILABLE}),
+     ("Progressing", "2/2 groups updated, 1 ready")),
+    (_lws({"observedGeneration": 1, "readyReplicas": 2, "updatedReplicas": 2, "conditions": AVAILABLE}, generation=2),
+     ("Progressing", "the controller has not seen the latest spec yet")),
+])
+def test_leader_worker_set_health(resource, expected):
+    assert health(resource, LWS_LUA) == expected
+
+
+def _pool(*conditions: dict) -> dict:
+    parents = [{"parentRef": {"name": "gw"}, "conditions": list(conditions)}] if conditions else []
+    return {"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool", "status": {"parents": parents}}
+
+
+@pytest.mark.parametrize(("resource", "expected"), [
+    (_pool(), ("Progressing", "no gateway references the pool yet")),
+    (_pool({"type": "Accepted", "status": "True"}, {"type": "ResolvedRefs", "status": "True"}),
+     ("Healthy", "accepted by 1 gateway(s)")),
+    (_pool({"type": "Accepted", "status": "True"}, {"type": "ResolvedRefs", "status": "False",
+                                                     "reason": "InvalidExtensionRef", "message": "no Service llama-epp"}),
+     ("Degraded", "InvalidExtensionRef: no Service llama-epp")),
+    (_pool({"type": "Accepted", "status": "True"}), ("Progressing", "waiting for the gateway to accept the pool")),
+])
+def test_inference_pool_health(resource, expected):
+    assert health(resource, POOL_LUA) == expected

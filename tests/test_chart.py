@@ -401,6 +401,9 @@ EXPECTED_RULES = {
     ("", "persistentvolumeclaims"): CHILD,
     ("policy", "poddisruptionbudgets"): CHILD,
     ("monitoring.coreos.com", "servicemonitors"): CHILD,
+    ("leaderworkerset.x-k8s.io", "leaderworkersets"): WATCHED_CHILD,
+    ("autoscaling", "horizontalpodautoscalers"): CHILD,
+    ("inference.networking.k8s.io", "inferencepools"): CHILD,
     ("", "pods"): {"get", "list"},
     ("", "events"): {"create"},
 }

@@ -40,6 +40,7 @@ def test_crd_shape():
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns == ["Phase", "Bits", "Group", "Baseline PPL", "Quantized PPL", "KL", "Top-1", "Task Drop", "Ready",
+                       "Nodes", "Replicas",
                        "Age"]
 
 
@@ -132,7 +133,11 @@ INVALID = [
     ("escaping text path", [("spec.quantization.calibration.text.path", "../secrets.txt")],
      "a text path must be relative to the root of the storage PVC and must not contain '..'"),
     ("managed flag in extraArgs", [("spec.serving.extraArgs", ["--max-model-len=1024"])],
-     "serving.extraArgs must not set --tensor-parallel-size, --served-model-name, --max-model-len, --gpu-memory-utilization, --port, --quantization or --model: the spec sets them"),
+     "serving.extraArgs must not set --tensor-parallel-size, --pipeline-parallel-size, --distributed-executor-backend, --served-model-name, --max-model-len, --gpu-memory-utilization, --port, --quantization or --model: the spec sets them"),
+    ("pipeline flag in extraArgs", [("spec.serving.extraArgs", ["--pipeline-parallel-size", "2"])],
+     "serving.extraArgs must not set --tensor-parallel-size, --pipeline-parallel-size, --distributed-executor-backend, --served-model-name, --max-model-len, --gpu-memory-utilization, --port, --quantization or --model: the spec sets them"),
+    ("autoscaling max below min", [("spec.serving.autoscaling", {"minReplicas": 3, "maxReplicas": 2})],
+     "serving.autoscaling.maxReplicas must be at least minReplicas"),
     ("long name", [("metadata.name", "a" * 41)],
      "metadata.name must be at most 40 characters: it prefixes the names of the Jobs, Deployment and Service the operator creates"),
     ("name starting with a digit", [("metadata.name", "3b-model")],

@@ -45,6 +45,7 @@ class Sim:
         self.body = copy.deepcopy(body)
         self.objs: dict[tuple[str, str], dict] = {}
         self.pods: dict[str, list[dict]] = {}
+        self.missing: frozenset[str] = frozenset()  # CRDs the simulated cluster lacks
 
     @property
     def model(self):
@@ -57,6 +58,8 @@ class Sim:
             pods=copy.deepcopy(self.pods),
             deployment=get.get("Deployment"), service=get.get("Service"), pdb=get.get("PodDisruptionBudget"),
             service_monitor=get.get("ServiceMonitor"), pvc=get.get("PersistentVolumeClaim"),
+            leader_worker_set=get.get("LeaderWorkerSet"), hpa=get.get("HorizontalPodAutoscaler"),
+            inference_pool=get.get("InferencePool"), missing_kinds=self.missing,
         )
 
     def step(self, now: str = NOW) -> Decision:

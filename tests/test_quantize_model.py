@@ -328,15 +328,19 @@ def test_calibration_tokenized_beforehand_gives_the_same_checkpoint(checkpoints,
         assert torch.equal(tensor, made[name]), name
 
 
-def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch):
-    """True-sequential GPTQ through StagedDecoderLayer (each part of the layer computed once per stage)
-    quantizes to exactly the codes, scales and errors of the layer run whole for every group."""
+@pytest.mark.parametrize("keeps_intermediate", [True, False])
+def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch, keeps_intermediate):
+    """True-sequential GPTQ through StagedDecoderLayer (each part of the layer computed once per stage,
+    the MLP's intermediate kept or computed again) quantizes to exactly the codes, scales and errors
+    of the layer run whole for every group."""
     from transformers import AutoTokenizer
 
     from quantizer import pipeline
     from quantizer.calibration import load_calibration
 
     windows = load_calibration(CALIBRATION, AutoTokenizer.from_pretrained(TINY_MODEL), 8, 128).windows
+    if not keeps_intermediate:
+        monkeypatch.setattr(pipeline, "free_memory_bytes", lambda device: 0)
 
     def run() -> tuple[dict, list]:
         kept = {}
@@ -350,10 +354,14 @@ def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch):
 
     staged_layers = []
     outputs = pipeline.StagedDecoderLayer.outputs
-    monkeypatch.setattr(pipeline.StagedDecoderLayer, "outputs", lambda self: staged_layers.append(self) or outputs(self))
+    def counted(self):
+        staged_layers.append(self.intermediate is not None)
+        return outputs(self)
+
+    monkeypatch.setattr(pipeline.StagedDecoderLayer, "outputs", counted)
     staged, staged_errors = run()
     layers = json.loads((TINY_MODEL / "config.json").read_text())["num_hidden_layers"]
-    assert len(staged_layers) == layers, "the tiny model's layers did not take the staged path"
+    assert staged_layers == [keeps_intermediate] * layers, "the tiny model's layers did not take the staged path"
     monkeypatch.setattr(pipeline.StagedDecoderLayer, "fits", staticmethod(lambda layer: False))
     generic, generic_errors = run()
     assert staged_errors == generic_errors

@@ -4,7 +4,7 @@ Names are deterministic: the quantize Job is named by the hash of everything tha
 artifact (source + recipe + the texts), the evaluate Job by that plus the gate's thresholds. A
 restarted operator therefore finds its Jobs instead of duplicating them, and a spec change that
 does not touch those inputs (replicas, extraArgs, images, resources) reuses the artifact.
-Objects that are updated in place (Deployment, Service, PDB, ServiceMonitor) carry the hash of
+Objects that are updated in place (the serving workload and its companions) carry the hash of
 their own content in an annotation, so drift is detected without comparing defaulted fields.
 """
 
@@ -14,9 +14,11 @@ import copy
 import hashlib
 import json
 import math
+import shlex
 from typing import Any
 
 from kubequant.spec import (
+    AUTOSCALING_METRICS,
     GROUP,
     KIND,
     PLURAL,
@@ -39,7 +41,12 @@ KINDS: dict[str, tuple[str, str]] = {
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
     "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
+    "LeaderWorkerSet": ("leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
+    "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools"),
 }
+# Kinds from CRDs a cluster may lack: their absence is a condition, never a crash.
+OPTIONAL_KINDS = ("ServiceMonitor", "LeaderWorkerSet", "InferencePool")
 
 
 def api_version(kind: str) -> str:
@@ -513,11 +520,15 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
 
 def vllm_serve_args(model: Model, artifact_path: str, port: int = VLLM_PORT) -> list[str]:
     """`vllm serve`'s arguments for this spec: the Deployment and `kubequant run` share them. No
-    --quantization flag: vLLM detects GPTQ from the checkpoint's config.json."""
+    --quantization flag: vLLM detects GPTQ from the checkpoint's config.json. Across nodes, vLLM's
+    documented layout: tensor parallel within a node, pipeline parallel across them, over Ray."""
     s = model.spec.serving
+    multi_node = ["--pipeline-parallel-size", str(s.nodes), "--distributed-executor-backend", "ray"] \
+        if s.nodes > 1 else []
     return [
         artifact_path,
         "--tensor-parallel-size", str(s.tensor_parallel_size),
+        *multi_node,
         "--served-model-name", model.served_model_name,
         "--max-model-len", str(s.max_model_len),
         "--gpu-memory-utilization", repr(float(s.gpu_memory_utilization)),
@@ -530,57 +541,176 @@ def vllm_args(model: Model, artifact_path: str) -> list[str]:
     return vllm_serve_args(model, f"{ARTIFACTS_MOUNT}/{artifact_path}")
 
 
-def deployment(model: Model, artifact: dict) -> dict:
-    """vLLM serving `artifact` (a status record that passed the gate)."""
+def _server_pod(model: Model, artifact: dict, container: dict, http: bool = True) -> dict:
+    """A serving Pod template: `container` (vLLM or a Ray worker) with the artifact, /dev/shm, GPUs
+    and the probes when it serves HTTP."""
     s = model.spec.serving
     volumes, mounts = _serving_pod_parts(model)
     probe = {"httpGet": {"path": "/health", "port": "http"}}
     startup_period = 10
-    pod_labels = {**labels(model, "server"), LABEL_ARTIFACT: artifact["hash"]}
-    obj = {
+    container = {
+        **container,
+        "image": s.image,
+        "env": copy.deepcopy(BASE_ENV),
+        "resources": _gpu_resources(s.resources, s.tensor_parallel_size),
+        "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+    }
+    if http:
+        container.update({
+            "ports": [{"name": "http", "containerPort": VLLM_PORT, "protocol": "TCP"}],
+            "startupProbe": {**probe, "periodSeconds": startup_period,
+                             "failureThreshold": math.ceil(s.startup_timeout_seconds / startup_period)},
+            "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
+            "livenessProbe": {**probe, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
+        })
+    return {
+        "metadata": {
+            "labels": {**labels(model, "server"), LABEL_ARTIFACT: artifact["hash"]},
+            "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(VLLM_PORT),
+                            "prometheus.io/path": "/metrics"} if http else {},
+        },
+        "spec": {
+            # Service links would put VLLM_PORT=tcp://... into the environment, which vLLM reads.
+            "enableServiceLinks": False,
+            "securityContext": {k: copy.deepcopy(v) for k, v in POD_SECURITY.items() if k != "fsGroup"},
+            "terminationGracePeriodSeconds": 60,
+            "containers": [container],
+            "volumes": volumes,
+            **_scheduling(model),
+        },
+    }
+
+
+def _replicas(model: Model) -> dict:
+    """spec.replicas, unless an autoscaler owns it (then the workload leaves it to the HPA)."""
+    return {} if model.spec.serving.autoscaling else {"replicas": model.spec.serving.replicas}
+
+
+def deployment(model: Model, artifact: dict) -> dict:
+    """vLLM serving `artifact` (a status record that passed the gate) on one node."""
+    s = model.spec.serving
+    vllm = {"name": "vllm", "command": ["vllm", "serve"], "args": vllm_args(model, artifact["path"])}
+    return _with_hash({
         "apiVersion": api_version("Deployment"),
         "kind": "Deployment",
         "metadata": _metadata(model, model.name, "server"),
         "spec": {
-            "replicas": s.replicas,
+            **_replicas(model),
             "selector": {"matchLabels": selector(model)},
             # Old Pods keep serving until new ones pass readiness: a rollout never drops below `replicas`.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "progressDeadlineSeconds": s.startup_timeout_seconds + 600,
             "revisionHistoryLimit": 3,
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(VLLM_PORT),
-                                    "prometheus.io/path": "/metrics"},
-                },
-                "spec": {
-                    # Service links would put VLLM_PORT=tcp://... into the environment, which vLLM reads.
-                    "enableServiceLinks": False,
-                    "securityContext": {k: copy.deepcopy(v) for k, v in POD_SECURITY.items() if k != "fsGroup"},
-                    "terminationGracePeriodSeconds": 60,
-                    "containers": [{
-                        "name": "vllm",
-                        "image": s.image,
-                        "command": ["vllm", "serve"],
-                        "args": vllm_args(model, artifact["path"]),
-                        "env": copy.deepcopy(BASE_ENV),
-                        "ports": [{"name": "http", "containerPort": VLLM_PORT, "protocol": "TCP"}],
-                        "resources": _gpu_resources(s.resources, s.tensor_parallel_size),
-                        "startupProbe": {**probe, "periodSeconds": startup_period,
-                                         "failureThreshold": math.ceil(s.startup_timeout_seconds / startup_period)},
-                        "readinessProbe": {**probe, "periodSeconds": 5, "failureThreshold": 3},
-                        "livenessProbe": {**probe, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4},
-                        "volumeMounts": mounts,
-                        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-                    }],
-                    "volumes": volumes,
-                    **_scheduling(model),
-                },
-            },
+            "template": _server_pod(model, artifact, vllm),
         },
-    }
-    return _with_hash(obj)
+    })
+
+
+RAY_PORT = 6379
+# Set by the LeaderWorkerSet controller in every Pod of a group.
+LWS_LEADER_ADDRESS = "LWS_LEADER_ADDRESS"
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+
+
+def multi_node_leader_command(model: Model, artifact_path: str) -> str:
+    """The leader: a Ray head, a wait until every node of the group has joined, then vLLM over them."""
+    s = model.spec.serving
+    alive = ('python3 -c "import ray; ray.init(address=\'auto\', logging_level=\'ERROR\'); '
+             'print(sum(n[\'Alive\'] for n in ray.nodes()))"')
+    return (f"ray start --head --port={RAY_PORT} --num-gpus={s.tensor_parallel_size} --disable-usage-stats && "
+            f'until [ "$({alive} 2>/dev/null)" = "{s.nodes}" ]; do echo "waiting for {s.nodes} Ray nodes"; sleep 5; done && '
+            f"exec vllm serve {shlex.join(vllm_args(model, artifact_path))}")
+
+
+def multi_node_worker_command(model: Model) -> str:
+    return (f"exec ray start --address=${LWS_LEADER_ADDRESS}:{RAY_PORT} --num-gpus={model.spec.serving.tensor_parallel_size} "
+            "--block --disable-usage-stats")
+
+
+def leader_worker_set(model: Model, artifact: dict) -> dict:
+    """vLLM across serving.nodes nodes: one group per replica, a leader (Ray head and the OpenAI
+    server) and nodes - 1 workers, each Pod with tensorParallelSize GPUs. A Pod that fails recreates
+    its group: a pipeline stage cannot be replaced alone."""
+    s = model.spec.serving
+    leader = {"name": "vllm", "command": ["/bin/sh", "-c", multi_node_leader_command(model, artifact["path"])]}
+    worker = {"name": "ray-worker", "command": ["/bin/sh", "-c", multi_node_worker_command(model)]}
+    return _with_hash({
+        "apiVersion": api_version("LeaderWorkerSet"),
+        "kind": "LeaderWorkerSet",
+        "metadata": _metadata(model, model.name, "server"),
+        "spec": {
+            **_replicas(model),
+            "leaderWorkerTemplate": {
+                "size": s.nodes,
+                "restartPolicy": "RecreateGroupOnPodRestart",
+                "leaderTemplate": _server_pod(model, artifact, leader),
+                "workerTemplate": _server_pod(model, artifact, worker, http=False),
+            },
+            # A new group joins before an old one leaves: serving never drops below `replicas` groups.
+            "rolloutStrategy": {"type": "RollingUpdate",
+                                "rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": 1}},
+            "startupPolicy": "LeaderCreated",
+        },
+    })
+
+
+def optional_kinds(model: Model) -> tuple[str, ...]:
+    """The OPTIONAL_KINDS this spec's serving needs (their CRDs are checked before they are used)."""
+    s = model.spec.serving
+    wanted = {"LeaderWorkerSet": s.nodes > 1, "InferencePool": s.inference_pool is not None}
+    return tuple(kind for kind, needed in wanted.items() if needed and s.enabled)
+
+
+def workload_kind(model: Model) -> str:
+    return "LeaderWorkerSet" if model.spec.serving.nodes > 1 else "Deployment"
+
+
+def server_selector(model: Model) -> dict[str, str]:
+    """The Pods that answer requests: every Deployment Pod, or each group's leader."""
+    if model.spec.serving.nodes > 1:
+        return {**selector(model), LWS_WORKER_INDEX_LABEL: "0"}
+    return selector(model)
+
+
+def horizontal_pod_autoscaler(model: Model) -> dict:
+    """Replicas (Deployment Pods, or LeaderWorkerSet groups) on a vLLM gauge averaged over the
+    serving Pods, served to the custom metrics API by a Prometheus adapter (docs/install.md)."""
+    a = model.spec.serving.autoscaling
+    assert a is not None
+    _, adapter_name = AUTOSCALING_METRICS[a.metric]
+    return _with_hash({
+        "apiVersion": api_version("HorizontalPodAutoscaler"),
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(model, model.name, "server"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": api_version(workload_kind(model)), "kind": workload_kind(model),
+                               "name": model.name},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": adapter_name},
+                                                  "target": {"type": "AverageValue", "averageValue": a.target}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}},
+        },
+    })
+
+
+def inference_pool(model: Model) -> dict:
+    """The serving Pods as an InferencePool, so that an inference gateway's endpoint picker routes
+    each request by queue depth and KV-cache use (vLLM's /metrics)."""
+    pool = model.spec.serving.inference_pool
+    assert pool is not None
+    return _with_hash({
+        "apiVersion": api_version("InferencePool"),
+        "kind": "InferencePool",
+        "metadata": _metadata(model, model.name, "server"),
+        "spec": {
+            "selector": {"matchLabels": server_selector(model)},
+            "targetPorts": [{"number": VLLM_PORT}],
+            "endpointPickerRef": {"name": pool.endpoint_picker, "port": {"number": pool.endpoint_picker_port},
+                                  "failureMode": pool.failure_mode},
+        },
+    })
 
 
 def service(model: Model) -> dict:
@@ -593,7 +723,7 @@ def service(model: Model) -> dict:
         "metadata": meta,
         "spec": {
             "type": s.service_type,
-            "selector": selector(model),
+            "selector": server_selector(model),
             "ports": [{"name": "http", "port": s.service_port, "targetPort": "http", "protocol": "TCP"}],
         },
     })
@@ -651,12 +781,19 @@ def cleanup_job(model: Model) -> dict:
 
 
 def serving_objects(model: Model, artifact: dict) -> list[dict]:
-    """Deployment, Service and, when asked for, the PodDisruptionBudget and ServiceMonitor."""
-    objs = [deployment(model, artifact), service(model)]
-    if model.spec.serving.replicas > 1:
+    """The workload (Deployment, or LeaderWorkerSet across nodes), the Service and, when asked for,
+    the PodDisruptionBudget, ServiceMonitor, HorizontalPodAutoscaler and InferencePool."""
+    s = model.spec.serving
+    workload = leader_worker_set(model, artifact) if s.nodes > 1 else deployment(model, artifact)
+    objs = [workload, service(model)]
+    if s.replicas > 1 or (s.autoscaling and s.autoscaling.max_replicas > 1):
         objs.append(pod_disruption_budget(model))
-    if model.spec.serving.service_monitor:
+    if s.service_monitor:
         objs.append(service_monitor(model))
+    if s.autoscaling:
+        objs.append(horizontal_pod_autoscaler(model))
+    if s.inference_pool:
+        objs.append(inference_pool(model))
     return objs
 
 

@@ -72,7 +72,7 @@ def _decide(client: k8s.Client, body: dict) -> Decision:
         model = parse_model(body)
     except SpecError as exc:
         return invalid_spec(body, exc, _now())  # nothing is acted on, so nothing to observe
-    observed = client.observe(model.namespace, model.name, observed_claim(model))
+    observed = client.observe(model.namespace, model.name, observed_claim(model), builders.optional_kinds(model))
     return decide_model(model, body.get("status") or {}, observed, _now())
 
 
@@ -130,6 +130,7 @@ def _owner(body: kopf.Body) -> str | None:
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_MODEL: kopf.PRESENT})
 @kopf.on.event("apps", "v1", "deployments", labels={builders.LABEL_MODEL: kopf.PRESENT})
+@kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels={builders.LABEL_MODEL: kopf.PRESENT})
 def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **event: Any) -> None:
     # A child with no status yet is the echo of our own create: nothing has happened to it that the
     # reconcile which created it does not know. Skipping it saves a full reconcile per child

@@ -15,7 +15,7 @@ from typing import Any
 import kubernetes
 
 from kubequant import builders
-from kubequant.reconcile import Action, Create, Delete, Observed, Update
+from kubequant.reconcile import MISSING_API, Action, Create, Delete, Observed, Update
 from kubequant.spec import KIND
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 FIELD_MANAGER = "kubequant"
 # Kinds kept in line with the spec by server-side apply from their creation on, so that a field
 # dropped from the spec is dropped from the object. Jobs and the claim are only ever created.
-APPLIED_KINDS = {"Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor"}
+APPLIED_KINDS = {"Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor", "LeaderWorkerSet",
+                 "HorizontalPodAutoscaler", "InferencePool"}
 
 
 
@@ -109,8 +110,20 @@ class Client:
         # Filtered again here: cheap, and correct even against an API that ignores the selector.
         return [item for item in answer.get("items") or [] if _matches(item, labels)]
 
-    def observe(self, namespace: str, name: str, claim: str | None) -> Observed:
-        """The children of one model: its Jobs (all of them), their Pods, the serving objects."""
+    def served(self, kind: str) -> bool:
+        """Whether the API serves `kind` (its CRD may not be installed)."""
+        api_version, plural = builders.KINDS[kind]
+        try:
+            resources = self.request("GET", f"/apis/{api_version}") or {}
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in resources.get("resources") or [])
+
+    def observe(self, namespace: str, name: str, claim: str | None, optional: tuple[str, ...] = ()) -> Observed:
+        """The children of one model: its Jobs (all of them), their Pods, the serving objects, and
+        which of the `optional` kinds (builders.OPTIONAL_KINDS its spec uses) the cluster lacks."""
         owned = {builders.LABEL_MODEL: name}
         jobs = {job["metadata"]["name"]: job for job in self.list("Job", namespace, owned)}
         pods: dict[str, list[dict]] = {}
@@ -127,6 +140,10 @@ class Client:
             pdb=self.get("PodDisruptionBudget", namespace, name),
             service_monitor=self.get("ServiceMonitor", namespace, name),
             pvc=self.get("PersistentVolumeClaim", namespace, claim) if claim else None,
+            leader_worker_set=self.get("LeaderWorkerSet", namespace, name),
+            hpa=self.get("HorizontalPodAutoscaler", namespace, name),
+            inference_pool=self.get("InferencePool", namespace, name),
+            missing_kinds=frozenset(kind for kind in optional if not self.served(kind)),
         )
 
     # ---- writes ----
@@ -178,8 +195,8 @@ class Client:
                     self.delete(action.kind, namespace, action.name)
             except ApiError as exc:
                 kind = action.kind if isinstance(action, Delete) else action.obj["kind"]
-                if kind == "ServiceMonitor" and exc.status == 404:
-                    errors.append("ServiceMonitor: the monitoring.coreos.com CRDs are not installed")
+                if kind in MISSING_API and exc.status == 404:
+                    errors.append(f"{kind}: {MISSING_API[kind]}")
                 else:
                     raise
         return errors

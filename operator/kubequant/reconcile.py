@@ -21,13 +21,23 @@ from datetime import datetime
 from typing import Any
 
 from kubequant import builders
-from kubequant.spec import Model, SpecError, parse_model
+from kubequant.spec import AUTOSCALING_METRICS, Model, SpecError, parse_model
 from quantizer.contract import GATE_VERDICTS, EvaluateResult, QuantizeResult, decode
 
 PENDING, QUANTIZING, EVALUATING, DEPLOYING, READY, FAILED, GATE_FAILED = (
     "Pending", "Quantizing", "Evaluating", "Deploying", "Ready", "Failed", "GateFailed")
 PHASES = (PENDING, QUANTIZING, EVALUATING, DEPLOYING, READY, FAILED, GATE_FAILED)
 CONDITION_TYPES = ("Quantized", "Evaluated", "GatePassed", "Ready")
+# Conditions of the children a spec may ask for: present only when it does.
+OPTIONAL_CONDITION_TYPES = ("Autoscaling", "InferencePoolReady")
+# What a missing CRD means, for the kinds a cluster may lack (builders.OPTIONAL_KINDS).
+MISSING_API = {
+    "ServiceMonitor": "the monitoring.coreos.com CRDs (Prometheus Operator) are not installed",
+    "LeaderWorkerSet": "the LeaderWorkerSet API (leaderworkerset.x-k8s.io/v1) is not installed: install "
+                       "LeaderWorkerSet (https://lws.sigs.k8s.io) or set serving.nodes to 1",
+    "InferencePool": "the InferencePool API (inference.networking.k8s.io/v1) is not installed: install the "
+                     "Gateway API Inference Extension CRDs or turn serving.inferencePool off",
+}
 MESSAGE_LIMIT = 1024
 
 
@@ -44,6 +54,16 @@ class Observed:
     pdb: dict | None = None
     service_monitor: dict | None = None
     pvc: dict | None = None
+    leader_worker_set: dict | None = None
+    hpa: dict | None = None
+    inference_pool: dict | None = None
+    missing_kinds: frozenset[str] = frozenset()  # of builders.OPTIONAL_KINDS: CRDs the cluster does not serve
+
+    def serving(self) -> dict[str, dict | None]:
+        """The serving children by kind, present or None."""
+        return {"Deployment": self.deployment, "LeaderWorkerSet": self.leader_worker_set, "Service": self.service,
+                "PodDisruptionBudget": self.pdb, "ServiceMonitor": self.service_monitor,
+                "HorizontalPodAutoscaler": self.hpa, "InferencePool": self.inference_pool}
 
 
 # ---- outputs ------------------------------------------------------------------------------------
@@ -167,8 +187,13 @@ def job_outcome(job: dict | None, pods: list[dict], container: str) -> JobOutcom
 
 # ---- checks -------------------------------------------------------------------------------------
 
-def preflight(artifact: dict, tp: int) -> str | None:
-    """None if vLLM can split every row-parallel layer over `tp` GPUs in whole groups, else why not."""
+def preflight(artifact: dict, tp: int, nodes: int = 1) -> str | None:
+    """None if vLLM can split every row-parallel layer over `tp` GPUs in whole groups and the layers
+    over `nodes` pipeline stages, else why not."""
+    layers = artifact.get("decoderLayers")
+    if nodes > 1 and isinstance(layers, int) and layers < nodes:
+        return (f"serving.nodes {nodes} makes {nodes} pipeline stages, but the model has {layers} decoder "
+                f"layers; use at most {layers} nodes")
     group = artifact.get("groupSize")
     features = artifact.get("rowParallelInFeatures") or []
 
@@ -186,24 +211,27 @@ def preflight(artifact: dict, tp: int) -> str | None:
             f"{group} ({shards} columns per GPU), which vLLM rejects; {advice}")
 
 
-def rollout(dep: dict | None, desired_hash: str, replicas: int) -> tuple[str, str]:
-    """("available" | "progressing" | "failed", message) of the Deployment at the desired content."""
-    if dep is None:
-        return "progressing", "the Deployment is being created"
-    meta, status = dep.get("metadata") or {}, dep.get("status") or {}
+def rollout(workload: dict | None, desired_hash: str, replicas: int, kind: str = "Deployment") -> tuple[str, str]:
+    """("available" | "progressing" | "failed", message) of the Deployment or LeaderWorkerSet (whose
+    replicas are groups, ready when all their Pods are) at the desired content."""
+    if workload is None:
+        return "progressing", f"the {kind} is being created"
+    meta, status = workload.get("metadata") or {}, workload.get("status") or {}
     if (meta.get("annotations") or {}).get(builders.ANNOTATION_HASH) != desired_hash:
-        return "progressing", "the Deployment is being updated"
+        return "progressing", f"the {kind} is being updated"
     if (status.get("observedGeneration") or 0) < (meta.get("generation") or 0):
-        return "progressing", "the Deployment controller has not seen the update yet"
+        return "progressing", f"the {kind} controller has not seen the update yet"
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
             return "failed", redact(cond.get("message") or "the rollout exceeded its progress deadline")
-    updated, available = status.get("updatedReplicas") or 0, status.get("availableReplicas") or 0
+    unit = "groups" if kind == "LeaderWorkerSet" else "replicas"
+    updated = status.get("updatedReplicas") or 0
+    available = status.get("readyReplicas" if kind == "LeaderWorkerSet" else "availableReplicas") or 0
     total = status.get("replicas") or 0
     if updated >= replicas and available >= replicas and total <= replicas:
-        return "available", f"{available}/{replicas} replicas available"
-    return "progressing", (f"{updated}/{replicas} replicas updated, {available} available; "
-                           "the previous replicas serve until the new ones are ready")
+        return "available", f"{available}/{replicas} {unit} available"
+    return "progressing", (f"{updated}/{replicas} {unit} updated, {available} available; "
+                           f"the previous {unit} serve until the new ones are ready")
 
 
 # ---- records kept in status ---------------------------------------------------------------------
@@ -219,6 +247,7 @@ def _artifact_record(model: Model, a_hash: str, result: QuantizeResult) -> dict:
         "seconds": result.seconds,
         "groupSize": result.group_size,
         "rowParallelInFeatures": result.row_parallel_in_features,
+        "decoderLayers": result.decoder_layers,
     }
     return {k: v for k, v in record.items() if v is not None}
 
@@ -272,7 +301,7 @@ class _Stage:
 def _conditions(old: list[dict], stages: dict[str, _Stage], generation: int, now: str) -> list[dict]:
     previous = {c.get("type"): c for c in old or []}
     out = []
-    for kind in CONDITION_TYPES:
+    for kind in CONDITION_TYPES + tuple(k for k in OPTIONAL_CONDITION_TYPES if k in stages):
         stage = stages[kind]
         before = previous.get(kind)
         # API conventions: lastTransitionTime moves only when the status does.
@@ -431,40 +460,57 @@ def _preflight(ctx: _Context) -> _StageResult:
     out = _StageResult()
     if not (ctx.serving_enabled and ctx.artifact):
         return out
-    ctx.preflight_error = preflight(ctx.artifact, ctx.model.spec.serving.tensor_parallel_size)
+    serving = ctx.model.spec.serving
+    ctx.preflight_error = preflight(ctx.artifact, serving.tensor_parallel_size, serving.nodes)
     if ctx.preflight_error:
-        out.failure = {"stage": "Preflight", "key": ctx.e_key, "reason": "TensorParallelMismatch",
-                       "message": ctx.preflight_error}
+        reason = "PipelineParallelMismatch" if ctx.preflight_error.startswith("serving.nodes") else "TensorParallelMismatch"
+        out.failure = {"stage": "Preflight", "key": ctx.e_key, "reason": reason, "message": ctx.preflight_error}
     return out
 
 
 def _serve(ctx: _Context) -> _StageResult:
-    """The Deployment and its companions: the new artifact if it passed and fits, else the last one that did."""
+    """The serving workload and its companions: the new artifact if it passed and fits, else the last
+    one that did."""
     if not ctx.serving_enabled:
         return _serving_disabled(ctx)
     model, observed, served = ctx.model, ctx.observed, ctx.served
     out = _StageResult()
     tp = model.spec.serving.tensor_parallel_size
+    kind = builders.workload_kind(model)
     if ctx.artifact and ctx.evaluation and ctx.evaluation["passed"] and not ctx.preflight_error:
         ctx.candidate = {"artifact": ctx.artifact, "evaluation": ctx.evaluation}
-    previous = served if served.get("artifact") and preflight(served["artifact"], tp) is None else None
+    previous = served if served.get("artifact") and \
+        preflight(served["artifact"], tp, model.spec.serving.nodes) is None else None
     if not ctx.candidate and previous and (previous.get("evaluation") or {}).get("tensorParallelSize") != tp:
         return _serving_unchanged(ctx, f"the artifact is gated again at tensorParallelSize {tp}")
     target = ctx.candidate or previous
+    if target and kind in observed.missing_kinds:
+        out.records["serving"] = served
+        out.conditions["Ready"] = _Stage("False", f"{kind}NotInstalled", f"serving.nodes is {model.spec.serving.nodes}: "
+                                         f"{MISSING_API[kind]}; what serves now is left as it is")
+        return out
     if not target:
         if served:
-            out.records["serving"] = served  # the Deployment is left as it is
+            out.records["serving"] = served  # the workload is left as it is
         out.conditions["Ready"] = _Stage("False", "NothingToServe", "no artifact has passed the gate yet" if not served
                                          else f"the serving artifact {served.get('artifact', {}).get('hash')} does "
-                                         f"not fit tensorParallelSize {tp}; the Deployment is left unchanged")
+                                         f"not fit tensorParallelSize {tp}; the {kind} is left unchanged")
         return out
-    dep_hash = _converge_serving(model, target["artifact"], observed, out.actions)
-    out.records["serving"] = {**target, "servingHash": dep_hash}
-    state, detail = rollout(observed.deployment, dep_hash, model.spec.serving.replicas)
+    dep_hash = _converge_serving(model, target["artifact"], observed, out)
+    workload = observed.serving()[kind]
+    replicas = desired_replicas(model, workload)
+    out.records["serving"] = {**target, "servingHash": dep_hash, "workload": kind, "replicas": replicas}
+    state, detail = rollout(workload, dep_hash, replicas, kind)
+    if state == "available":
+        # A layout change (nodes 1 <-> n) retires the other workload once the new one serves.
+        other = "Deployment" if kind == "LeaderWorkerSet" else "LeaderWorkerSet"
+        if observed.serving()[other]:
+            out.actions.append(Delete(builders.api_version(other), other, model.name))
     what = f"artifact {target['artifact']['hash']}"
     current = target is ctx.candidate
+    layout = _layout_note(model, target)
     if state == "available" and current:
-        ready = _Stage("True", "Serving", f"serving {what} ({detail})")
+        ready = _Stage("True", "Serving", f"serving {what} ({detail}){layout}")
     elif state == "available":
         ready = _Stage("True", "ServingPreviousArtifact",
                        f"serving {what}, the last that passed the gate; {_why_not_current(ctx)}")
@@ -480,23 +526,71 @@ def _serve(ctx: _Context) -> _StageResult:
     return out
 
 
+def desired_replicas(model: Model, workload: dict | None) -> int:
+    """The replicas the workload should have: the spec's, or, under an autoscaler, what the
+    autoscaler set (at least its minimum)."""
+    a = model.spec.serving.autoscaling
+    if a is None:
+        return model.spec.serving.replicas
+    current = ((workload or {}).get("spec") or {}).get("replicas")
+    return max(a.min_replicas, min(a.max_replicas, current)) if isinstance(current, int) else a.min_replicas
+
+
+def _layout_note(model: Model, target: dict) -> str:
+    """Which layout the gate measured, when it is not the one that serves."""
+    s = model.spec.serving
+    if s.nodes == 1:
+        return ""
+    gated = (target.get("evaluation") or {}).get("tensorParallelSize")
+    return (f"; {s.nodes} nodes x {s.tensor_parallel_size} GPUs (pipeline parallel across nodes): the gate "
+            f"measured tensorParallelSize {gated} on one node, and pipeline stages split layers, not matrices, "
+            "so each layer computes as it was gated")
+
+
+def _autoscaling_condition(model: Model, hpa: dict | None) -> _Stage:
+    a = model.spec.serving.autoscaling
+    assert a is not None
+    metric, _ = AUTOSCALING_METRICS[a.metric]
+    if hpa is None:
+        return _Stage("Unknown", "Creating", "the HorizontalPodAutoscaler is being created")
+    status = hpa.get("status") or {}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") in ("AbleToScale", "ScalingActive") and cond.get("status") == "False":
+            return _Stage("False", cond.get("reason") or "NotScaling", redact(cond.get("message") or ""))
+    current = status.get("currentReplicas")
+    return _Stage("True", "Scaling", f"{current if current is not None else '?'} replicas within "
+                  f"{a.min_replicas}..{a.max_replicas}, holding {metric} at {a.target} per Pod")
+
+
+def _inference_pool_condition(model: Model, observed: Observed) -> _Stage:
+    pool = model.spec.serving.inference_pool
+    assert pool is not None
+    if "InferencePool" in observed.missing_kinds:
+        return _Stage("False", "InferencePoolNotInstalled", MISSING_API["InferencePool"])
+    if observed.inference_pool is None:
+        return _Stage("Unknown", "Creating", "the InferencePool is being created")
+    return _Stage("True", "Created", f"InferencePool {model.name} selects the serving Pods on port "
+                  f"{builders.VLLM_PORT}; endpoint picker {pool.endpoint_picker}:{pool.endpoint_picker_port} "
+                  f"({pool.failure_mode})")
+
+
 def _serving_unchanged(ctx: _Context, why: str) -> _StageResult:
-    """What serves was measured at other serving settings: the Deployment stays as it is until the gate
+    """What serves was measured at other serving settings: the workload stays as it is until the gate
     has measured them."""
-    served, deployment = ctx.served, ctx.observed.deployment
-    replicas = ((deployment or {}).get("spec") or {}).get("replicas") or ctx.model.spec.serving.replicas
-    state, detail = rollout(deployment, served.get("servingHash", ""), replicas)
+    served = ctx.served
+    kind = "LeaderWorkerSet" if ctx.observed.leader_worker_set and not ctx.observed.deployment else "Deployment"
+    workload = ctx.observed.serving()[kind]
+    replicas = ((workload or {}).get("spec") or {}).get("replicas") or ctx.model.spec.serving.replicas
+    state, detail = rollout(workload, served.get("servingHash", ""), replicas, kind)
     what = f"artifact {served['artifact']['hash']}"
-    ready = _Stage("True", "ServingPreviousArtifact", f"serving {what} as it was; {why} before the Deployment "
+    ready = _Stage("True", "ServingPreviousArtifact", f"serving {what} as it was; {why} before the {kind} "
                    f"changes") if state == "available" else _Stage("False", "RollingOut", f"rolling out {what}: {detail}")
     return _StageResult(conditions={"Ready": ready}, records={"serving": served})
 
 
 def _serving_disabled(ctx: _Context) -> _StageResult:
     out = _StageResult()
-    current = {"Deployment": ctx.observed.deployment, "Service": ctx.observed.service,
-               "PodDisruptionBudget": ctx.observed.pdb, "ServiceMonitor": ctx.observed.service_monitor}
-    for kind, present in current.items():
+    for kind, present in ctx.observed.serving().items():
         if present:
             out.actions.append(Delete(builders.api_version(kind), kind, present["metadata"]["name"]))
     out.conditions["Ready"] = _Stage("True", "ArtifactReady", f"serving is disabled; the artifact is at "
@@ -573,22 +667,29 @@ def decide_model(model: Model, old: dict, observed: Observed, now: str) -> Decis
     return Decision(status, actions, events)
 
 
-def _converge_serving(model: Model, artifact: dict, observed: Observed, actions: list[Action]) -> str:
-    """Create or update the serving objects for `artifact`; returns the Deployment's content hash."""
+def _converge_serving(model: Model, artifact: dict, observed: Observed, out: _StageResult) -> str:
+    """Create or update the serving objects for `artifact` (the conditions of the optional ones into
+    `out`); returns the workload's content hash."""
     desired = {obj["kind"]: obj for obj in builders.serving_objects(model, artifact)}
-    current = {"Deployment": observed.deployment, "Service": observed.service,
-               "PodDisruptionBudget": observed.pdb, "ServiceMonitor": observed.service_monitor}
+    current = observed.serving()
     for kind, obj in desired.items():
         present = current[kind]
+        if kind in observed.missing_kinds:
+            continue  # its condition says so; nothing to create until the CRD is there
         if present is None:
-            actions.append(Create(obj))
+            out.actions.append(Create(obj))
         elif (present["metadata"].get("annotations") or {}).get(builders.ANNOTATION_HASH) != \
                 obj["metadata"]["annotations"][builders.ANNOTATION_HASH]:
-            actions.append(Update(obj))
-    for kind in ("PodDisruptionBudget", "ServiceMonitor"):
+            out.actions.append(Update(obj))
+    for kind in ("PodDisruptionBudget", "ServiceMonitor", "HorizontalPodAutoscaler", "InferencePool"):
         if kind not in desired and current[kind]:
-            actions.append(Delete(builders.api_version(kind), kind, current[kind]["metadata"]["name"]))
-    return desired["Deployment"]["metadata"]["annotations"][builders.ANNOTATION_HASH]
+            out.actions.append(Delete(builders.api_version(kind), kind, current[kind]["metadata"]["name"]))
+    if model.spec.serving.autoscaling:
+        out.conditions["Autoscaling"] = _autoscaling_condition(model, observed.hpa)
+    if model.spec.serving.inference_pool:
+        out.conditions["InferencePoolReady"] = _inference_pool_condition(model, observed)
+    workload = desired[builders.workload_kind(model)]
+    return workload["metadata"]["annotations"][builders.ANNOTATION_HASH]
 
 
 def _artifact_summary(artifact: dict) -> str:

@@ -47,8 +47,8 @@ def _image(variable: str, default: str) -> Any:
 
 # Flags the operator sets on `vllm serve` itself; extraArgs may not repeat them.
 MANAGED_VLLM_FLAGS = (
-    "--tensor-parallel-size", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
-    "--port", "--quantization", "--model",
+    "--tensor-parallel-size", "--pipeline-parallel-size", "--distributed-executor-backend", "--served-model-name",
+    "--max-model-len", "--gpu-memory-utilization", "--port", "--quantization", "--model",
 )
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 40

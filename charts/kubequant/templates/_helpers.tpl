@@ -113,6 +113,17 @@ Call as {{- include "kubequant.annotations" (dict "ctx" $ "extra" $own) }} right
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
   verbs: ["get", "create", "patch", "delete"]
+# Serving across nodes (serving.nodes > 1): the LeaderWorkerSet, watched like the Deployment.
+- apiGroups: ["leaderworkerset.x-k8s.io"]
+  resources: ["leaderworkersets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# serving.autoscaling and serving.inferencePool: the autoscaler and the pool, read by name and applied.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["get", "create", "patch", "delete"]
 # The Jobs' Pods: their termination messages carry the results of quantize and evaluate.
 - apiGroups: [""]
   resources: ["pods"]
