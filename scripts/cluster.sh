@@ -20,6 +20,12 @@ DIR=${KUBEQUANT_CLUSTER_DIR:-$ROOT/.kubequant/cluster}
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm kwok controller-gen)
 MONITORING_CRDS=$ROOT/.tools/crds/monitoring.coreos.com
+# LeaderWorkerSet (its CRD, its webhooks' manifest and its controller, lws-manager) and the Gateway API
+# Inference Extension's InferencePool CRD, from their upstream modules at these versions.
+LWS_VERSION=v0.9.0
+INFERENCE_EXTENSION_VERSION=v1.6.0
+SERVING_CRDS=$ROOT/.tools/crds/serving
+LWS_WEBHOOKS=$ROOT/.tools/lws/webhooks.yaml
 
 log() { echo "cluster: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -49,12 +55,46 @@ build() {
   (cd "$ROOT/test/controlplane" && GOFLAGS=-mod=mod "$BIN/controller-gen" crd:crdVersions=v1 \
     paths=github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1 output:crd:dir="$tmp")
   rm -rf "$MONITORING_CRDS" && mv "$tmp" "$MONITORING_CRDS"
+  build_serving_extensions
+}
+
+# The directory of module@version in the module cache (downloaded through the Go module proxy).
+module_dir() {
+  local scratch
+  scratch=$(mktemp -d)
+  (cd "$scratch" && go mod init kubequant.io/fetch >/dev/null 2>&1 &&
+    GOFLAGS=-mod=mod go mod download -json "$1" | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])')
+  rm -rf "$scratch"
+}
+
+build_serving_extensions() {
+  local lws gaie src tmp=$SERVING_CRDS.tmp
+  lws=$(module_dir "sigs.k8s.io/lws@$LWS_VERSION")
+  gaie=$(module_dir "sigs.k8s.io/gateway-api-inference-extension@$INFERENCE_EXTENSION_VERSION")
+  rm -rf "$tmp" && mkdir -p "$tmp" "$(dirname "$LWS_WEBHOOKS")"
+  # lws-manager also runs a DisaggregatedSet controller, which exits without its CRD.
+  cp "$lws/config/crd/bases/leaderworkerset.x-k8s.io_leaderworkersets.yaml" \
+     "$lws/config/crd/bases/disaggregatedset.x-k8s.io_disaggregatedsets.yaml" \
+     "$gaie/config/crd/bases/inference.networking.k8s.io_inferencepools.yaml" "$tmp/"
+  cp "$lws/config/webhook/manifests.yaml" "$LWS_WEBHOOKS"
+  rm -rf "$SERVING_CRDS" && mv "$tmp" "$SERVING_CRDS"
+  if [ ! -x "$BIN/lws-manager" ]; then
+    # Built in its own module (its own dependency versions), from a writable copy of the cache's.
+    src=$(mktemp -d)
+    cp -r "$lws/." "$src" && chmod -R u+w "$src"
+    log "building lws-manager $LWS_VERSION (first time: about 5 minutes on 2 cores)"
+    (cd "$src" && GOFLAGS=-mod=mod go build -ldflags="-s -w" -o "$BIN/lws-manager.tmp" ./cmd) &&
+      mv "$BIN/lws-manager.tmp" "$BIN/lws-manager"
+    rm -rf "$src"
+  fi
 }
 
 check() {  # exit 1, naming what is missing, unless every binary and the generated CRDs are there
   local missing=()
   for b in "${BINARIES[@]}"; do [ -x "$BIN/$b" ] || missing+=("$b"); done
   [ -d "$MONITORING_CRDS" ] || missing+=("the monitoring.coreos.com CRDs")
+  [ -d "$SERVING_CRDS" ] && [ -f "$LWS_WEBHOOKS" ] || missing+=("the LeaderWorkerSet and InferencePool CRDs")
+  [ -x "$BIN/lws-manager" ] || missing+=("lws-manager")
   [ ${#missing[@]} -eq 0 ] && return 0
   log "missing in $BIN: ${missing[*]}"
   return 1
