@@ -45,7 +45,7 @@ def test_multi_node_serving_is_a_leader_worker_set_with_vllms_layout():
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
                                       **{"spec": pod_template["spec"]}}, K8S_VERSION, strict=True)
     assert "startupProbe" in leader and "startupProbe" not in worker  # only the leader serves HTTP
-    # The Service, the PDB and the pool reach the leaders only: workers hold pipeline stages.
+    # The Service (and the pool) reach the leaders only: workers hold pipeline stages.
     assert objs["Service"]["spec"]["selector"][builders.LWS_WORKER_INDEX_LABEL] == "0"
     for kind in ("Service", "PodDisruptionBudget"):
         kubernetes_validate.validate(objs[kind], K8S_VERSION, strict=True)
