@@ -582,6 +582,12 @@ def _server_pod(model: Model, artifact: dict, container: dict, http: bool = True
     }
 
 
+def _serving_child(model: Model, kind: str, spec: dict) -> dict:
+    """A serving object named after the model, with the hash of its content."""
+    return _with_hash({"apiVersion": api_version(kind), "kind": kind,
+                       "metadata": _metadata(model, model.name, "server"), "spec": spec})
+
+
 def _replicas(model: Model) -> dict:
     """spec.replicas, unless an autoscaler owns it (then the workload leaves it to the HPA)."""
     return {} if model.spec.serving.autoscaling else {"replicas": model.spec.serving.replicas}
@@ -591,11 +597,7 @@ def deployment(model: Model, artifact: dict) -> dict:
     """vLLM serving `artifact` (a status record that passed the gate) on one node."""
     s = model.spec.serving
     vllm = {"name": "vllm", "command": ["vllm", "serve"], "args": vllm_args(model, artifact["path"])}
-    return _with_hash({
-        "apiVersion": api_version("Deployment"),
-        "kind": "Deployment",
-        "metadata": _metadata(model, model.name, "server"),
-        "spec": {
+    return _serving_child(model, "Deployment", {
             **_replicas(model),
             "selector": {"matchLabels": selector(model)},
             # Old Pods keep serving until new ones pass readiness: a rollout never drops below `replicas`.
@@ -603,7 +605,6 @@ def deployment(model: Model, artifact: dict) -> dict:
             "progressDeadlineSeconds": s.startup_timeout_seconds + 600,
             "revisionHistoryLimit": 3,
             "template": _server_pod(model, artifact, vllm),
-        },
     })
 
 
@@ -635,11 +636,7 @@ def leader_worker_set(model: Model, artifact: dict) -> dict:
     s = model.spec.serving
     leader = {"name": "vllm", "command": ["/bin/sh", "-c", multi_node_leader_command(model, artifact["path"])]}
     worker = {"name": "ray-worker", "command": ["/bin/sh", "-c", multi_node_worker_command(model)]}
-    return _with_hash({
-        "apiVersion": api_version("LeaderWorkerSet"),
-        "kind": "LeaderWorkerSet",
-        "metadata": _metadata(model, model.name, "server"),
-        "spec": {
+    return _serving_child(model, "LeaderWorkerSet", {
             **_replicas(model),
             "leaderWorkerTemplate": {
                 "size": s.nodes,
@@ -651,7 +648,6 @@ def leader_worker_set(model: Model, artifact: dict) -> dict:
             "rolloutStrategy": {"type": "RollingUpdate",
                                 "rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": 1}},
             "startupPolicy": "LeaderCreated",
-        },
     })
 
 
@@ -679,11 +675,7 @@ def horizontal_pod_autoscaler(model: Model) -> dict:
     a = model.spec.serving.autoscaling
     assert a is not None
     _, adapter_name = AUTOSCALING_METRICS[a.metric]
-    return _with_hash({
-        "apiVersion": api_version("HorizontalPodAutoscaler"),
-        "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(model, model.name, "server"),
-        "spec": {
+    return _serving_child(model, "HorizontalPodAutoscaler", {
             "scaleTargetRef": {"apiVersion": api_version(workload_kind(model)), "kind": workload_kind(model),
                                "name": model.name},
             "minReplicas": a.min_replicas,
@@ -691,7 +683,6 @@ def horizontal_pod_autoscaler(model: Model) -> dict:
             "metrics": [{"type": "Pods", "pods": {"metric": {"name": adapter_name},
                                                   "target": {"type": "AverageValue", "averageValue": a.target}}}],
             "behavior": {"scaleDown": {"stabilizationWindowSeconds": a.scale_down_stabilization_seconds}},
-        },
     })
 
 
@@ -700,16 +691,11 @@ def inference_pool(model: Model) -> dict:
     each request by queue depth and KV-cache use (vLLM's /metrics)."""
     pool = model.spec.serving.inference_pool
     assert pool is not None
-    return _with_hash({
-        "apiVersion": api_version("InferencePool"),
-        "kind": "InferencePool",
-        "metadata": _metadata(model, model.name, "server"),
-        "spec": {
+    return _serving_child(model, "InferencePool", {
             "selector": {"matchLabels": server_selector(model)},
             "targetPorts": [{"number": VLLM_PORT}],
             "endpointPickerRef": {"name": pool.endpoint_picker, "port": {"number": pool.endpoint_picker_port},
                                   "failureMode": pool.failure_mode},
-        },
     })
 
 
@@ -730,12 +716,7 @@ def service(model: Model) -> dict:
 
 
 def pod_disruption_budget(model: Model) -> dict:
-    return _with_hash({
-        "apiVersion": api_version("PodDisruptionBudget"),
-        "kind": "PodDisruptionBudget",
-        "metadata": _metadata(model, model.name, "server"),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(model)}},
-    })
+    return _serving_child(model, "PodDisruptionBudget", {"maxUnavailable": 1, "selector": {"matchLabels": selector(model)}})
 
 
 def service_monitor(model: Model) -> dict:
