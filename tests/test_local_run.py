@@ -73,6 +73,18 @@ def test_an_unmapped_claim_is_a_clear_error(tmp_path, capsys):
     assert "--claim kubequant-data=DIR" in capsys.readouterr().err
 
 
+def test_serving_across_nodes_is_refused_before_any_work(tmp_path, capsys):
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["serving"]["nodes"] = 2
+    manifest = tmp_path / "qm.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    code = kubequant_main(["run", "-f", str(manifest), "--workdir", str(tmp_path / "work"), "--claim", CLAIM])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "spec.serving.nodes is 2" in err and "--no-serve" in err
+    assert not (tmp_path / "work").exists(), "nothing is started or written"
+
+
 def _get(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=120) as response:
         return response.read()

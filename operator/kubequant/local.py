@@ -181,6 +181,9 @@ def _summary(model: Model, quantized: QuantizeResult, gate: EvaluateResult, endp
 
 def run_local(run: LocalRun) -> int:
     model = load_model(run.manifest)
+    if run.serve and model.spec.serving.enabled and model.spec.serving.nodes > 1:
+        raise SpecError(f"spec.serving.nodes is {model.spec.serving.nodes}: a local run serves on this machine only; "
+                        "set it to 1 here, or pass --no-serve to quantize and gate without serving")
     run.workdir.mkdir(parents=True, exist_ok=True)
     model_path, provenance = _source_path(run, model)
     calibration = _text_path(run, model, model.spec.quantization.calibration.text, "spec.quantization.calibration.text")
