@@ -331,53 +331,77 @@ def test_deletion_honours_the_retention_policy(control_plane: ControlPlane, oper
     assert control_plane.get("pvc", "kubequant-data", ns) is not None  # not the operator's to delete
 
 
+def _gpu_nodes(names: list[str], gpus: int, pool: str) -> list[dict]:
+    """KWOK-managed GPU Nodes of a pool of their own (a test's, so others' Pods cannot fill them)."""
+    return [{"apiVersion": "v1", "kind": "Node",
+             "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
+                          "labels": {"kubernetes.io/hostname": name, "type": "kwok", "kubequant.io/test-pool": pool}},
+             "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]},
+             "status": {"capacity": {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)},
+                        "allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}}}
+            for name in names]
+
+
 def test_two_node_groups_with_the_upstream_leader_worker_set_controller(control_plane: ControlPlane,
                                                                          operator_kubeconfig, tmp_path: Path):
-    """serving.nodes 2 at TP 2 with an InferencePool: the operator creates a LeaderWorkerSet, the
-    upstream LWS controller (and its webhooks) makes the leader and worker Pods, the real scheduler
-    places each on a node with 2 free GPUs, and the model is Ready. Then twice the replicas: a second
-    group, no new Job; deleting the model removes the groups, their Pods and the pool. The operator
-    starts after the CRDs, as it would in a cluster that has them: it watches LeaderWorkerSets then
-    (one started before them sees their changes at its periodic resync)."""
+    """serving.nodes 2 at TP 2 with an InferencePool, on two simulated 4-GPU nodes of its own: the
+    operator creates a LeaderWorkerSet, the upstream LWS controller (and its webhooks) makes the leader
+    and worker Pods, the real scheduler places them, and the model is Ready. Then twice the replicas:
+    a second group fills the 8 GPUs, no new Job; deleting the model removes the groups, their Pods and
+    the pool. The operator starts after the CRDs, as it would in a cluster that has them: it watches
+    LeaderWorkerSets then (one started before them sees their changes at its periodic resync)."""
     ns = "kq-lws"
     models = _models(control_plane, ns, tmp_path)
     data_volume(control_plane, ns, "llama-3-8b-artifacts", tmp_path / "claim", size="100Gi",
                 access_mode="ReadWriteMany", create_claim=False)
-    with LeaderWorkerSetController(control_plane, tmp_path / "lws-manager.log"), \
-            OperatorProcess(operator_kubeconfig, WATCHED, tmp_path / "operator.log"):
-        models.apply(example("llama-3-8b-tp2.yaml", serving__nodes=2, serving__replicas=1,
-                             serving__inferencePool={"endpointPicker": {"name": "llama-epp"}}))
-        models.finish(models.wait_job("llama-3-8b", "quantize"), QUANTIZE_RESULT)
-        models.finish(models.wait_job("llama-3-8b", "evaluate"), PASSED)
-        status = models.wait_phase("llama-3-8b", "Ready", timeout=180)
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-        assert "1/1 groups available" in ready["message"] and "the gate measured" in ready["message"]
-        assert next(c for c in status["conditions"] if c["type"] == "InferencePoolReady")["status"] == "True"
-        pods = models.serving_pods("llama-3-8b")
-        assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
-        roles = sorted(p["metadata"]["labels"]["leaderworkerset.sigs.k8s.io/worker-index"] for p in pods)
-        assert roles == ["0", "1"]  # set by the LWS webhook: one leader, one worker
-        assert all(p["spec"]["nodeName"] == "gpu-8" for p in pods)  # only gpu-8 has 2 free GPUs
-        leader = next(p for p in pods if p["metadata"]["labels"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0")
-        assert "--pipeline-parallel-size 2" in leader["spec"]["containers"][0]["command"][2]
-        assert control_plane.get("deployment", "llama-3-8b", ns) is None
-        assert control_plane.get("inferencepool", "llama-3-8b", ns) is not None
-        jobs = {j["metadata"]["name"] for j in models.jobs("llama-3-8b")}
+    nodes = _gpu_nodes(["gpu-lws-a", "gpu-lws-b"], 4, "lws")
+    control_plane.apply(*nodes)
+    try:
+        with LeaderWorkerSetController(control_plane, tmp_path / "lws-manager.log"), \
+                OperatorProcess(operator_kubeconfig, WATCHED, tmp_path / "operator.log"):
+            _two_node_lifecycle(control_plane, models, ns)
+    finally:
+        for node in nodes:
+            control_plane.kubectl("delete", "node", node["metadata"]["name"], "--ignore-not-found", "--wait=false")
 
-        models.patch_spec("llama-3-8b", "serving.replicas", 2)
-        wait_for("the second group", lambda: len(models.serving_pods("llama-3-8b")) == 4, timeout=120)
-        status = models.wait_phase("llama-3-8b", "Ready", timeout=120)
-        assert "2/2 groups available" in next(c for c in status["conditions"] if c["type"] == "Ready")["message"]
-        assert {j["metadata"]["name"] for j in models.jobs("llama-3-8b")} == jobs  # nothing quantized or gated again
 
-        # serving.autoscaling's HPA on the LeaderWorkerSet, as the real apiserver admits it.
-        body = example("llama-3-8b-tp2.yaml", serving__nodes=2, serving__autoscaling={"maxReplicas": 3})
-        body["metadata"].update(namespace=ns, uid="00000000-0000-0000-0000-000000000000")
-        hpa = builders.horizontal_pod_autoscaler(parse_model(body))
-        control_plane.kubectl("apply", "--dry-run=server", "-f", "-", stdin=json.dumps(hpa))
+def _two_node_lifecycle(control_plane: ControlPlane, models: Models, ns: str) -> None:
+    models.apply(example("llama-3-8b-tp2.yaml", serving__nodes=2, serving__replicas=1,
+                         serving__nodeSelector={"kubequant.io/test-pool": "lws"},
+                         serving__inferencePool={"endpointPicker": {"name": "llama-epp"}}))
+    models.finish(models.wait_job("llama-3-8b", "quantize"), QUANTIZE_RESULT)
+    models.finish(models.wait_job("llama-3-8b", "evaluate"), PASSED)
+    status = models.wait_phase("llama-3-8b", "Ready", timeout=180)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert "1/1 groups available" in ready["message"] and "the gate measured" in ready["message"]
+    assert next(c for c in status["conditions"] if c["type"] == "InferencePoolReady")["status"] == "True"
+    pods = models.serving_pods("llama-3-8b")
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+    index = "leaderworkerset.sigs.k8s.io/worker-index"
+    assert sorted(p["metadata"]["labels"][index] for p in pods) == ["0", "1"]  # the LWS webhook: a leader, a worker
+    assert {p["spec"]["nodeName"] for p in pods} <= {"gpu-lws-a", "gpu-lws-b"}
+    leader = next(p for p in pods if p["metadata"]["labels"][index] == "0")
+    assert "--pipeline-parallel-size 2" in leader["spec"]["containers"][0]["command"][2]
+    assert control_plane.get("deployment", "llama-3-8b", ns) is None
+    assert control_plane.get("inferencepool", "llama-3-8b", ns) is not None
+    jobs = {j["metadata"]["name"] for j in models.jobs("llama-3-8b")}
 
-        control_plane.kubectl("delete", "qm", "llama-3-8b", "-n", ns, "--wait=false")
-        wait_for("the model to go", lambda: models.get("llama-3-8b") is None, timeout=120)
-        wait_for("the groups to go", lambda: not models.serving_pods("llama-3-8b")
-                 and control_plane.get("leaderworkerset", "llama-3-8b", ns) is None, timeout=120)
-        wait_for("the pool to go", lambda: control_plane.get("inferencepool", "llama-3-8b", ns) is None)
+    models.patch_spec("llama-3-8b", "serving.replicas", 2)
+    wait_for("the second group", lambda: len(models.serving_pods("llama-3-8b")) == 4, timeout=120)
+    status = models.wait_phase("llama-3-8b", "Ready", timeout=120)
+    assert "2/2 groups available" in next(c for c in status["conditions"] if c["type"] == "Ready")["message"]
+    assert {j["metadata"]["name"] for j in models.jobs("llama-3-8b")} == jobs  # nothing quantized or gated again
+    pods = models.serving_pods("llama-3-8b")
+    assert sorted(p["spec"]["nodeName"] for p in pods) == ["gpu-lws-a", "gpu-lws-a", "gpu-lws-b", "gpu-lws-b"]
+
+    # serving.autoscaling's HPA on the LeaderWorkerSet, as the real apiserver admits it.
+    body = example("llama-3-8b-tp2.yaml", serving__nodes=2, serving__autoscaling={"maxReplicas": 3})
+    body["metadata"].update(namespace=ns, uid="00000000-0000-0000-0000-000000000000")
+    hpa = builders.horizontal_pod_autoscaler(parse_model(body))
+    control_plane.kubectl("apply", "--dry-run=server", "-f", "-", stdin=json.dumps(hpa))
+
+    control_plane.kubectl("delete", "qm", "llama-3-8b", "-n", ns, "--wait=false")
+    wait_for("the model to go", lambda: models.get("llama-3-8b") is None, timeout=120)
+    wait_for("the groups to go", lambda: not models.serving_pods("llama-3-8b")
+             and control_plane.get("leaderworkerset", "llama-3-8b", ns) is None, timeout=120)
+    wait_for("the pool to go", lambda: control_plane.get("inferencepool", "llama-3-8b", ns) is None)
