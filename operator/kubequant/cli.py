@@ -70,7 +70,7 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kubequant.local import LocalRun, LocalRunError, parse_claims, run_local
+    from kubequant.local import LocalRun, LocalRunError, Stopped, parse_claims, run_local, stop_on_signals
 
     try:
         run = LocalRun(
@@ -78,7 +78,11 @@ def _run(args: argparse.Namespace) -> int:
             port=args.port, serve=not args.no_serve, serve_seconds=args.serve_seconds, engine=args.engine,
             device=args.device,
         )
-        return run_local(run)
+        with stop_on_signals():
+            return run_local(run)
+    except Stopped as exc:
+        print(f"stopped by {exc}; everything this run started has been stopped", file=sys.stderr)
+        return 128 + exc.signum
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

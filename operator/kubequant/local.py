@@ -4,7 +4,8 @@ The steps and their command lines are the ones the operator's Jobs and Deploymen
 the same functions in `builders`), with paths on this machine instead of volumes: quantize ->
 evaluate (the gate) -> serve with vLLM on 127.0.0.1. PersistentVolumeClaims named in the spec map
 to local directories with `--claim NAME=DIR`; artifacts go to `--workdir`. A failed gate stops
-before serving, with the reason; Ctrl-C stops everything this command started.
+before serving, with the reason. Whatever stops this command (Ctrl-C, SIGTERM from a process manager
+or `timeout`, SIGHUP from a closed terminal) stops everything it started first.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,57 @@ from quantizer.contract import EXIT_GATE_FAILED, EXIT_OK, EvaluateResult, Failed
 
 class LocalRunError(RuntimeError):
     """A step failed; the message says which and why."""
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: unwind (stopping the children) and exit 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Without handlers these signals end Python at once: no `finally` runs, and the vLLM server, which
+# runs in a session of its own, is left serving as an orphan.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# How long a child gets to stop after SIGTERM (a quantize Job removes its partial output) before SIGKILL.
+CHILD_STOP_SECONDS = 30
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into `Stopped` while the block runs."""
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _stop_child(process: subprocess.Popen, group: bool) -> None:
+    """SIGTERM to the child (its process group if it leads one), then SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    send = (lambda sig: os.killpg(process.pid, sig)) if group else process.send_signal
+    send(signal.SIGTERM)
+    try:
+        process.wait(timeout=CHILD_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        process.wait()
+
+
+def _call(command: list[str]) -> int:
+    """subprocess.call, except that a child outlives no exception here: on Ctrl-C or `Stopped` it is
+    sent SIGTERM and given time to clean up (subprocess.run would SIGKILL it at once)."""
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    finally:
+        _stop_child(process, group=False)
 
 
 @dataclass
@@ -98,15 +152,15 @@ def _run_step(command: list[str], result_file: Path, expected: type[QuantizeResu
               exit_codes: tuple[int, ...] = (EXIT_OK,)) -> QuantizeResult | EvaluateResult:
     """Run a Job's command here and read its result as the operator would; a failure is a LocalRunError."""
     step = command[3]
-    done = subprocess.run(command, check=False)
+    returncode = _call(command)
     data = decode(result_file.read_text()) if result_file.exists() else None
     result = expected.from_dict(data)
-    if result is not None and done.returncode in exit_codes:
+    if result is not None and returncode in exit_codes:
         return result
     failed = FailedResult.from_dict(data)
     if failed:
         raise LocalRunError(f"{step} failed ({failed.reason}): {failed.message}")
-    raise LocalRunError(f"{step} exited {done.returncode} without a result")
+    raise LocalRunError(f"{step} exited {returncode} without a result")
 
 
 def _source_path(run: LocalRun, model: Model) -> tuple[Path, list[str]]:
@@ -117,13 +171,11 @@ def _source_path(run: LocalRun, model: Model) -> tuple[Path, list[str]]:
     if not (target / "config.json").exists():
         _step(f"fetch {src.repo}@{src.revision}")
         result_file = run.workdir / "fetch.json"
-        done = subprocess.run(
-            [run.python, "-m", "quantizer", "fetch", "--repo", src.repo, "--revision", src.revision,
-             "--output", str(target), "--result-file", str(result_file)], check=False,
-        )
-        if done.returncode:
+        returncode = _call([run.python, "-m", "quantizer", "fetch", "--repo", src.repo, "--revision", src.revision,
+                            "--output", str(target), "--result-file", str(result_file)])
+        if returncode:
             failed = FailedResult.from_dict(decode(result_file.read_text()) if result_file.exists() else None)
-            raise LocalRunError(f"fetch failed: {failed.message if failed else f'exit code {done.returncode}'}")
+            raise LocalRunError(f"fetch failed: {failed.message if failed else f'exit code {returncode}'}")
     return target, ["--source-repo", src.repo, "--source-revision", src.revision]
 
 
@@ -264,14 +316,12 @@ def _serve(run: LocalRun, model: Model, artifact: Path, quantized: QuantizeResul
             time.sleep(run.serve_seconds)
         else:
             process.wait()
-    except KeyboardInterrupt:
-        print("\nstopping vLLM")
+    except KeyboardInterrupt:  # Ctrl-C is how a local server is meant to stop
+        print("\nstopping vLLM", flush=True)
+    except Stopped:
+        print("\nstopping vLLM", flush=True)
+        raise
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        # vLLM leads a process group of its own (API server, engine core, workers): stop all of it.
+        _stop_child(process, group=True)
     return 0

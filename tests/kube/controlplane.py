@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,8 @@ class CommandError(AssertionError):
 @dataclass
 class ControlPlane:
     directory: Path
+    # More of scripts/cluster.sh's settings (KUBEQUANT_NODE=1 adds a real node: tests/kube/node.py).
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def kubeconfig(self) -> Path:
@@ -58,7 +60,8 @@ class ControlPlane:
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "KUBEQUANT_CLUSTER_DIR": str(self.directory), "KUBECONFIG": str(self.kubeconfig),
+        return {**os.environ, **self.settings,
+                "KUBEQUANT_CLUSTER_DIR": str(self.directory), "KUBECONFIG": str(self.kubeconfig),
                 "PATH": f"{TOOLS_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 # helm keeps caches and its repository list here, not in the user's home.
                 "HELM_CACHE_HOME": str(self.directory / "helm" / "cache"),
@@ -67,8 +70,8 @@ class ControlPlane:
 
     # ---- lifecycle ----
 
-    def up(self) -> None:
-        self._script("up")
+    def up(self, timeout: float = 300) -> None:
+        self._script("up", timeout=timeout)
 
     def down(self) -> None:
         self._script("down")
@@ -76,8 +79,8 @@ class ControlPlane:
     def restart(self, component: str) -> None:
         self._script("restart", component)
 
-    def _script(self, *args: str) -> str:
-        return self._run(["bash", str(CLUSTER_SH), *args], timeout=300).stdout
+    def _script(self, *args: str, timeout: float = 300) -> str:
+        return self._run(["bash", str(CLUSTER_SH), *args], timeout=timeout).stdout
 
     # ---- commands ----
 

