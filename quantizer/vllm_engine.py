@@ -20,12 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from quantizer.contract import CPU_KVCACHE_SPACE_GIB
+
 log = logging.getLogger(__name__)
 
-# GiB of KV cache on the CPU backend, used unless the caller set VLLM_CPU_KVCACHE_SPACE: a
-# perplexity pass needs little of it, and small CI machines cannot spare much host memory next to
-# the model and vLLM's own processes.
-CPU_KVCACHE_SPACE_GIB = "1"
 ENGINE_EXIT_TIMEOUT_S = 10.0
 # vLLM's own default for max_logprobs: asking for more needs the engine started with more.
 DEFAULT_MAX_LOGPROBS = 20
@@ -68,7 +66,8 @@ def _platform_defaults(enforce_eager: bool | None) -> bool:
 
     on_cpu = current_platform.is_cpu()
     if on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_SPACE_GIB)
+        # A perplexity pass needs little KV cache (the contract's default, unless the caller set one).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_SPACE_GIB))
     return on_cpu if enforce_eager is None else enforce_eager
 
 

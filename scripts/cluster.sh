@@ -19,7 +19,7 @@
 # The real node (KUBEQUANT_NODE=1; root; one per machine): node "kubequant-node" on a bridge of its own
 # (kq0, 10.244.77.1/24); the apiserver listens on that address, not on loopback, so Pods reach it
 # through the `kubernetes` Service. Pods get no default route: nothing a Pod sends leaves the machine.
-# KUBEQUANT_NODE_IMAGES: a folder of OCI archives (scripts/images.sh save) loaded into containerd.
+# KUBEQUANT_NODE_IMAGES: a folder of image archives (scripts/images.sh save) loaded into containerd.
 # `down` leaves the machine as it found it: containers, mounts, iptables chains, cgroups, the bridge.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -413,7 +413,7 @@ pause_image() {  # the sandbox image, FROM scratch with test/controlplane/pause,
   echo "$out"
 }
 
-load_images() {  # OCI archives into containerd's k8s.io namespace, under the names they were saved with
+load_images() {  # image archives into containerd's k8s.io namespace, under the names they were saved with
   local archive
   for archive in "$@"; do
     CTR images import "$archive" >/dev/null || die "loading $archive into containerd failed"

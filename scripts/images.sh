@@ -3,7 +3,7 @@
 #
 #   scripts/images.sh build [TARGET...]   build the targets (default: operator quantizer-cpu evaluator-cpu)
 #   scripts/images.sh check [TARGET...]   run each built image as its Pod does, and check it
-#   scripts/images.sh save DIR [TARGET...]  write each image as an OCI archive DIR/TARGET.tar (for containerd)
+#   scripts/images.sh save DIR [TARGET...]  write the images into one archive, DIR/images.tar (for containerd)
 #   scripts/images.sh name TARGET         the image's name
 #   scripts/images.sh sizes               a Markdown table of the built images' sizes
 #
@@ -110,15 +110,14 @@ check() {
   done
 }
 
-save() {
+save() {  # one archive of every target: the layers the CPU images share are written once
   local out=${1:?save needs a folder}; shift
-  local targets=("$@")
+  local targets=("$@") images=()
   [ ${#targets[@]} -gt 0 ] || targets=("${DEFAULT_TARGETS[@]}")
+  for target in "${targets[@]}"; do images+=("$(name "$target")"); done
   mkdir -p "$out"
-  for target in "${targets[@]}"; do
-    podman save --quiet --format oci-archive -o "$out/$target.tar.tmp" "$(name "$target")"
-    mv "$out/$target.tar.tmp" "$out/$target.tar"
-  done
+  podman save --quiet --multi-image-archive --format docker-archive -o "$out/images.tar.tmp" "${images[@]}"
+  mv "$out/images.tar.tmp" "$out/images.tar"
 }
 
 sizes() {

@@ -75,7 +75,7 @@ def test_an_unmapped_claim_is_a_clear_error(tmp_path, capsys):
 
 def test_serving_across_nodes_is_refused_before_any_work(tmp_path, capsys):
     doc = yaml.safe_load(EXAMPLE.read_text())
-    doc["spec"]["serving"]["nodes"] = 2
+    doc["spec"]["serving"].update(nodes=2, device="gpu")  # serving across nodes is for GPUs
     manifest = tmp_path / "qm.yaml"
     manifest.write_text(yaml.safe_dump(doc))
     code = kubequant_main(["run", "-f", str(manifest), "--workdir", str(tmp_path / "work"), "--claim", CLAIM])

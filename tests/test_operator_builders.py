@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 
 import kubernetes_validate
 import pytest
@@ -338,14 +340,63 @@ def test_the_recipe_defaults_and_choices_are_the_quantizers():
         (recipe.act_order, recipe.sym, recipe.damp)
 
 
-def test_images_come_from_the_spec_else_the_operator(monkeypatch):
-    tiny = parse_model(example("tiny.yaml"))
-    assert (tiny.spec.quantization.image, tiny.spec.serving.image) == \
-        ("ghcr.io/kubequant/kubequant-quantizer:0.1.0", "vllm/vllm-openai:v0.32.0")
+def test_images_come_from_the_spec_else_the_operator_for_the_device(monkeypatch):
+    gpu = parse_model(example())
+    assert (gpu.spec.quantization.image, gpu.spec.evaluation.image, gpu.spec.serving.image) == (
+        "ghcr.io/kubequant/kubequant-quantizer:0.1.0", "ghcr.io/kubequant/kubequant-evaluator:0.1.0",
+        "vllm/vllm-openai:v0.32.0")
+    # The tiny example runs without GPUs: the CPU images, the evaluator's serving too (vLLM's CPU build).
+    cpu = parse_model(example("tiny.yaml"))
+    assert (cpu.spec.quantization.image, cpu.spec.evaluation.image, cpu.spec.serving.image) == (
+        "ghcr.io/kubequant/kubequant-quantizer:0.1.0-cpu", "ghcr.io/kubequant/kubequant-evaluator:0.1.0-cpu",
+        "ghcr.io/kubequant/kubequant-evaluator:0.1.0-cpu")
     monkeypatch.setenv("KUBEQUANT_VLLM_IMAGE", "registry.local/vllm:v0.32.0")
-    assert parse_model(example("tiny.yaml")).spec.serving.image == "registry.local/vllm:v0.32.0"
+    monkeypatch.setenv("KUBEQUANT_EVALUATOR_CPU_IMAGE", "registry.local/evaluator:cpu")
+    assert parse_model(example()).spec.serving.image == "registry.local/vllm:v0.32.0"
+    assert parse_model(example("tiny.yaml")).spec.serving.image == "registry.local/evaluator:cpu"
+    assert parse_model(example("tiny.yaml")).spec.evaluation.image == "registry.local/evaluator:cpu"
     pinned = parse_model(with_spec(example("tiny.yaml"), "serving.image", "vllm/vllm-openai:v0.31.0"))
     assert pinned.spec.serving.image == "vllm/vllm-openai:v0.31.0"
+
+
+def test_a_cpu_model_asks_for_no_gpu_anywhere():
+    model = parse_model(with_spec(example("tiny.yaml"), "serving.tolerations", []))
+    quantize, evaluate = builders.quantize_job(model), builders.evaluate_job(model, ARTIFACT)
+    server = builders.deployment(model, ARTIFACT)
+    for obj in (quantize, evaluate, server):
+        pod = obj["spec"]["template"]["spec"]
+        assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"]), obj["metadata"]["name"]
+        assert not any(t.get("key") == "nvidia.com/gpu" for t in pod.get("tolerations") or [])
+    command = _container(quantize)["command"]
+    assert command[command.index("--device") + 1] == "cpu"
+    # vLLM's CPU backend: eager (the image has no compiler for torch.compile), and a KV cache of the
+    # Pod's size, not a fraction of the node's memory.
+    for container in (_container(evaluate), _container(server)):
+        assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"} in container["env"]
+    assert "--enforce-eager" in _container(server)["args"]
+    sized = parse_model(with_spec(example("tiny.yaml"), "serving.extraArgs", ["--kv-cache-memory-bytes=2147483648"]))
+    assert not any(e["name"] == "VLLM_CPU_KVCACHE_SPACE" for e in _container(builders.deployment(sized, ARTIFACT))["env"])
+    # The GPU example keeps its GPUs, and no CPU-only setting.
+    gpu = _container(builders.deployment(MODELS["llama"], ARTIFACT))
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 2 and "--enforce-eager" not in gpu["args"]
+    assert not any(e["name"] == "VLLM_CPU_KVCACHE_SPACE" for e in gpu["env"])
+    # Moving serving to the CPU gates again (other kernels); the artifact stays.
+    on_gpu = parse_model(with_spec(example("tiny.yaml"), "serving.device", "gpu"))
+    assert builders.evaluation_key(on_gpu) != builders.evaluation_key(model)
+    assert builders.artifact_hash(on_gpu) == builders.artifact_hash(model)
+
+
+@pytest.mark.parametrize(("path", "value", "problem"), [
+    ("serving.tensorParallelSize", 2, "spec.serving.device cpu serves on one CPU Pod"),
+    ("serving.resources", {"limits": {"nvidia.com/gpu": 1}}, "spec.serving.resources asks for GPUs, but device is cpu"),
+    ("quantization.resources", {"limits": {"nvidia.com/gpu": 1}},
+     "spec.quantization.resources asks for GPUs, but device is cpu"),
+    ("quantization.bits", 8, "spec.serving.enabled needs a recipe vLLM serves on CPUs: quantization.bits 4"),
+    ("serving.device", "tpu", "spec.serving.device must be gpu or cpu"),
+])
+def test_cpu_specs_that_cannot_run_name_the_field(path, value, problem):
+    with pytest.raises(SpecError, match=re.escape(problem)):
+        parse_model(with_spec(example("tiny.yaml"), path, value))
 
 
 def test_operator_cli_parses():
@@ -382,18 +433,22 @@ def _tolerations(obj: dict) -> list[dict]:
 
 def test_gpu_pods_tolerate_the_gpu_taint():
     """GPU nodes carry nvidia.com/gpu:NoSchedule: a Pod that asks for GPUs tolerates it, others do not."""
-    tiny = MODELS["tiny"]  # no tolerations in the spec; quantizes on the CPU, evaluates and serves on GPUs
+    # No tolerations in the spec; quantizes on the CPU, evaluates and serves on GPUs.
+    tiny = parse_model(with_spec(example("tiny.yaml"), "serving.device", "gpu"))
     assert _tolerations(builders.quantize_job(tiny)) == []
     assert _tolerations(builders.evaluate_job(tiny, ARTIFACT)) == [GPU_TOLERATION]
     assert _tolerations(builders.deployment(tiny, ARTIFACT)) == [GPU_TOLERATION]
+    # On the CPU nothing asks for GPUs, so nothing tolerates their taint.
+    assert _tolerations(builders.deployment(MODELS["tiny"], ARTIFACT)) == []
     # The spec's own tolerations are kept, and one that covers the taint is not doubled.
     llama = MODELS["llama"]
     assert _tolerations(builders.quantize_job(llama)) == llama.spec.quantization.tolerations
     assert _tolerations(builders.deployment(llama, ARTIFACT)) == llama.spec.serving.tolerations
-    other = parse_model(with_spec(example("tiny.yaml"), "serving.tolerations",
+    other = parse_model(with_spec(with_spec(example("tiny.yaml"), "serving.device", "gpu"), "serving.tolerations",
                                   [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]))
     assert _tolerations(builders.deployment(other, ARTIFACT)) == [*other.spec.serving.tolerations, GPU_TOLERATION]
-    everything = parse_model(with_spec(example("tiny.yaml"), "serving.tolerations", [{"operator": "Exists"}]))
+    everything = parse_model(with_spec(with_spec(example("tiny.yaml"), "serving.device", "gpu"), "serving.tolerations",
+                                       [{"operator": "Exists"}]))
     assert _tolerations(builders.evaluate_job(everything, ARTIFACT)) == [{"operator": "Exists"}]
 
 

@@ -98,6 +98,11 @@ INVALID = [
      "source must set exactly one of huggingface or pvc"),
     ("absolute model path", [("spec.source", {"pvc": {"claimName": "models", "path": "/llama"}})],
      "source.pvc.path must be relative to the root of the claim and must not contain '..'"),
+    ("8-bit served on the CPU", [("spec.quantization.bits", 8), ("spec.serving.device", "cpu"),
+                                 ("spec.serving.tensorParallelSize", 1)],
+     "serving.device cpu serves 4-bit only (vLLM's CPU kernel): set quantization.bits 4, or serving.device gpu"),
+    ("CPU serving across GPUs", [("spec.serving.device", "cpu")],
+     "serving.device cpu serves on one CPU Pod: set tensorParallelSize 1 and nodes 1, or device gpu"),
     ("3-bit served", [("spec.quantization.bits", 3)],
      "serving.enabled needs a recipe vLLM serves: quantization.bits 4 or 8, symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
     ("asymmetric served", [("spec.quantization.symmetric", False)],
@@ -203,19 +208,24 @@ def test_recipe_choices_are_the_contracts():
     assert tuple(quantization["scaleSearch"]["enum"]) == contract.SCALE_SEARCHES
     assert quantization["refineSweeps"]["maximum"] == contract.MAX_REFINE_SWEEPS
     assert tuple(quantization["format"]["enum"]) == contract.CHECKPOINT_FORMATS
+    serving = crd.schema()["properties"]["spec"]["properties"]["serving"]["properties"]
+    assert tuple(quantization["device"]["enum"]) == tuple(serving["device"]["enum"]) == contract.DEVICES
     assert quantization["format"]["default"] == contract.DEFAULT_FORMAT
 
 
+@pytest.mark.parametrize("device", contract.DEVICES)
 @pytest.mark.parametrize("bits", contract.QUANTIZABLE_BITS)
-def test_what_may_be_served_is_the_contracts(bits):
-    """The CRD's rule, the operator's spec and the quantizer's contract agree on every recipe."""
+def test_what_may_be_served_is_the_contracts(bits, device):
+    """The CRD's rules, the operator's spec and the quantizer's contract agree on every recipe."""
+    base = _set(_set(_base(), "spec.serving.device", device), "spec.serving.tensorParallelSize", 1)
     for group in contract.GROUP_SIZES:
         for symmetric in (True, False):
-            obj = _set(_set(_set(_base(), "spec.quantization.bits", bits), "spec.quantization.groupSize", group),
+            obj = _set(_set(_set(base, "spec.quantization.bits", bits), "spec.quantization.groupSize", group),
                        "spec.quantization.symmetric", symmetric)
-            servable = not contract.unservable_reasons(bits, group, symmetric)
-            refused_by_crd = any("serving.enabled needs a recipe vLLM serves" in e for e in crd.validate(obj))
-            assert refused_by_crd is not servable, (bits, group, symmetric)
+            servable = not contract.unservable_reasons(bits, group, symmetric, device)
+            refused_by_crd = any("serving.enabled needs a recipe vLLM serves" in e or "serves 4-bit only" in e
+                                 for e in crd.validate(obj))
+            assert refused_by_crd is not servable, (bits, group, symmetric, device)
             obj["metadata"]["namespace"] = "ml"
             try:
                 parse_model(obj)

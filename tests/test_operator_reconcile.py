@@ -124,6 +124,11 @@ def tiny() -> dict:
     return example("tiny.yaml")
 
 
+def tiny_on_gpus() -> dict:
+    """The tiny example served by vLLM on GPUs (where tensor parallelism applies)."""
+    return with_spec(tiny(), "serving.device", "gpu")
+
+
 # ---- one step from a state: (name, body, how the test moves the cluster first, phase, actions) -----
 
 def _fresh(sim):
@@ -361,7 +366,7 @@ def test_serving_disabled_removes_the_serving_objects():
 # ---- preflight ----------------------------------------------------------------------------------------
 
 def test_tensor_parallel_preflight_blocks_the_rollout():
-    sim = Sim(tiny())
+    sim = Sim(tiny_on_gpus())
     sim.to_ready()
     sim.set_spec("serving.tensorParallelSize", 4)
     sim.body["status"]["serving"]["artifact"]["rowParallelInFeatures"] = [4096, 11008]
@@ -401,7 +406,7 @@ def test_the_agreement_with_the_source_model_lands_in_status():
 
 
 def test_a_tensor_parallel_change_is_gated_before_the_deployment_changes():
-    sim = Sim(tiny())
+    sim = Sim(tiny_on_gpus())
     sim.to_ready()
     serving_hash = sim.body["status"]["serving"]["servingHash"]
     sim.set_spec("serving.tensorParallelSize", 2)
@@ -428,7 +433,7 @@ def test_a_tensor_parallel_change_is_gated_before_the_deployment_changes():
 
 
 def test_a_failed_gate_at_the_new_tensor_parallelism_keeps_the_deployment():
-    sim = Sim(tiny())
+    sim = Sim(tiny_on_gpus())
     sim.to_ready()
     sim.set_spec("serving.tensorParallelSize", 2)
     sim.step()

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.kube import node
 from tests.kube.controlplane import ROOT, TOOLS_BIN, ControlPlane, Unavailable, ensure_binaries, wait_for
@@ -25,6 +28,7 @@ pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
 CHART = ROOT / "charts" / "kubequant"
 OPERATOR_NAMESPACE = "kubequant-system"
 MODELS_NAMESPACE = "kq-real"
+FIXTURES = ROOT / "tests" / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +114,7 @@ def test_the_operator_runs_from_its_image_with_in_cluster_credentials(cluster: C
     assert status["phase"], status
     logs = cluster.kubectl("logs", "-n", OPERATOR_NAMESPACE, pod["metadata"]["name"]).stdout
     assert "no-such-claim" in logs
+    cluster.kubectl("delete", "qm", "no-such-claim", "-n", MODELS_NAMESPACE, "--wait=true", "--timeout=120s")
 
 
 def test_the_operator_metrics_through_port_forward(cluster: ControlPlane):
@@ -132,6 +137,155 @@ def test_the_operator_metrics_through_port_forward(cluster: ControlPlane):
         forward.terminate()
         forward.wait(timeout=30)
     assert re.search(r"^kubequant_\w+", text, flags=re.M), text[:2000]
+
+
+def _local_volume(cluster: ControlPlane, claim: str, folder: Path) -> None:
+    """The tiny example's claim on a `local` PersistentVolume of the real node holding the fixtures: the
+    volume type a one-node cluster uses, and one whose ownership the kubelet sets to the Pod's fsGroup
+    (hostPath is left as it is, so user 65532 could not write there)."""
+    for part in ("tiny-llama", "text", "tasks"):
+        shutil.copytree(FIXTURES / part, folder / part)
+    pv = f"{MODELS_NAMESPACE}-{claim}"
+    cluster.apply({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                 "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(folder)},
+                 "claimRef": {"namespace": MODELS_NAMESPACE, "name": claim},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "kubernetes.io/hostname", "operator": "In", "values": [node.NODE_NAME]}]}]}}},
+    }, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": MODELS_NAMESPACE},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
+                 "resources": {"requests": {"storage": "10Gi"}}},
+    })
+
+
+def _completion(url: str) -> dict:
+    request = urllib.request.Request(
+        f"{url}/v1/completions", headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": "tiny-llama", "prompt": "def main(", "max_tokens": 8}).encode())
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def _describe(cluster: ControlPlane) -> str:
+    pods = cluster.kubectl("get", "pods", "-n", MODELS_NAMESPACE, "-o", "wide", check=False).stdout
+    model = cluster.get("qm", "tiny-llama", MODELS_NAMESPACE) or {}
+    return f"{pods}\n{json.dumps(model.get('status'), indent=1)[-3000:]}"
+
+
+def test_the_tiny_model_quantized_gated_and_served_in_real_containers(cluster: ControlPlane, tmp_path_factory):
+    """examples/tiny.yaml as a user applies it: the quantize Job in the CPU quantizer image writing to the
+    claim as user 65532, the evaluate Job with vLLM on the CPU in the evaluator image, the Deployment's
+    vLLM Ready through its own probes, a completion through the Service, vLLM's /metrics from the Pod."""
+    _local_volume(cluster, "kubequant-data", tmp_path_factory.mktemp("claim"))
+    model = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    cluster.apply(model, namespace=MODELS_NAMESPACE)
+    # Quantize (seconds), then the gate with two vLLM engines on two cores, then vLLM's start: minutes.
+    done = cluster.kubectl("wait", "--for=condition=Ready", "qm/tiny-llama", "-n", MODELS_NAMESPACE,
+                           "--timeout=1500s", check=False, timeout=1600)
+    assert done.returncode == 0, _describe(cluster)
+    status = cluster.get("qm", "tiny-llama", MODELS_NAMESPACE)["status"]
+    assert status["phase"] == "Ready" and status["serving"]["evaluation"]["verdict"] == "Passed", status
+
+    # Every Pod ran on the real node, from the CPU images, as user 65532.
+    pods = cluster.list("pods", MODELS_NAMESPACE, "kubequant.io/model=tiny-llama")
+    components = {p["metadata"]["labels"]["app.kubernetes.io/component"]: p for p in pods}
+    assert {"quantize", "evaluate", "server"} <= set(components), sorted(components)
+    for component, pod in components.items():
+        assert pod["spec"]["nodeName"] == node.NODE_NAME, component
+        image = pod["status"]["containerStatuses"][0]["image"]
+        assert image.endswith(node.image("quantizer-cpu" if component == "quantize" else "evaluator-cpu").split("/", 1)[1])
+    for component in ("quantize", "evaluate"):
+        terminated = components[component]["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert terminated["exitCode"] == 0 and terminated["reason"] == "Completed", terminated
+    artifact = Path(cluster.get("pv", f"{MODELS_NAMESPACE}-kubequant-data")["spec"]["local"]["path"]) / status[
+        "serving"]["artifact"]["path"]
+    assert (artifact / "kubequant.json").stat().st_uid == 65532
+
+    # The Deployment's vLLM answers through the Service's ClusterIP (kube-proxy), and its metrics from the Pod.
+    service = cluster.get("service", "tiny-llama", MODELS_NAMESPACE)["spec"]
+    completion = _completion(f"http://{service['clusterIP']}:{service['ports'][0]['port']}")
+    assert completion["choices"][0]["text"], completion
+    server_ip = components["server"]["status"]["podIP"]
+    with urllib.request.urlopen(f"http://{server_ip}:8000/metrics", timeout=60) as response:
+        metrics = response.read().decode()
+    assert re.search(r'^vllm:generation_tokens_total\{.*model_name="tiny-llama".*\} [1-9]', metrics, flags=re.M), \
+        metrics[:2000]
+
+
+def test_a_deleted_serving_pod_is_replaced_and_serves_again(cluster: ControlPlane):
+    (old,) = [p["metadata"]["name"] for p in cluster.list("pods", MODELS_NAMESPACE,
+                                                         "kubequant.io/model=tiny-llama,app.kubernetes.io/component=server")]
+    cluster.kubectl("delete", "pod", old, "-n", MODELS_NAMESPACE, "--wait=true", "--timeout=120s")
+    done = cluster.kubectl("wait", "--for=condition=Available", "deployment/tiny-llama", "-n", MODELS_NAMESPACE,
+                           "--timeout=600s", check=False, timeout=700)
+    assert done.returncode == 0, _describe(cluster)
+    new = wait_for("a new serving Pod, Ready", lambda: [
+        p for p in cluster.list("pods", MODELS_NAMESPACE, "kubequant.io/model=tiny-llama,app.kubernetes.io/component=server")
+        if p["metadata"]["name"] != old and any(c["type"] == "Ready" and c["status"] == "True"
+                                                 for c in p["status"].get("conditions") or [])], timeout=600)
+    assert len(new) == 1
+    service = cluster.get("service", "tiny-llama", MODELS_NAMESPACE)["spec"]
+    assert _completion(f"http://{service['clusterIP']}:{service['ports'][0]['port']}")["choices"][0]["text"]
+
+
+def _quantize_only(name: str, **changes: object) -> dict:
+    """examples/tiny.yaml renamed, quantize only, with dotted spec changes (quantization__bits=3)."""
+    body = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    body["metadata"]["name"] = name
+    body["spec"]["serving"]["enabled"] = False
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        spec = body["spec"]
+        for key in parents:
+            spec = spec.setdefault(key, {})
+        spec[last] = value
+    return body
+
+
+def test_a_quantize_pod_over_its_memory_limit_is_oomkilled_and_shown_as_such(cluster: ControlPlane):
+    cluster.apply(_quantize_only("tiny-oom", quantization__resources={"limits": {"memory": "160Mi"}},
+                                 quantization__backoffLimit=0), namespace=MODELS_NAMESPACE)
+    status = wait_for("tiny-oom to fail", lambda: (s := (cluster.get("qm", "tiny-oom", MODELS_NAMESPACE) or {}).get(
+        "status") or {}).get("phase") == "Failed" and s, timeout=300, interval=1, describe=lambda: _describe(cluster))
+    failed = json.dumps(status)
+    assert "OOMKilled" in failed and "raise its memory limit" in failed, failed
+    (pod,) = cluster.list("pods", MODELS_NAMESPACE, "kubequant.io/model=tiny-oom")
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["reason"] == "OOMKilled"
+
+
+def test_a_quantize_pod_deleted_midway_resumes_to_the_same_checkpoint(cluster: ControlPlane):
+    """The kubelet's SIGTERM (what a drain or a preemption sends) after a layer has finished: the Job's
+    next Pod takes the finished layers over, and the checkpoint is the uninterrupted run's, byte for byte."""
+    # More calibration than the example's, so that a layer takes long enough to stop the run midway.
+    slower = {"quantization__calibration": {"text": {"path": "text/calibration.txt"}, "samples": 128, "seqLen": 512}}
+    claim = Path(cluster.get("pv", f"{MODELS_NAMESPACE}-kubequant-data")["spec"]["local"]["path"])
+    cluster.apply(_quantize_only("tiny-resumed", **slower), namespace=MODELS_NAMESPACE)
+
+    def progress() -> list[Path]:
+        return [p for p in claim.glob("kubequant/tiny-resumed/.*.partial-*/.progress.json")
+                if len(json.loads(p.read_text() or "{}").get("layers") or []) >= 1]
+    wait_for("a finished layer in the partial output", progress, timeout=600, interval=0.05,
+             describe=lambda: _describe(cluster))
+    (first,) = cluster.list("pods", MODELS_NAMESPACE, "kubequant.io/model=tiny-resumed")
+    cluster.kubectl("delete", "pod", first["metadata"]["name"], "-n", MODELS_NAMESPACE, "--wait=false")
+    resumed = wait_for("tiny-resumed to be quantized", lambda: (s := (cluster.get(
+        "qm", "tiny-resumed", MODELS_NAMESPACE) or {}).get("status") or {}).get("phase") == "Ready" and s,
+        timeout=900, interval=1, describe=lambda: _describe(cluster))
+    pods = cluster.list("pods", MODELS_NAMESPACE, "kubequant.io/model=tiny-resumed")
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]  # the Job made a new Pod
+    manifest = json.loads((claim / resumed["artifact"]["path"] / "kubequant.json").read_text())
+    assert manifest["resumed_layers"] > 0, manifest
+
+    cluster.apply(_quantize_only("tiny-whole", **slower), namespace=MODELS_NAMESPACE)
+    whole = wait_for("tiny-whole to be quantized", lambda: (s := (cluster.get(
+        "qm", "tiny-whole", MODELS_NAMESPACE) or {}).get("status") or {}).get("phase") == "Ready" and s,
+        timeout=900, interval=1, describe=lambda: _describe(cluster))
+
+    def tensors(path: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.suffix == ".safetensors"}
+    assert tensors(claim / resumed["artifact"]["path"]) == tensors(claim / whole["artifact"]["path"])
 
 
 def test_down_leaves_the_machine_as_it_was(cluster: ControlPlane, machine_before: dict):

@@ -19,6 +19,7 @@ from typing import Any
 
 from kubequant.spec import (
     AUTOSCALING_METRICS,
+    GPU_RESOURCE,
     GROUP,
     KIND,
     PLURAL,
@@ -28,7 +29,7 @@ from kubequant.spec import (
     Tasks,
     TextSource,
 )
-from quantizer.contract import EXIT_BAD_INPUT, EXIT_GATE_FAILED
+from quantizer.contract import CPU, CPU_KVCACHE_SPACE_GIB, EXIT_BAD_INPUT, EXIT_GATE_FAILED
 
 # kind -> (apiVersion, plural) of everything the operator reads or writes: the builders, the
 # reconciler's deletes and the API paths of k8s.py all take them from here.
@@ -103,8 +104,8 @@ def artifact_hash(model: Model) -> str:
 
 def evaluation_key(model: Model) -> str:
     """The artifact, the gate and the serving settings its numbers depend on: changing a threshold or
-    the tensor parallelism evaluates again (vLLM's TP kernels sum in another order), never quantizes
-    again; replicas, extraArgs or resources change neither."""
+    the tensor parallelism or the device evaluates again (vLLM's TP kernels sum in another order, its
+    CPU kernels are others), never quantizes again; replicas, extraArgs or resources change neither."""
     e = model.spec.evaluation
     return digest({
         "artifact": artifact_hash(model),
@@ -119,7 +120,9 @@ def evaluation_key(model: Model) -> str:
                                                  "minSpeedup": e.throughput.min_speedup},
                  "tasks": e.tasks and {"path": e.tasks.path, "configMap": e.tasks.config_map, "limit": e.tasks.limit,
                                        "maxAccuracyDrop": e.tasks.max_accuracy_drop}},
-        "serving": {"tensorParallelSize": model.spec.serving.tensor_parallel_size},
+        # The device only when it is not the default, so that the keys of GPU models stay as they were.
+        "serving": {"tensorParallelSize": model.spec.serving.tensor_parallel_size,
+                    **({"device": CPU} if model.spec.serving.device == CPU else {})},
     })
 
 
@@ -190,7 +193,6 @@ CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
 }
-GPU_RESOURCE = "nvidia.com/gpu"
 # Non-root with a writable HOME for the caches of torch, Triton and vLLM.
 BASE_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
 
@@ -225,6 +227,25 @@ def _artifacts_volume(model: Model, read_only: bool) -> dict:
 
 def _scratch() -> tuple[dict, dict]:
     return {"name": "tmp", "emptyDir": {}}, {"name": "tmp", "mountPath": "/tmp"}
+
+
+def _engine_resources(model: Model) -> dict:
+    """The evaluate Job's and the serving Pods' resources: the spec's, plus tensorParallelSize GPUs
+    unless vLLM runs on the CPU."""
+    s = model.spec.serving
+    if s.device == CPU:
+        return copy.deepcopy(s.resources) if s.resources else {}
+    return _gpu_resources(s.resources, s.tensor_parallel_size)
+
+
+def _engine_env(model: Model) -> list[dict]:
+    """The environment of vLLM's containers; on the CPU, the KV cache it may reserve of the host's
+    memory (otherwise a fraction of the whole node's, past the Pod's limit), unless extraArgs set it."""
+    env = copy.deepcopy(BASE_ENV)
+    s = model.spec.serving
+    if s.device == CPU and not any(a.startswith("--kv-cache-memory-bytes") for a in s.extra_args):
+        env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(CPU_KVCACHE_SPACE_GIB)})
+    return env
 
 
 def _gpu_resources(resources: dict, gpus: int) -> dict:
@@ -273,6 +294,7 @@ def quantize_command(
         "--eval-seq-len", str(e.seq_len),
         *(["--eval-max-windows", str(e.max_windows)] if e.max_windows else []),
         *(["--eval-stride", str(e.stride)] if e.stride else []),
+        *(["--device", CPU] if q.device == CPU else []),
         *provenance,
     ]
     if not model.spec.serving.enabled:
@@ -418,8 +440,8 @@ def _scheduling(model: Model) -> dict:
     out: dict[str, Any] = {}
     if model.spec.serving.node_selector:
         out["nodeSelector"] = dict(model.spec.serving.node_selector)
-    # The evaluate Job and the Deployment always ask for tensorParallelSize GPUs (_gpu_resources).
-    tolerations = _tolerations(model.spec.serving.tolerations, wants_gpus=True)
+    # The evaluate Job and the Deployment ask for tensorParallelSize GPUs unless vLLM runs on the CPU.
+    tolerations = _tolerations(model.spec.serving.tolerations, wants_gpus=model.spec.serving.device != CPU)
     if tolerations:
         out["tolerations"] = tolerations
     return out
@@ -489,7 +511,7 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
 
     `artifact` is the status record of the quantize result (path, baselinePerplexity,
     fakequantPerplexity)."""
-    e, serving = model.spec.evaluation, model.spec.serving
+    e = model.spec.evaluation
     volumes, mounts = _serving_pod_parts(model)
     text_path, text_volumes, text_mounts = _texts(model, "evaluation", e.text)
     source_path, prompts_path, tasks_path = "", None, None
@@ -509,8 +531,8 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
     )
     return _job(
         model, evaluate_job_name(model), "evaluate",
-        {"name": EVALUATE_CONTAINER, "image": e.image, "command": args, "env": copy.deepcopy(BASE_ENV),
-         "resources": _gpu_resources(serving.resources, serving.tensor_parallel_size),
+        {"name": EVALUATE_CONTAINER, "image": e.image, "command": args, "env": _engine_env(model),
+         "resources": _engine_resources(model),
          "volumeMounts": mounts + text_mounts},
         volumes + text_volumes, backoff_limit=e.backoff_limit,
         permanent_exit_codes=[EXIT_BAD_INPUT, EXIT_GATE_FAILED],
@@ -533,6 +555,8 @@ def vllm_serve_args(model: Model, artifact_path: str, port: int = VLLM_PORT) -> 
         "--max-model-len", str(s.max_model_len),
         "--gpu-memory-utilization", repr(float(s.gpu_memory_utilization)),
         "--port", str(port),
+        # The CPU image has no C++ compiler for torch.compile; eager mode also starts in seconds.
+        *(["--enforce-eager"] if s.device == CPU else []),
         *s.extra_args,
     ]
 
@@ -551,8 +575,8 @@ def _server_pod(model: Model, artifact: dict, container: dict, http: bool = True
     container = {
         **container,
         "image": s.image,
-        "env": copy.deepcopy(BASE_ENV),
-        "resources": _gpu_resources(s.resources, s.tensor_parallel_size),
+        "env": _engine_env(model),
+        "resources": _engine_resources(model),
         "volumeMounts": mounts,
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
     }

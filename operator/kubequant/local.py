@@ -26,7 +26,15 @@ from pathlib import Path
 
 from kubequant import builders
 from kubequant.spec import Model, PvcSource, SpecError, TextSource, load_documents, parse_model
-from quantizer.contract import EXIT_GATE_FAILED, EXIT_OK, EvaluateResult, FailedResult, QuantizeResult, decode
+from quantizer.contract import (
+    CPU_KVCACHE_SPACE_GIB,
+    EXIT_GATE_FAILED,
+    EXIT_OK,
+    EvaluateResult,
+    FailedResult,
+    QuantizeResult,
+    decode,
+)
 
 
 class LocalRunError(RuntimeError):
@@ -302,7 +310,7 @@ def _serve(run: LocalRun, model: Model, artifact: Path, quantized: QuantizeResul
     command = [run.python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
                "--model", artifact_arg, *serve_args]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KVCACHE_SPACE_GIB))
     process = subprocess.Popen(command, env=env, start_new_session=True)
     endpoint = f"http://127.0.0.1:{run.port}"
     try:

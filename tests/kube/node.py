@@ -64,8 +64,8 @@ def local_image_values() -> list[str]:
     """helm --set flags: the operator and every image it puts into Pods, from the locally built ones
     (never pulled: no registry is reachable)."""
     flags = []
-    for key, target in (("image", "operator"), ("images.quantizer", "quantizer-cpu"),
-                        ("images.evaluator", "evaluator-cpu"), ("images.vllm", "evaluator-cpu")):
+    for key, target in (("image", "operator"), ("images.quantizerCpu", "quantizer-cpu"),
+                        ("images.evaluatorCpu", "evaluator-cpu")):
         repository, tag = image(target).rsplit(":", 1)
         flags += ["--set", f"{key}.repository={repository}", "--set", f"{key}.tag={tag}"]
     return [*flags, "--set", "image.pullPolicy=Never"]
