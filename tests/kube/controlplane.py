@@ -76,6 +76,11 @@ class ControlPlane:
     def down(self) -> None:
         self._script("down")
 
+    def apply_crds(self) -> None:
+        """The CRDs as a user applies them (server-side), once established."""
+        self.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
+        self.kubectl("wait", "--for=condition=Established", "crd/quantizedmodels.kubequant.io", "--timeout=60s")
+
     def restart(self, component: str) -> None:
         self._script("restart", component)
 
