@@ -160,9 +160,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && KUBEQUANT_VENV=/opt/kubequant KUBEQUANT_PACKAGE="/src[quantizer,tasks]" bash /src/scripts/setup.sh \
  && rm -rf /src
 # vLLM's CPU backend compiles some of its functions with torch's inductor even in eager mode, which
-# needs a C++ compiler (without one the first forward pass fails: InvalidCxxCompiler).
-RUN apt-get update -qq \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ > /dev/null \
+# needs a C++ compiler and Python's headers (without them the first forward pass fails with
+# InvalidCxxCompiler, then "Python.h: No such file"). python:*-slim images have the headers; Debian's
+# python3 needs python3-dev.
+RUN packages=g++ \
+ && if [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then \
+      packages="$packages python3-dev"; fi \
+ && apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages > /dev/null \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=wheel /wheels /wheels
 RUN /opt/kubequant/bin/python -m pip install --no-cache-dir --no-deps --force-reinstall /wheels/kubequant-*.whl \

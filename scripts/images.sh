@@ -27,8 +27,9 @@ ENGINE_CHECK='
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
     llm = LLM("/model", dtype="float16", max_model_len=128, enforce_eager=True)
-    out = llm.generate(["def main("], SamplingParams(max_tokens=4, temperature=0))
-    assert out[0].outputs[0].token_ids, out
+    # Prompt logprobs too: the gate scores windows with them, and they take other kernels.
+    out = llm.generate(["def main("], SamplingParams(max_tokens=4, temperature=0, logprobs=1, prompt_logprobs=1))
+    assert out[0].outputs[0].token_ids and out[0].prompt_logprobs, out
     print("a forward pass:", out[0].outputs[0].text)
 '
 
