@@ -229,9 +229,16 @@ def _fetch(args) -> Result:
     """The model files only (safetensors, configs, tokenizer): no .bin/.pt duplicates, no other formats."""
     import os
 
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    where = f"{args.repo} on {constants.ENDPOINT}"  # HF_ENDPOINT: the Hub, or a mirror of it
     try:
         path = snapshot_download(
             repo_id=args.repo,
@@ -241,11 +248,17 @@ def _fetch(args) -> Result:
             allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
         )
     except GatedRepoError as exc:
-        raise InputError(f"--repo {args.repo} is gated: accept its licence on the Hub and provide HF_TOKEN") from exc
+        raise InputError(f"--repo {where} is gated: accept its licence on the Hub and provide HF_TOKEN") from exc
     except RevisionNotFoundError as exc:
-        raise InputError(f"--revision {args.revision} does not exist in {args.repo}; pin an existing commit") from exc
+        raise InputError(f"--revision {args.revision} does not exist in {where}; pin an existing commit") from exc
     except RepositoryNotFoundError as exc:
-        raise InputError(f"--repo {args.repo} not found (or private: provide HF_TOKEN)") from exc
+        raise InputError(f"--repo {where} not found (or private: provide HF_TOKEN, or a token it accepts)") from exc
+    except LocalEntryNotFoundError as exc:
+        # A mirror (olah, for one) answers a revision it does not have with a plain 404 on the file list,
+        # not the Hub's RevisionNotFound: the same bad input. A network failure stays retryable.
+        if isinstance(exc.__cause__, RemoteEntryNotFoundError):
+            raise InputError(f"--revision {args.revision} was not found in {where}; pin an existing commit") from exc
+        raise
     print(f"fetched {args.repo}@{args.revision} into {path}")
     return DoneResult(details={"repo": args.repo, "revision": args.revision, "output": str(path)})
 

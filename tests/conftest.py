@@ -82,6 +82,7 @@ def damaged_copy(path: Path, out: Path, step: int, layers: str = "model.layers."
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "controlplane: needs the real Kubernetes control plane (scripts/cluster.sh)")
+    config.addinivalue_line("markers", "citools: needs a tool .ci/run installs outside the venv (olah)")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -89,7 +90,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """With CI=true a control-plane test that skips fails the run: CI builds the control plane."""
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and os.environ.get("CI") == "true" and item.get_closest_marker("controlplane"):
+    needs_ci = item.get_closest_marker("controlplane") or item.get_closest_marker("citools")
+    if report.skipped and os.environ.get("CI") == "true" and needs_ci:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"CI=true: a control-plane test may not skip ({reason})"

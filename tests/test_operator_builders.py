@@ -114,6 +114,18 @@ def _container(obj: dict, init: bool = False) -> dict:
     return obj["spec"]["template"]["spec"]["initContainers" if init else "containers"][0]
 
 
+def test_a_hub_mirror_is_the_downloads_endpoint_and_changes_no_artifact():
+    mirrored = parse_model(with_spec(example(), "source.huggingface.endpoint", "https://hub.internal.example/"))
+    fetch = _container(builders.quantize_job(mirrored), init=True)
+    assert {"name": "HF_ENDPOINT", "value": "https://hub.internal.example"} in fetch["env"]
+    assert not any(e["name"] == "HF_ENDPOINT" for e in _container(builders.quantize_job(MODELS["llama"]), init=True)["env"])
+    # The same repo at the same revision: the same bytes, so the same artifact.
+    assert builders.artifact_hash(mirrored) == builders.artifact_hash(MODELS["llama"])
+    with pytest.raises(SpecError, match=r"spec\.source\.huggingface\.endpoint must be an http\(s\) URL"):
+        parse_model(with_spec(example(), "source.huggingface.endpoint", "hub.internal.example"))
+    assert crd.validate(with_spec(example(), "source.huggingface.endpoint", "ftp://hub"))
+
+
 def test_quantize_job_from_hugging_face():
     model = MODELS["llama"]
     job = builders.quantize_job(model)

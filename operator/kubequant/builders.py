@@ -335,6 +335,8 @@ def quantize_job(model: Model) -> dict:
     if isinstance(src, HuggingFaceSource):
         # Downloaded onto the claim, keyed by repo@revision, so a retry or a new recipe resumes it.
         env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+        if src.endpoint:
+            env.append({"name": "HF_ENDPOINT", "value": src.endpoint})
         if src.token_secret:
             # Only a reference: the token reaches the fetch container's environment, nothing else.
             env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret, "key": src.token_key}}})

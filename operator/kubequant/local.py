@@ -82,10 +82,10 @@ def _stop_child(process: subprocess.Popen, group: bool) -> None:
         process.wait()
 
 
-def _call(command: list[str]) -> int:
+def _call(command: list[str], env: dict[str, str] | None = None) -> int:
     """subprocess.call, except that a child outlives no exception here: on Ctrl-C or `Stopped` it is
     sent SIGTERM and given time to clean up (subprocess.run would SIGKILL it at once)."""
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     try:
         return process.wait()
     finally:
@@ -180,7 +180,8 @@ def _source_path(run: LocalRun, model: Model) -> tuple[Path, list[str]]:
         _step(f"fetch {src.repo}@{src.revision}")
         result_file = run.workdir / "fetch.json"
         returncode = _call([run.python, "-m", "quantizer", "fetch", "--repo", src.repo, "--revision", src.revision,
-                            "--output", str(target), "--result-file", str(result_file)])
+                            "--output", str(target), "--result-file", str(result_file)],
+                           env={**os.environ, "HF_ENDPOINT": src.endpoint} if src.endpoint else None)
         if returncode:
             failed = FailedResult.from_dict(decode(result_file.read_text()) if result_file.exists() else None)
             raise LocalRunError(f"fetch failed: {failed.message if failed else f'exit code {returncode}'}")

@@ -92,6 +92,8 @@ class HuggingFaceSource:
     revision: str
     token_secret: str | None = None
     token_key: str = "HF_TOKEN"
+    # A Hub-compatible mirror (an in-house mirror behind a firewall): HF_ENDPOINT for the download.
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -336,11 +338,16 @@ def _source(raw: dict) -> HuggingFaceSource | PvcSource:
     if "huggingface" in source_raw:
         hf = _obj(source_raw["huggingface"], "spec.source.huggingface")
         token = _obj(hf.get("tokenSecretRef"), "spec.source.huggingface.tokenSecretRef")
+        endpoint = hf.get("endpoint")
+        if endpoint is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", str(endpoint)):
+            raise SpecError(f"spec.source.huggingface.endpoint must be an http(s) URL such as "
+                            f"https://hub.example.com, not {endpoint!r}")
         return HuggingFaceSource(
             repo=_required(hf, "repo", "spec.source.huggingface"),
             revision=str(_required(hf, "revision", "spec.source.huggingface")),
             token_secret=token.get("name"),
             token_key=token.get("key", "HF_TOKEN"),
+            endpoint=str(endpoint).rstrip("/") if endpoint else None,
         )
     pvc = _obj(source_raw["pvc"], "spec.source.pvc")
     return PvcSource(
