@@ -2,7 +2,8 @@
 # kubequant's images, built from the Dockerfile with buildah: no Docker daemon and no registry needed.
 #
 #   scripts/images.sh build [TARGET...]   build the targets (default: operator quantizer-cpu evaluator-cpu)
-#   scripts/images.sh check [TARGET...]   run each built image as its Pod does, and check it
+#   scripts/images.sh check [TARGET...]   run each built image as its Pod does, and check it (build checks
+#                                         each new image once)
 #   scripts/images.sh save DIR [TARGET...]  write the images into one archive, DIR/images.tar (for containerd)
 #   scripts/images.sh name TARGET         the image's name
 #   scripts/images.sh sizes               a Markdown table of the built images' sizes
@@ -85,7 +86,15 @@ build() {
       die "building $target failed"
     fi
     echo "$target $((SECONDS - started))" >> "$DIR/timings"
-    check "$target"
+    # A build whose every layer came from the cache gives the image checked before: check it once.
+    local id
+    id=$(podman image inspect --format '{{.Id}}' "$(name "$target")")
+    if [ "$(cat "$DIR/checked-$target" 2>/dev/null)" = "$id" ]; then
+      log "$target unchanged since it was checked"
+    else
+      check "$target"
+      echo "$id" > "$DIR/checked-$target"
+    fi
   done
 }
 

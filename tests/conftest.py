@@ -87,14 +87,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """With CI=true a control-plane test that skips fails the run: CI builds the control plane."""
+    """With CI=true a test of what CI builds or installs (the control plane, the real node, olah) that
+    skips fails the run."""
     outcome = yield
     report = outcome.get_result()
     needs_ci = item.get_closest_marker("controlplane") or item.get_closest_marker("citools")
     if report.skipped and os.environ.get("CI") == "true" and needs_ci:
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = f"CI=true: a control-plane test may not skip ({reason})"
+        report.longrepr = f"CI=true: a test of what CI builds or installs may not skip ({reason})"
 
 
 @pytest.fixture(scope="session")

@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.kube import hub, node
 from tests.kube.controlplane import ROOT, TOOLS_BIN, ControlPlane, Unavailable, ensure_binaries, wait_for
+from tests.kube.models import data_volume, example
+from tests.kube.operator_process import free_port
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
 CHART = ROOT / "charts" / "kubequant"
 OPERATOR_NAMESPACE = "kubequant-system"
 MODELS_NAMESPACE = "kq-real"
-FIXTURES = ROOT / "tests" / "fixtures"
 HUB_TOKEN = "hf_kubequant_test_token_never_shown"
 
 
@@ -53,12 +51,6 @@ def cluster(tmp_path_factory, machine_before) -> ControlPlane:
         yield started
     finally:
         started.down()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _operator_pod(cluster: ControlPlane) -> dict:
@@ -119,7 +111,7 @@ def test_the_operator_runs_from_its_image_with_in_cluster_credentials(cluster: C
 
 def test_the_operator_metrics_through_port_forward(cluster: ControlPlane):
     pod = _operator_pod(cluster)["metadata"]["name"]
-    port = _free_port()
+    port = free_port()
     forward = subprocess.Popen([str(TOOLS_BIN / "kubectl"), "port-forward", "-n", OPERATOR_NAMESPACE, f"pod/{pod}",
                                 f"{port}:metrics"], env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -137,27 +129,6 @@ def test_the_operator_metrics_through_port_forward(cluster: ControlPlane):
         forward.terminate()
         forward.wait(timeout=30)
     assert re.search(r"^kubequant_\w+", text, flags=re.M), text[:2000]
-
-
-def _local_volume(cluster: ControlPlane, claim: str, folder: Path) -> None:
-    """The tiny example's claim on a `local` PersistentVolume of the real node holding the fixtures: the
-    volume type a one-node cluster uses, and one whose ownership the kubelet sets to the Pod's fsGroup
-    (hostPath is left as it is, so user 65532 could not write there)."""
-    for part in ("tiny-llama", "text", "tasks"):
-        shutil.copytree(FIXTURES / part, folder / part)
-    pv = f"{MODELS_NAMESPACE}-{claim}"
-    cluster.apply({
-        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-        "spec": {"capacity": {"storage": "10Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
-                 "persistentVolumeReclaimPolicy": "Retain", "local": {"path": str(folder)},
-                 "claimRef": {"namespace": MODELS_NAMESPACE, "name": claim},
-                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                     {"key": "kubernetes.io/hostname", "operator": "In", "values": [node.NODE_NAME]}]}]}}},
-    }, {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": MODELS_NAMESPACE},
-        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
-                 "resources": {"requests": {"storage": "10Gi"}}},
-    })
 
 
 def _completion(url: str) -> dict:
@@ -178,9 +149,9 @@ def test_the_tiny_model_quantized_gated_and_served_in_real_containers(cluster: C
     """examples/tiny.yaml as a user applies it: the quantize Job in the CPU quantizer image writing to the
     claim as user 65532, the evaluate Job with vLLM on the CPU in the evaluator image, the Deployment's
     vLLM Ready through its own probes, a completion through the Service, vLLM's /metrics from the Pod."""
-    _local_volume(cluster, "kubequant-data", tmp_path_factory.mktemp("claim"))
-    model = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
-    cluster.apply(model, namespace=MODELS_NAMESPACE)
+    data_volume(cluster, MODELS_NAMESPACE, "kubequant-data", tmp_path_factory.mktemp("claim"), with_fixtures=True,
+                local_node=node.NODE_NAME)
+    cluster.apply(example("tiny.yaml"), namespace=MODELS_NAMESPACE)
     # The operator's Pod deleted while the gate runs: the Deployment starts another, which picks the
     # model up where it was, creating no second Job.
     wait_for("the evaluate Job", lambda: cluster.list("jobs", MODELS_NAMESPACE,
@@ -247,25 +218,20 @@ def test_a_deleted_serving_pod_is_replaced_and_serves_again(cluster: ControlPlan
 def _quantize_only(name: str, **changes: object) -> dict:
     """examples/tiny.yaml renamed, quantize only, with dotted spec changes (quantization__bits=3). Its
     Job asks for a quarter of a core: the node has two, and the tiny example's server holds one."""
-    body = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
-    body["metadata"]["name"] = name
-    body["spec"]["serving"]["enabled"] = False
-    body["spec"]["quantization"]["resources"] = {"requests": {"cpu": "250m", "memory": "1Gi"},
-                                                 "limits": {"memory": "4Gi"}}
-    for dotted, value in changes.items():
-        *parents, last = dotted.split("__")
-        spec = body["spec"]
-        for key in parents:
-            spec = spec.setdefault(key, {})
-        spec[last] = value
-    return body
+    return example("tiny.yaml", name, serving__enabled=False, quantization__resources={
+        "requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}, **changes)
+
+
+def _wait_phase(cluster: ControlPlane, name: str, phase: str, timeout: float) -> dict:
+    """The model's status once it reaches `phase`."""
+    return wait_for(f"{name} to be {phase}", lambda: (s := (cluster.get("qm", name, MODELS_NAMESPACE) or {}).get(
+        "status") or {}).get("phase") == phase and s, timeout=timeout, interval=1, describe=lambda: _describe(cluster))
 
 
 def test_a_quantize_pod_over_its_memory_limit_is_oomkilled_and_shown_as_such(cluster: ControlPlane):
     cluster.apply(_quantize_only("tiny-oom", quantization__resources={"limits": {"memory": "160Mi"}},
                                  quantization__backoffLimit=0), namespace=MODELS_NAMESPACE)
-    status = wait_for("tiny-oom to fail", lambda: (s := (cluster.get("qm", "tiny-oom", MODELS_NAMESPACE) or {}).get(
-        "status") or {}).get("phase") == "Failed" and s, timeout=300, interval=1, describe=lambda: _describe(cluster))
+    status = _wait_phase(cluster, "tiny-oom", "Failed", timeout=300)
     failed = json.dumps(status)
     assert "OOMKilled" in failed and "raise its memory limit" in failed, failed
     (pod,) = cluster.list("pods", MODELS_NAMESPACE, "kubequant.io/model=tiny-oom")
@@ -287,18 +253,14 @@ def test_a_quantize_pod_deleted_midway_resumes_to_the_same_checkpoint(cluster: C
              describe=lambda: _describe(cluster))
     (first,) = cluster.list("pods", MODELS_NAMESPACE, "kubequant.io/model=tiny-resumed")
     cluster.kubectl("delete", "pod", first["metadata"]["name"], "-n", MODELS_NAMESPACE, "--wait=false")
-    resumed = wait_for("tiny-resumed to be quantized", lambda: (s := (cluster.get(
-        "qm", "tiny-resumed", MODELS_NAMESPACE) or {}).get("status") or {}).get("phase") == "Ready" and s,
-        timeout=900, interval=1, describe=lambda: _describe(cluster))
+    resumed = _wait_phase(cluster, "tiny-resumed", "Ready", timeout=900)
     (second,) = cluster.list("pods", MODELS_NAMESPACE, "kubequant.io/model=tiny-resumed")
     assert second["metadata"]["name"] != first["metadata"]["name"]  # the Job made a new Pod
     manifest = json.loads((claim / resumed["artifact"]["path"] / "kubequant.json").read_text())
     assert manifest["resumed_layers"] > 0, manifest
 
     cluster.apply(_quantize_only("tiny-whole", **slower), namespace=MODELS_NAMESPACE)
-    whole = wait_for("tiny-whole to be quantized", lambda: (s := (cluster.get(
-        "qm", "tiny-whole", MODELS_NAMESPACE) or {}).get("status") or {}).get("phase") == "Ready" and s,
-        timeout=900, interval=1, describe=lambda: _describe(cluster))
+    whole = _wait_phase(cluster, "tiny-whole", "Ready", timeout=900)
 
     def tensors(path: Path) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.suffix == ".safetensors"}
@@ -316,18 +278,13 @@ def test_a_model_from_a_hub_mirror_through_the_fetch_container(cluster: ControlP
                    "stringData": {"HF_TOKEN": HUB_TOKEN}})
     with hub.hub_mirror(tmp_path_factory.mktemp("hub"), host="10.244.77.1", port=18092) as mirror:
         def from_mirror(name: str, revision: str) -> dict:
-            body = _quantize_only(name)
-            body["spec"]["source"] = {"huggingface": {"repo": mirror.repo, "revision": revision, "endpoint": mirror.endpoint,
-                                                      "tokenSecretRef": {"name": "hf-token"}}}
-            return body
+            return _quantize_only(name, source={"huggingface": {
+                "repo": mirror.repo, "revision": revision, "endpoint": mirror.endpoint,
+                "tokenSecretRef": {"name": "hf-token"}}})
         cluster.apply(from_mirror("tiny-mirrored", mirror.revision), namespace=MODELS_NAMESPACE)
         cluster.apply(from_mirror("tiny-wrong-revision", "0" * 40), namespace=MODELS_NAMESPACE)
-        fetched = wait_for("tiny-mirrored to be quantized", lambda: (s := (cluster.get(
-            "qm", "tiny-mirrored", MODELS_NAMESPACE) or {}).get("status") or {}).get("phase") == "Ready" and s,
-            timeout=900, interval=1, describe=lambda: _describe(cluster))
-        wrong = wait_for("tiny-wrong-revision to fail", lambda: (s := (cluster.get(
-            "qm", "tiny-wrong-revision", MODELS_NAMESPACE) or {}).get("status") or {}).get("phase") == "Failed" and s,
-            timeout=600, interval=1, describe=lambda: _describe(cluster))
+        fetched = _wait_phase(cluster, "tiny-mirrored", "Ready", timeout=900)
+        wrong = _wait_phase(cluster, "tiny-wrong-revision", "Failed", timeout=600)
     assert fetched["artifact"]["path"]
     failure = json.dumps(wrong)
     assert "InvalidInput" in failure and "0" * 40 in failure and "pin an existing commit" in failure, failure

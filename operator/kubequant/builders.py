@@ -28,6 +28,7 @@ from kubequant.spec import (
     Model,
     Tasks,
     TextSource,
+    asks_gpus,
 )
 from quantizer.contract import CPU, CPU_KVCACHE_SPACE_GIB, EXIT_BAD_INPUT, EXIT_GATE_FAILED
 
@@ -362,9 +363,8 @@ def quantize_job(model: Model) -> dict:
     # The path is keyed by the recipe hash: whatever a failed attempt left there is the same artifact.
     args.append("--overwrite")
 
-    asks_gpus = any(GPU_RESOURCE in (q.resources.get(part) or {}) for part in ("limits", "requests"))
     scheduling: dict[str, Any] = {"nodeSelector": dict(q.node_selector)} if q.node_selector else {}
-    if tolerations := _tolerations(q.tolerations, asks_gpus):
+    if tolerations := _tolerations(q.tolerations, asks_gpus(q.resources)):
         scheduling["tolerations"] = tolerations
     return _job(
         model, quantize_job_name(model), "quantize",

@@ -140,10 +140,6 @@ class Quantization:
     backoff_limit: int = 1
     active_deadline_seconds: int | None = None
 
-    @property
-    def servable(self) -> bool:
-        return not unservable_reasons(self.bits, self.group_size, self.symmetric)
-
     def servable_on(self, device: str) -> bool:
         return not unservable_reasons(self.bits, self.group_size, self.symmetric, device)
 
@@ -388,7 +384,7 @@ def _quantization(raw: dict) -> Quantization:
         (quantization.group_aware_order and not quantization.act_order,
          "spec.quantization.groupAwareOrder is a kind of act-order: it needs actOrder true"),
         (quantization.device not in DEVICES, f"spec.quantization.device must be {_one_of(DEVICES)}"),
-        (quantization.device == CPU and _asks_gpus(quantization.resources),
+        (quantization.device == CPU and asks_gpus(quantization.resources),
          "spec.quantization.resources asks for GPUs, but device is cpu: drop nvidia.com/gpu or set device gpu"),
     ])
 
@@ -500,7 +496,7 @@ def _serving(raw: dict) -> Serving:
         (serving.device not in DEVICES, f"spec.serving.device must be {_one_of(DEVICES)}"),
         (serving.device == CPU and (tp > 1 or serving.nodes > 1),
          "spec.serving.device cpu serves on one CPU Pod: set tensorParallelSize 1 and nodes 1, or device gpu"),
-        (serving.device == CPU and _asks_gpus(serving.resources),
+        (serving.device == CPU and asks_gpus(serving.resources),
          "spec.serving.resources asks for GPUs, but device is cpu: drop nvidia.com/gpu or set device gpu"),
         *((True, f"spec.serving.extraArgs must not set {arg.split('=')[0]}: the spec sets it")
           for arg in serving.extra_args
@@ -555,11 +551,14 @@ def _storage(raw: dict) -> Storage:
     ])
 
 
-def _asks_gpus(resources: dict) -> bool:
+def asks_gpus(resources: dict) -> bool:
+    """Whether Kubernetes resources ask for NVIDIA GPUs (a limit or a request)."""
     return any(GPU_RESOURCE in (resources.get(part) or {}) for part in ("limits", "requests"))
 
 
 def _one_of(values: tuple) -> str:
+    if len(values) == 1:
+        return str(values[0])
     return ", ".join(map(str, values[:-1])) + f" or {values[-1]}"
 
 
@@ -584,7 +583,7 @@ def parse_spec(raw: Any) -> ModelSpec:
         bits = CPU_SERVABLE_BITS if serving.device == CPU else SERVABLE_BITS
         problems.append(
             f"spec.serving.enabled needs a recipe vLLM serves on {serving.device.upper()}s: quantization.bits "
-            f"{_one_of(bits) if len(bits) > 1 else bits[0]}, symmetric true and groupSize "
+            f"{_one_of(bits)}, symmetric true and groupSize "
             f"{_one_of(SERVABLE_GROUP_SIZES)} (or set serving.enabled false to only quantize)")
     if evaluation and serving and "image" not in _obj(raw.get("evaluation"), "spec.evaluation"):
         # The gate measures in the serving engine: vLLM for GPUs, or its CPU build.

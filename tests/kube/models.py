@@ -43,19 +43,28 @@ def install_operator_rbac(cluster: ControlPlane, namespaces: list[str]) -> None:
 
 
 def data_volume(cluster: ControlPlane, namespace: str, claim: str, folder: Path, *, size: str = "10Gi",
-                access_mode: str = "ReadWriteOnce", create_claim: bool = True, with_fixtures: bool = False) -> Path:
-    """A PersistentVolume on a local folder, bound to `claim` (created here unless the operator does)."""
+                access_mode: str = "ReadWriteOnce", create_claim: bool = True, with_fixtures: bool = False,
+                local_node: str | None = None) -> Path:
+    """A PersistentVolume on a local folder, bound to `claim` (created here unless the operator does).
+
+    `local_node`: a `local` volume on that (real) node instead of a hostPath: the type a one-node cluster
+    uses, and one whose ownership the kubelet gives the Pod's fsGroup (a hostPath is left as it is, so
+    user 65532 could not write there)."""
     folder.mkdir(parents=True, exist_ok=True)
     if with_fixtures:  # what examples/tiny.yaml expects at the root of its claim
         shutil.copytree(FIXTURES / "tiny-llama", folder / "tiny-llama", dirs_exist_ok=True)
         shutil.copytree(FIXTURES / "text", folder / "text", dirs_exist_ok=True)
         shutil.copytree(FIXTURES / "tasks", folder / "tasks", dirs_exist_ok=True)
     pv_name = f"{namespace}-{claim}"
+    where: dict = {"hostPath": {"path": str(folder)}}
+    if local_node:
+        where = {"local": {"path": str(folder)}, "nodeAffinity": {"required": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [local_node]}]}]}}}
     cluster.apply({
         "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv_name},
         "spec": {"capacity": {"storage": size}, "accessModes": [access_mode], "storageClassName": "",
-                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(folder)},
-                 "claimRef": {"namespace": namespace, "name": claim}},
+                 "persistentVolumeReclaimPolicy": "Retain", "claimRef": {"namespace": namespace, "name": claim},
+                 **where},
     })
     if create_claim:
         cluster.apply({
