@@ -218,8 +218,8 @@ def test_a_deleted_serving_pod_is_replaced_and_serves_again(cluster: ControlPlan
 def _quantize_only(name: str, **changes: object) -> dict:
     """examples/tiny.yaml renamed, quantize only, with dotted spec changes (quantization__bits=3). Its
     Job asks for a quarter of a core: the node has two, and the tiny example's server holds one."""
-    return example("tiny.yaml", name, serving__enabled=False, quantization__resources={
-        "requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}, **changes)
+    quarter_core = {"requests": {"cpu": "250m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+    return example("tiny.yaml", name, **{"serving__enabled": False, "quantization__resources": quarter_core, **changes})
 
 
 def _wait_phase(cluster: ControlPlane, name: str, phase: str, timeout: float) -> dict:
