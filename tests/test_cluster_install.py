@@ -4,6 +4,9 @@ the chart by the helm CLI (install, upgrade, uninstall), `kubectl explain`, the 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -121,3 +124,23 @@ def test_printer_columns(control_plane: ControlPlane):
     header, row = control_plane.kubectl("get", "qm", "-n", ns, "-o", "wide").stdout.splitlines()
     assert header.split()[8:12] == ["KL", "TOP-1", "TASK", "DROP"]
     assert row.split()[6:9] == ["0.0117", "0.9134", "0.01"]
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "llama-3-8b-tp2.yaml"])
+def test_render_names_what_the_operator_names_from_the_stored_object(control_plane: ControlPlane, name: str):
+    # `kubequant render` parses the file; the operator parses the object the apiserver stored, whose
+    # numbers are JSON's (1.0 comes back as 1). Both must name the same Jobs and artifact paths.
+    from kubequant import builders
+    from kubequant.spec import parse_model
+
+    ns = control_plane.create_namespace(f"kq-names-{name.split('.')[0]}")
+    example = ROOT / "examples" / name
+    control_plane.kubectl("apply", "-n", ns, "-f", str(example))
+    file_name = yaml.safe_load(example.read_text())["metadata"]["name"]
+    stored = parse_model(control_plane.get("qm", file_name, ns))
+    rendered = subprocess.run([str(Path(sys.executable).parent / "kubequant"), "render", "-f", str(example), "-n", ns],
+                              capture_output=True, text=True, check=True).stdout
+    jobs = {doc["metadata"]["name"] for doc in yaml.safe_load_all(rendered) if doc and doc["kind"] == "Job"}
+    assert builders.quantize_job_name(stored) in jobs
+    assert builders.evaluate_job_name(stored) in jobs
+    assert builders.artifact_dir(stored) in rendered

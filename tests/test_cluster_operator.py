@@ -36,7 +36,7 @@ from tests.kube.models import (
 from tests.kube.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.controlplane
-WATCHED = ["kq-life", "kq-tp", "kq-faults", "kq-delete", "kq-lws"]
+WATCHED = ["kq-life", "kq-tp", "kq-faults", "kq-delete", "kq-lws", "kq-waiting"]
 SA = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}"
 
 
@@ -65,6 +65,7 @@ def test_the_service_account_can_do_what_it_needs_and_no_more(control_plane: Con
 
     needed = [("create", "jobs", "-n", "kq-life"), ("patch", "deployments", "-n", "kq-faults"),
               ("patch", "quantizedmodels/status", "-n", "kq-tp"), ("list", "pods", "-n", "kq-delete"),
+              ("watch", "pods", "-n", "kq-waiting"),
               ("create", "events", "-n", "kq-life"), ("create", "persistentvolumeclaims", "-n", "kq-life"),
               ("watch", "customresourcedefinitions.apiextensions.k8s.io")]
     refused = [("get", "secrets", "-n", "kq-life"), ("list", "secrets", "-A"), ("delete", "namespaces"),
@@ -286,6 +287,30 @@ def test_bad_input_on_the_claim_fails_once_naming_the_file(control_plane: Contro
         quantized = next(c for c in status["conditions"] if c["type"] == "Quantized")
         assert quantized["status"] == "False" and words in quantized["message"]
         assert len(models.kubelet.job_pods(job)) == 1  # not retried
+
+
+def test_a_pod_the_scheduler_cannot_place_is_waiting_not_running(control_plane: ControlPlane, operator,
+                                                                 tmp_path: Path):
+    """The Job counts its Pending Pod as active. Before the claim exists the real scheduler cannot
+    place the quantize Pod: the model is Pending with the scheduler's words, and the metric agrees;
+    once the claim is there the Pod is scheduled and the model is Quantizing."""
+    ns = "kq-waiting"
+    models = _models(control_plane, ns, tmp_path)
+    models.apply(example("tiny.yaml", "no-claim-yet"))  # nothing holds kubequant-data in this namespace yet
+
+    def quantized() -> dict:
+        return next((c for c in models.status("no-claim-yet").get("conditions") or [] if c["type"] == "Quantized"), {})
+
+    condition = wait_for("the scheduler's reason in the Quantized condition",
+                         lambda: (c := quantized()).get("reason") == "Unschedulable" and c, timeout=60,
+                         describe=lambda: json.dumps(models.status("no-claim-yet"), indent=1)[:2000])
+    assert 'persistentvolumeclaim "kubequant-data" not found' in condition["message"], condition
+    status = models.status("no-claim-yet")
+    assert status["phase"] == "Pending" and "is waiting" in status["message"], status
+    assert (operator.sample("kubequant_models", {"phase": "Pending"}) or 0) >= 1
+
+    data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
+    models.wait_phase("no-claim-yet", "Quantizing", timeout=120)
 
 
 def test_deletion_honours_the_retention_policy(control_plane: ControlPlane, operator, tmp_path: Path):

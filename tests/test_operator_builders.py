@@ -494,3 +494,17 @@ def test_every_spec_error_is_reported_at_once():
     assert [p.split(" ")[0] for p in raised.value.problems] == [
         "metadata.name", "spec.quantization.bits", "spec.serving.replicas", "spec.storage.retentionPolicy"]
     assert str(raised.value) == "; ".join(raised.value.problems)
+
+
+def test_a_number_hashes_the_same_however_it_is_spelled():
+    # The apiserver stores `dampPercent: 1.0` as 1 and `maxPerplexityRatio: 2` as 2: the names and
+    # paths the operator computes from the stored object are those `kubequant render` computes from the file.
+    as_written = with_spec(with_spec(example(), "quantization.dampPercent", 1.0), "evaluation.maxPerplexityRatio", 2.0)
+    as_stored = with_spec(with_spec(example(), "quantization.dampPercent", 1), "evaluation.maxPerplexityRatio", 2)
+    written, stored = parse_model(as_written), parse_model(as_stored)
+    assert builders.quantize_job_name(written) == builders.quantize_job_name(stored)
+    assert builders.evaluate_job_name(written) == builders.evaluate_job_name(stored)
+    assert builders.artifact_dir(written) == builders.artifact_dir(stored)
+    # A different number still hashes differently.
+    other = parse_model(with_spec(example(), "quantization.dampPercent", 1.5))
+    assert builders.quantize_job_name(other) != builders.quantize_job_name(written)

@@ -30,6 +30,7 @@ from tests.operator_support.objects import (
     REGRESSED,
     available,
     example,
+    pending_pod,
     pod,
     with_spec,
     with_status,
@@ -580,3 +581,36 @@ def test_update_action_carries_the_full_object():
     [action] = sim.step().actions
     assert isinstance(action, Update) and action.obj["kind"] == "Deployment"
     assert "0.5" in action.obj["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("component", ["quantize", "evaluate"])
+def test_a_pod_that_cannot_run_is_waiting_not_running(component):
+    # The Job counts its Pending Pod as active; the model must not say "running" while the scheduler
+    # cannot place it (a missing claim here) or its image cannot be pulled.
+    sim = Sim(tiny())
+    sim.step()
+    if component == "evaluate":
+        sim.finish("quantize", "succeeded", QUANTIZE_RESULT)
+        sim.step()
+    job = sim.job(component)
+    name = job["metadata"]["name"]
+    sim.objs[("Job", name)] = with_status(job, "running")
+    unbound = '0/3 nodes are available: persistentvolumeclaim "kubequant-data" not found. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling.'
+    sim.pods[name] = [pending_pod(job, unschedulable=unbound)]
+    decision = sim.step()
+    stage = condition(decision, "Quantized" if component == "quantize" else "Evaluated")
+    assert decision.status["phase"] == "Pending"
+    assert stage["status"] == "False" and stage["reason"] == "Unschedulable"
+    assert "persistentvolumeclaim \"kubequant-data\" not found" in stage["message"]
+    assert "running" not in decision.status["message"] and name in decision.status["message"]
+
+    sim.pods[name] = [pending_pod(job, waiting=("ImagePullBackOff", 'Back-off pulling image "r/q:1"'))]
+    decision = sim.step()
+    assert decision.status["phase"] == "Pending"
+    assert condition(decision, "Quantized" if component == "quantize" else "Evaluated")["reason"] == "ImagePullBackOff"
+
+    # Scheduled and started: running again.
+    sim.pods[name] = []
+    decision = sim.step()
+    assert decision.status["phase"] == ("Quantizing" if component == "quantize" else "Evaluating")
+    assert "is running" in decision.status["message"]

@@ -71,9 +71,21 @@ FETCH_CONTAINER = "fetch"
 EVALUATE_CONTAINER = "evaluate"
 
 
+def _canonical(data: Any) -> Any:
+    """Numbers as JSON means them: the apiserver stores `dampPercent: 1.0` as `1`, so a float that is
+    a whole number hashes as that integer, whoever parsed the spec (kubectl's file or the stored object)."""
+    if isinstance(data, float) and data.is_integer():
+        return int(data)
+    if isinstance(data, dict):
+        return {key: _canonical(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_canonical(value) for value in data]
+    return data
+
+
 def digest(data: Any, length: int = 10) -> str:
-    """A short, stable hash of JSON-able data (key order does not matter)."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    """A short, stable hash of JSON-able data (key order and a number's spelling do not matter)."""
+    text = json.dumps(_canonical(data), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 

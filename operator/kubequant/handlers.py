@@ -142,6 +142,15 @@ def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logg
         reconcile(memo, namespace, owner, logger)
 
 
+@kopf.on.event("", "v1", "pods", labels={builders.LABEL_MODEL: kopf.PRESENT, "job-name": kopf.PRESENT})
+def job_pod_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **event: Any) -> None:
+    # A Job's Pod that the scheduler cannot place, or whose image cannot be pulled, changes nothing in
+    # the Job's status (it counts the Pod as active): only the Pod tells that nothing runs.
+    if event.get("type") == "DELETED" or not body.get("status"):
+        return
+    reconcile(memo, namespace, body["metadata"]["labels"][builders.LABEL_MODEL], logger)
+
+
 @kopf.on.delete(GROUP, VERSION, PLURAL, backoff=5)
 def model_deleted(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger,
                   **_: Any) -> None:

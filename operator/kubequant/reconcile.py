@@ -114,7 +114,7 @@ def redact(text: str) -> str:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    state: str  # missing, pending, running, succeeded, failed
+    state: str  # missing, pending, waiting (its Pod cannot run: reason, message), running, succeeded, failed
     result: dict | None = None  # the main container's termination message, decoded
     reason: str = ""
     message: str = ""
@@ -180,9 +180,40 @@ def job_outcome(job: dict | None, pods: list[dict], container: str) -> JobOutcom
         return JobOutcome("failed", reason=failed.get("reason") or "JobFailed",
                           message=redact(failed.get("message") or "the Job failed"), seconds=seconds)
 
+    stuck = pod_waiting(pods)
+    if stuck:
+        return JobOutcome("waiting", reason=stuck[0], message=redact(stuck[1]))
     if (status.get("active") or 0) > 0 or (status.get("ready") or 0) > 0:
         return JobOutcome("running")
     return JobOutcome("pending")
+
+
+# A container that waits for one of these waits until someone acts (a missing Secret or image, a
+# registry that refuses): nothing runs, and the model must say so rather than "running".
+STUCK_CONTAINER_REASONS = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+
+
+def pod_waiting(pods: list[dict]) -> tuple[str, str] | None:
+    """(reason, message) when the newest Pod cannot run: the scheduler cannot place it (a claim that is
+    missing or unbound, no node with the GPUs, a quota, a taint: PodScheduled is False with the
+    scheduler's words), or a container cannot start. None while it runs, starts or ended."""
+    if not pods:
+        return None
+    pod = max(pods, key=lambda p: p.get("metadata", {}).get("creationTimestamp") or "")
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return condition.get("reason") or "Unschedulable", condition.get("message") or "the Pod cannot be scheduled"
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_CONTAINER_REASONS:
+            return waiting["reason"], f"container {cs.get('name')}: {waiting.get('message') or waiting['reason']}"
+    return None
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -408,13 +439,15 @@ def _quantize(ctx: _Context) -> _StageResult:
         outcome = job_outcome(ctx.observed.jobs.get(name), ctx.observed.pods.get(name, []),
                               builders.QUANTIZE_CONTAINER)
         quantized, artifact, out.failure = _quantize_job(model, ctx.a_hash, name, outcome, out.actions)
+        out.phase = PENDING if outcome.state in ("missing", "pending", "waiting") else QUANTIZING
     ctx.artifact = artifact
     out.conditions["Quantized"] = quantized
     if artifact or ctx.old.get("artifact"):
         out.records["artifact"] = artifact or ctx.old["artifact"]  # the latest result, until a newer one
     if quantized.status != "True":
-        out.phase = PENDING if quantized.reason == "JobPending" else QUANTIZING
         out.message = quantized.message
+    else:
+        out.phase = None
     return out
 
 
@@ -430,7 +463,7 @@ def _gate(ctx: _Context) -> _StageResult:
         return out
     evaluated = _Stage("Unknown", "WaitingForArtifact", "evaluation starts when the artifact is ready")
     gate = _Stage("Unknown", "NotEvaluated", "the artifact has not been evaluated yet")
-    evaluation = None
+    evaluation, waiting = None, False
     if ctx.artifact and ctx.preflight_error:
         evaluated = _Stage("Unknown", "PreflightFailed", f"not evaluated: {ctx.preflight_error}")
     elif ctx.artifact and ctx.failure is None:
@@ -441,6 +474,7 @@ def _gate(ctx: _Context) -> _StageResult:
                                   builders.EVALUATE_CONTAINER)
             evaluated, evaluation, out.failure = _evaluate_job(ctx.model, ctx.e_key, ctx.a_hash, name, ctx.artifact,
                                                                outcome, out.actions)
+            waiting = outcome.state == "waiting"
         if evaluation:
             out.records["evaluation"] = evaluation
             evaluated = _Stage("True", "Evaluated", f"served perplexity {evaluation.get('servedPerplexity')}")
@@ -448,7 +482,7 @@ def _gate(ctx: _Context) -> _StageResult:
     ctx.evaluation = evaluation
     out.conditions.update(Evaluated=evaluated, GatePassed=gate)
     if evaluated.status != "True":
-        out.phase, out.message = EVALUATING, evaluated.message
+        out.phase, out.message = PENDING if waiting else EVALUATING, evaluated.message
     elif gate.status != "True":
         out.phase, out.message = GATE_FAILED, f"{gate.reason}: {gate.message}"
     return out
@@ -721,6 +755,8 @@ def _quantize_job(model: Model, a_hash: str, name: str, outcome: JobOutcome,
         actions.append(Create(builders.quantize_job(model)))
     if outcome.state in ("missing", "pending"):
         return _Stage("False", "JobPending", f"waiting for the quantize Job {name} to start"), None, None
+    if outcome.state == "waiting":
+        return _Stage("False", outcome.reason, f"the quantize Job {name} is waiting: {outcome.message}"), None, None
     if outcome.state == "running":
         return _Stage("False", "Quantizing", f"the quantize Job {name} is running"), None, None
     result = QuantizeResult.from_dict(outcome.result) if outcome.state == "succeeded" else None
@@ -744,6 +780,8 @@ def _evaluate_job(model: Model, e_key: str, a_hash: str, name: str, artifact: di
     """(condition, evaluation record, failure) from the evaluate Job; creates it when missing."""
     if outcome.state == "missing":
         actions.append(Create(builders.evaluate_job(model, artifact)))
+    if outcome.state == "waiting":
+        return _Stage("False", outcome.reason, f"the evaluate Job {name} is waiting: {outcome.message}"), None, None
     if outcome.state in ("missing", "pending", "running"):
         state = "running" if outcome.state == "running" else "pending"
         return _Stage("False", "Evaluating", f"the evaluate Job {name} is {state}"), None, None

@@ -79,7 +79,11 @@ class ControlPlane:
     def apply_crds(self) -> None:
         """The CRDs as a user applies them (server-side), once established."""
         self.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        self.kubectl("wait", "--for=condition=Established", "crd/quantizedmodels.kubequant.io", "--timeout=60s")
+        # Not `kubectl wait`: it fails outright (".status.conditions accessor error") when it reads the
+        # CRD before the apiserver wrote any condition, which a loaded machine sees.
+        wait_for("the CRD to be established", lambda: any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in ((self.get("crd", "quantizedmodels.kubequant.io") or {}).get("status") or {}).get("conditions") or []))
 
     def restart(self, component: str) -> None:
         self._script("restart", component)

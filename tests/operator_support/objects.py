@@ -92,6 +92,26 @@ def pod(job: dict, container: str, *, exit_code: int, result: dict | None = None
     }
 
 
+def pending_pod(job: dict, *, unschedulable: str | None = None, waiting: tuple[str, str] | None = None,
+                created: str = "2026-01-01T00:00:01Z") -> dict:
+    """A Pod of `job` that does not run: the scheduler's PodScheduled=False with its message, or a
+    container waiting for a (reason, message), as the scheduler and the kubelet report them."""
+    name = job["metadata"]["name"]
+    labels = {**job["spec"]["template"]["metadata"]["labels"], "job-name": name, "batch.kubernetes.io/job-name": name}
+    status: dict = {"phase": "Pending"}
+    if unschedulable:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "message": unschedulable}]
+    if waiting:
+        status["conditions"] = [{"type": "PodScheduled", "status": "True"}]
+        status["containerStatuses"] = [{"name": "quantize", "state": {"waiting": {"reason": waiting[0],
+                                                                                "message": waiting[1]}}}]
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{name}-pending", "namespace": job["metadata"]["namespace"], "labels": labels,
+                         "creationTimestamp": created},
+            "status": status}
+
+
 def available(deployment: dict, replicas: int | None = None, generation: int | None = None) -> dict:
     """The Deployment as its controller reports it once every replica is updated and available."""
     dep = copy.deepcopy(deployment)

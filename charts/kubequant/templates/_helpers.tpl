@@ -124,10 +124,11 @@ Call as {{- include "kubequant.annotations" (dict "ctx" $ "extra" $own) }} right
 - apiGroups: ["inference.networking.k8s.io"]
   resources: ["inferencepools"]
   verbs: ["get", "create", "patch", "delete"]
-# The Jobs' Pods: their termination messages carry the results of quantize and evaluate.
+# The Jobs' Pods: their termination messages carry the results of quantize and evaluate, and a Pod
+# the scheduler cannot place (or whose image cannot be pulled) changes no Job status: it is watched.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["get", "list", "watch"]
 # An Event on every phase transition (kopf posts core/v1 Events).
 - apiGroups: [""]
   resources: ["events"]
