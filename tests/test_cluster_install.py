@@ -144,3 +144,42 @@ def test_render_names_what_the_operator_names_from_the_stored_object(control_pla
     assert builders.quantize_job_name(stored) in jobs
     assert builders.evaluate_job_name(stored) in jobs
     assert builders.artifact_dir(stored) in rendered
+
+
+def test_uninstall_leaves_no_model_that_cannot_be_deleted(control_plane: ControlPlane, tmp_path: Path):
+    """Only a model whose artifacts go with it (retentionPolicy Delete) carries the operator's finalizer;
+    after `helm uninstall` every other model deletes at once, and the documented command frees the
+    rest. The periodic resync runs without any finalizer."""
+    from tests.kube.models import data_volume, example
+    from tests.kube.operator_process import OperatorProcess
+
+    release, system, ns = "kq-un", "kq-un-system", "kq-un"
+    control_plane.create_namespace(ns)
+    control_plane.helm("install", release, str(CHART), "-n", system, "--create-namespace", "--set", "replicaCount=0",
+                       "--set", f"operator.watchNamespaces={{{ns}}}")
+    kubeconfig = control_plane.token_kubeconfig(f"{release}-kubequant", system, tmp_path / "kubeconfig")
+    data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
+    control_plane.apply(example("tiny.yaml", "keep"), namespace=ns)
+    control_plane.apply(example("tiny.yaml", "wipe", storage__retentionPolicy="Delete"), namespace=ns)
+
+    def finalizers(name: str) -> list[str]:
+        return (control_plane.get("qm", name, ns) or {}).get("metadata", {}).get("finalizers") or []
+
+    with OperatorProcess(kubeconfig, [ns], tmp_path / "operator.log", resync_seconds=1) as operator:
+        for name in ("keep", "wipe"):
+            wait_for(f"{name} to be reconciled", lambda n=name: (control_plane.get("qm", n, ns) or {}).get("status"),
+                     describe=operator.tail)
+        wait_for("the finalizer on the model with retentionPolicy Delete", lambda: finalizers("wipe"),
+                 describe=operator.tail)
+        assert finalizers("keep") == []
+        before = operator.sample("kubequant_reconciles_total", {"result": "success"}) or 0
+        wait_for("the resync to reconcile unchanged models", lambda: (operator.sample(
+            "kubequant_reconciles_total", {"result": "success"}) or 0) >= before + 4, timeout=30, describe=operator.tail)
+    control_plane.helm("uninstall", release, "-n", system, "--wait")
+
+    control_plane.kubectl("delete", "qm", "keep", "-n", ns, "--timeout=30s")
+    assert finalizers("wipe") == ["kubequant.io/finalizer"]
+    # docs/install.md, "Uninstalling": a model whose operator is gone, freed by hand (its artifacts stay).
+    control_plane.kubectl("patch", "qm", "wipe", "-n", ns, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+    control_plane.kubectl("delete", "qm", "wipe", "-n", ns, "--timeout=30s")
+    assert control_plane.list("qm", ns) == []

@@ -39,7 +39,7 @@ def _settings(memo: kopf.Memo) -> OperatorSettings:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     # Annotations, not status: the status schema is ours and fully structural (no kopf fields pruned).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -51,9 +51,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     memo.client = k8s.Client.from_config()
     memo.locks = {}
     memo.locks_guard = threading.Lock()
+    memo.known = set()  # (namespace, name) of every model seen
     if memo.settings.metrics_port > 0:
         metrics.serve(memo.settings.metrics_port, memo.settings.bind_address)
         logger.info("metrics on %s:%d/metrics", memo.settings.bind_address, memo.settings.metrics_port)
+    # The safety net: a missed event is corrected within resync_seconds (0 turns it off). One loop over
+    # the models rather than a kopf daemon per model: a daemon needs a finalizer on every model, and a
+    # finalizer that outlives the operator (helm uninstall) makes the model undeletable.
+    if memo.settings.resync_seconds > 0:
+        memo.resync_task = asyncio.create_task(_resync(memo, logger))
 
 
 def _now() -> str:
@@ -107,18 +113,43 @@ def model_changed(namespace: str, name: str, memo: kopf.Memo, logger: logging.Lo
     reconcile(memo, namespace, name, logger)
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
-async def resync(stopped: kopf.DaemonStopped, namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger,
-                 **_: Any) -> None:
-    """The safety net: a missed event is corrected within resync_seconds (0 turns it off)."""
-    interval = memo.settings.resync_seconds
-    if interval <= 0:
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def model_seen(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **event: Any) -> None:
+    """The models the resync visits. Deleted: its metrics go, and a retained model says where its
+    artifacts stay (a model that needs no cleanup has no finalizer, so no delete handler sees it)."""
+    with memo.locks_guard:
+        if event.get("type") != "DELETED":
+            memo.known.add((namespace, name))
+            return
+        memo.known.discard((namespace, name))
+        memo.locks.pop((namespace, name), None)
+    metrics.forget(namespace, name)
+    try:
+        model = parse_model(dict(body))
+    except SpecError:
         return
-    while not await stopped.wait(interval):
-        try:
-            await asyncio.to_thread(reconcile, memo, namespace, name, logger)
-        except Exception as exc:  # the next tick, or the next event, tries again
-            logger.warning("resync of %s/%s failed: %s", namespace, name, exc)
+    if not needs_cleanup(model.spec.storage.retention_policy):
+        kopf.event(body, type="Normal", reason="Deleted", message=decide_deletion(model, None, [], None, None).message)
+
+
+async def _resync(memo: kopf.Memo, logger: logging.Logger) -> None:
+    interval = memo.settings.resync_seconds
+    while True:
+        await asyncio.sleep(interval)
+        with memo.locks_guard:
+            known = sorted(memo.known)
+        for namespace, name in known:
+            try:
+                await asyncio.to_thread(reconcile, memo, namespace, name, logger)
+            except Exception as exc:  # the next tick, or the next event, tries again
+                logger.warning("resync of %s/%s failed: %s", namespace, name, exc)
+
+
+@kopf.on.cleanup()
+async def stop_resync(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("resync_task")
+    if task:
+        task.cancel()
 
 
 def _owner(body: kopf.Body) -> str | None:
@@ -151,7 +182,13 @@ def job_pod_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: lo
     reconcile(memo, namespace, body["metadata"]["labels"][builders.LABEL_MODEL], logger)
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=5)
+def needs_cleanup(retention_policy: object) -> bool:
+    """Only a model whose artifacts go with it holds a finalizer: the operator must remove them first."""
+    return retention_policy == "Delete"
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, backoff=5,
+                when=lambda spec, **_: needs_cleanup((spec.get("storage") or {}).get("retentionPolicy")))
 def model_deleted(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger,
                   **_: Any) -> None:
     """Honour the retention policy; the finalizer stays until the artifacts are dealt with."""
