@@ -183,3 +183,39 @@ def test_uninstall_leaves_no_model_that_cannot_be_deleted(control_plane: Control
     control_plane.kubectl("patch", "qm", "wipe", "-n", ns, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
     control_plane.kubectl("delete", "qm", "wipe", "-n", ns, "--timeout=30s")
     assert control_plane.list("qm", ns) == []
+
+
+def test_without_the_discovery_cluster_role_the_operator_starts_quietly(control_plane: ControlPlane, tmp_path: Path):
+    """`rbac.discovery: false`: the operator runs with the chart's own arguments under the chart's RBAC
+    and reconciles a model at once, without a storm of forbidden CRD lists."""
+    import time
+
+    from tests.kube.models import example
+    from tests.kube.operator_process import OperatorProcess
+
+    release, system, ns = "kq-nodisc", "kq-nodisc-system", "kq-nodisc"
+    control_plane.create_namespace(ns)
+    control_plane.helm("install", release, str(CHART), "-n", system, "--create-namespace", "--set", "replicaCount=0",
+                       "--set", f"operator.watchNamespaces={{{ns}}}", "--set", "rbac.discovery=false")
+    try:
+        objects = list(yaml.safe_load_all(control_plane.helm("get", "manifest", release, "-n", system).stdout))
+        assert not [o for o in objects if o and o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+        [deployment] = [o for o in objects if o and o["kind"] == "Deployment"]
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--no-discovery" in args
+        chart_flags = tuple(a for a in args if a not in ("operator",) and not a.startswith(
+            ("--namespace", "--metrics-port", "--health-port", "--resync-seconds")))
+        kubeconfig = control_plane.token_kubeconfig(f"{release}-kubequant", system, tmp_path / "kubeconfig")
+        control_plane.apply(example("tiny.yaml", "quiet"), namespace=ns)
+        started = time.monotonic()
+        log = tmp_path / "operator.log"
+        with OperatorProcess(kubeconfig, [ns], log, extra_args=chart_flags) as operator:
+            wait_for("the first reconcile", lambda: (control_plane.get("qm", "quiet", ns) or {}).get("status"),
+                     timeout=30, describe=operator.tail)
+            took = time.monotonic() - started
+        errors = [line for line in log.read_text().splitlines() if " ERROR " in line or "Forbidden" in line]
+        assert errors == [], errors[:5]
+        assert took < 30, took
+    finally:
+        control_plane.kubectl("delete", "qm", "quiet", "-n", ns, "--wait=false", check=False)
+        control_plane.helm("uninstall", release, "-n", system, "--wait", check=False)

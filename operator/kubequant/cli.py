@@ -58,7 +58,7 @@ def _operator(args: argparse.Namespace) -> int:
     from kubequant.handlers import OperatorSettings  # importing registers the handlers
 
     settings = OperatorSettings(metrics_port=args.metrics_port, bind_address=args.bind_address,
-                                resync_seconds=args.resync_seconds)
+                                resync_seconds=args.resync_seconds, discovery=args.discovery)
     kopf.run(
         memo=kopf.Memo(settings=settings),
         clusterwide=args.all_namespaces,
@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port; 0 disables")
     p.add_argument("--health-port", type=int, default=8081, help="liveness /healthz port; 0 disables")
     p.add_argument("--resync-seconds", type=float, default=60, help="re-check every model this often")
+    p.add_argument("--no-discovery", dest="discovery", action="store_false",
+                   help="do not list or watch CRDs and Namespaces (for installs without that ClusterRole): "
+                        "serve the given namespaces and the kinds the cluster has at start")
     p.add_argument("--bind-address", default="0.0.0.0",
                    help="address of the metrics and health endpoints (127.0.0.1: this machine only)")
     p.add_argument("-v", "--verbose", action="store_true")

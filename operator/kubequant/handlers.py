@@ -31,6 +31,7 @@ class OperatorSettings:
     bind_address: str = "0.0.0.0"  # of the metrics endpoint
     resync_seconds: float = 60  # re-decide every model this often; 0: only on events
     delete_retry_seconds: float = 5  # how often a deletion checks on its cleanup
+    discovery: bool = True  # list/watch CRDs and Namespaces (kopf's scanning); needs the discovery ClusterRole
 
 
 def _settings(memo: kopf.Memo) -> OperatorSettings:
@@ -48,6 +49,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     # Our own Events tell the story; kopf's per-handler INFO events would drown them.
     settings.posting.level = logging.WARNING
     memo.settings = _settings(memo)
+    # Without the discovery ClusterRole kopf's scanning only retries forbidden lists (a minute of
+    # errors before the first reconcile): serve what the cluster has at start instead.
+    settings.scanning.disabled = not memo.settings.discovery
     memo.client = k8s.Client.from_config()
     memo.locks = {}
     memo.locks_guard = threading.Lock()

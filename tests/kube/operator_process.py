@@ -21,18 +21,20 @@ def free_port() -> int:
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, namespaces: list[str], log: Path, resync_seconds: float = 0):
+    def __init__(self, kubeconfig: Path, namespaces: list[str], log: Path, resync_seconds: float = 0,
+                 extra_args: tuple[str, ...] = ()):
         self.kubeconfig = kubeconfig
         self.namespaces = namespaces
         self.log = log
         self.resync_seconds = resync_seconds
+        self.extra_args = extra_args
         self.metrics_port = free_port()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> OperatorProcess:
         argv = [sys.executable, "-m", "kubequant.cli", "operator", *[f"--namespace={n}" for n in self.namespaces],
                 f"--metrics-port={self.metrics_port}", "--health-port=0", "--bind-address=127.0.0.1",
-                f"--resync-seconds={self.resync_seconds}", "--verbose"]
+                f"--resync-seconds={self.resync_seconds}", "--verbose", *self.extra_args]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with self.log.open("a") as out:
             out.write(f"--- start: {' '.join(argv)}\n")
