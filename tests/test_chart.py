@@ -404,7 +404,7 @@ EXPECTED_RULES = {
     ("leaderworkerset.x-k8s.io", "leaderworkersets"): WATCHED_CHILD,
     ("autoscaling", "horizontalpodautoscalers"): CHILD,
     ("inference.networking.k8s.io", "inferencepools"): CHILD,
-    ("", "pods"): {"get", "list"},
+    ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
 }
 KOPF_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
