@@ -46,7 +46,8 @@ VARIANTS: dict[str, dict] = {
 }
 NAMESPACED_KINDS = {"Deployment", "ServiceAccount", "Role", "RoleBinding", "Service", "ConfigMap",
                     "ServiceMonitor", "PrometheusRule", "NetworkPolicy"}
-CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+CLUSTER_KINDS = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "ValidatingAdmissionPolicy",
+                 "ValidatingAdmissionPolicyBinding"}
 
 
 # ---- rendering ----------------------------------------------------------------------------------

@@ -219,3 +219,32 @@ def test_without_the_discovery_cluster_role_the_operator_starts_quietly(control_
     finally:
         control_plane.kubectl("delete", "qm", "quiet", "-n", ns, "--wait=false", check=False)
         control_plane.helm("uninstall", release, "-n", system, "--wait", check=False)
+
+
+def test_a_model_in_an_unwatched_namespace_is_impossible_to_miss(control_plane: ControlPlane):
+    """kubectl apply of a model where this release does not look prints the apiserver's warning, naming
+    the watched namespaces and the fix; in a watched namespace it says nothing. Never a refusal."""
+    release, system = "kq-warn", "kq-warn-system"
+    watched = control_plane.create_namespace("kq-warn")
+    elsewhere = control_plane.create_namespace("kq-warn-elsewhere")
+    control_plane.helm("install", release, str(CHART), "-n", system, "--create-namespace", "--set", "replicaCount=0",
+                       "--set", f"operator.watchNamespaces={{{watched}}}")
+    try:
+        example = str(ROOT / "examples" / "tiny.yaml")
+
+        def apply_warnings(namespace: str) -> list[str]:
+            done = control_plane.kubectl("apply", "-n", namespace, "-f", example)
+            return [line for line in done.stderr.splitlines() if line.startswith("Warning:") and f"release {release} " in line]
+
+        # The policy reaches the apiserver's admission a moment after it is created.
+        [warning] = wait_for("the apiserver's warning", lambda: apply_warnings(elsewhere) or (
+            control_plane.kubectl("delete", "qm", "--all", "-n", elsewhere) and None), timeout=30)
+        assert f"no kubequant operator watches the namespace {elsewhere}" in warning
+        assert f"watches {watched}" in warning and f"-n {watched}" in warning and "operator.watchNamespaces" in warning
+        assert control_plane.get("qm", "tiny-llama", elsewhere) is not None  # warned, not refused
+        assert apply_warnings(watched) == []
+        # Cluster-wide, every namespace is watched: no policy.
+        manifest = control_plane.helm("template", release, str(CHART), "-n", system, "--set", "rbac.clusterWide=true").stdout
+        assert "ValidatingAdmissionPolicy" not in manifest
+    finally:
+        control_plane.helm("uninstall", release, "-n", system, "--wait", check=False)
