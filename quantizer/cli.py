@@ -138,10 +138,15 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_fetch(sub) -> None:
-    p = sub.add_parser("fetch", help="download a Hugging Face model at a pinned revision (token from HF_TOKEN)")
+    p = sub.add_parser("fetch", help="download a Hugging Face model, or files of a dataset, at a pinned revision "
+                                     "(token from HF_TOKEN)")
     p.add_argument("--repo", required=True, help="for example meta-llama/Llama-3.1-8B-Instruct")
     p.add_argument("--revision", required=True, help="a commit sha (or tag) to pin")
     p.add_argument("--output", type=Path, required=True, help="directory to download into")
+    p.add_argument("--repo-type", choices=("model", "dataset"), default="model",
+                   help="model: its weights, configs and tokenizer; dataset: the --file paths only")
+    p.add_argument("--file", action="append", default=[], dest="files", metavar="PATH",
+                   help="a file of the repository to download (repeatable; required for a dataset)")
     p.add_argument("--result-file", type=Path)
 
 
@@ -238,14 +243,18 @@ def _fetch(args) -> Result:
         RevisionNotFoundError,
     )
 
-    where = f"{args.repo} on {constants.ENDPOINT}"  # HF_ENDPOINT: the Hub, or a mirror of it
+    where = f"{args.repo_type} {args.repo} on {constants.ENDPOINT}"  # HF_ENDPOINT: the Hub, or a mirror of it
+    if args.repo_type == "dataset" and not args.files:
+        raise InputError("--file: name the dataset's files to download (a dataset may hold many gigabytes)")
+    patterns = args.files or ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
     try:
         path = snapshot_download(
             repo_id=args.repo,
+            repo_type=args.repo_type,
             revision=args.revision,
             local_dir=args.output,
             token=os.environ.get("HF_TOKEN") or None,
-            allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
+            allow_patterns=patterns,
         )
     except GatedRepoError as exc:
         raise InputError(f"--repo {where} is gated: accept its licence on the Hub and provide HF_TOKEN") from exc
@@ -259,7 +268,10 @@ def _fetch(args) -> Result:
         if isinstance(exc.__cause__, RemoteEntryNotFoundError):
             raise InputError(f"--revision {args.revision} was not found in {where}; pin an existing commit") from exc
         raise
-    print(f"fetched {args.repo}@{args.revision} into {path}")
+    missing = [name for name in args.files if not (Path(path) / name).is_file()]
+    if missing:  # allow_patterns that match nothing download nothing, silently
+        raise InputError(f"--file {', '.join(missing)}: not in {where} at {args.revision}")
+    print(f"fetched {args.repo_type} {args.repo}@{args.revision} into {path}")
     return DoneResult(details={"repo": args.repo, "revision": args.revision, "output": str(path)})
 
 

@@ -1,4 +1,5 @@
-"""Local text for calibration and evaluation: a text file, a JSONL file, or a directory of them."""
+"""Local text for calibration and evaluation: a text file, a JSONL or Parquet file of records (the
+Hugging Face Hub's dataset format), or a directory of them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,22 @@ from quantizer.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+RECORD_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+def _read_parquet(path: Path, field: str) -> list[str]:
+    """One document per row of the `field` column (WikiText on the Hub: one row per line of the text)."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow's errors are several classes; each means "not a Parquet file"
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if field not in schema.names:
+        raise InputError(f"{path}: no column {field!r} (it has {', '.join(schema.names)}); "
+                         "set the text field name (jsonlField) to the one your file uses")
+    return [str(value) for value in pq.read_table(path, columns=[field]).column(field).to_pylist() if value is not None]
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
@@ -33,18 +50,20 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
 
 
 def read_texts(path: str | Path, jsonl_field: str = "text") -> list[str]:
-    """Documents from a .txt file (one document), a .jsonl file (one per line), or a directory of
-    such files read in sorted order."""
+    """Documents from a .txt file (one document), a .jsonl file (one per line), a .parquet file (one per
+    row), or a directory of such files read in sorted order."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"text source {path} does not exist; pass a .txt/.jsonl file or a directory of them")
+        raise InputError(f"text source {path} does not exist; pass a .txt/.jsonl/.parquet file or a directory of them")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + RECORD_SUFFIXES)
         if not files:
-            raise InputError(f"directory {path} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+            raise InputError(f"directory {path} holds no {'/'.join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files")
         return [text for file in files for text in read_texts(file, jsonl_field)]
     if path.suffix in JSONL_SUFFIXES:
         return _read_jsonl(path, jsonl_field)
+    if path.suffix in PARQUET_SUFFIXES:
+        return _read_parquet(path, jsonl_field)
     return [path.read_text(encoding="utf-8", errors="replace")]
 
 

@@ -76,3 +76,62 @@ def test_kubequant_run_fetches_through_the_spec_endpoint(mirror: hub.Mirror, tmp
     assert f"fetch {mirror.repo}@{mirror.revision}" in out and "Passed" in out
     (fetched,) = (tmp_path / "work" / "sources").iterdir()
     assert (fetched / "model.safetensors").read_bytes() == (hub.TINY_MODEL / "model.safetensors").read_bytes()
+
+
+def _fetch_dataset(mirror: hub.Mirror, files: list[str], output: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    result = output.parent / f"{output.name}.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "quantizer", "fetch", "--repo-type", "dataset", "--repo", mirror.dataset,
+         "--revision", mirror.dataset_revision, *[a for f in files for a in ("--file", f)], "--output", str(output),
+         "--result-file", str(result)],
+        capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(output.parent), "HF_ENDPOINT": mirror.endpoint,
+             "HF_HUB_DISABLE_TELEMETRY": "1"})
+    return done, json.loads(result.read_text())
+
+
+def test_a_dataset_file_comes_from_the_mirror_and_reads_as_the_claim_text(mirror: hub.Mirror, tmp_path):
+    from quantizer.textdata import read_texts
+
+    done, result = _fetch_dataset(mirror, ["data/calibration.parquet"], tmp_path / "texts")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert result["status"] == contract.SUCCEEDED
+    assert not (tmp_path / "texts" / "data" / "evaluation.parquet").exists()  # only the files named
+    assert read_texts(tmp_path / "texts" / "data" / "calibration.parquet") == [
+        (FIXTURES / "text" / "calibration.txt").read_text()]
+
+
+def test_a_dataset_file_that_is_not_there_is_bad_input_naming_it(mirror: hub.Mirror, tmp_path):
+    done, result = _fetch_dataset(mirror, ["data/missing.parquet"], tmp_path / "texts")
+    assert done.returncode == contract.EXIT_BAD_INPUT, done.stderr[-2000:]
+    assert result["reason"] == contract.INVALID_INPUT and "data/missing.parquet" in result["message"]
+    assert mirror.dataset in result["message"]
+
+
+def test_kubequant_run_takes_its_texts_from_a_hub_dataset(mirror: hub.Mirror, tmp_path, capsys):
+    """The texts of the 8B example's kind (spec.*.text.huggingface): fetched before quantizing, and the
+    same tokens as the claim's text files, so the same calibration digest and the same checkpoint."""
+    doc = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    for where, name in (("quantization", "calibration"), ("evaluation", "evaluation")):
+        text = {"huggingface": {"repo": mirror.dataset, "revision": mirror.dataset_revision,
+                                "file": f"data/{name}.parquet", "endpoint": mirror.endpoint}}
+        if where == "quantization":
+            doc["spec"]["quantization"]["calibration"]["text"] = text
+        else:
+            doc["spec"]["evaluation"]["text"] = text
+    manifests = {"hub": doc, "claim": yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())}
+    checkpoints, outs = {}, {}
+    for name, body in manifests.items():
+        manifest = tmp_path / f"{name}.yaml"
+        manifest.write_text(yaml.safe_dump(body))
+        code = kubequant_main(["run", "-f", str(manifest), "--claim", f"kubequant-data={FIXTURES}", "--workdir",
+                               str(tmp_path / name), "--engine", "torch", "--no-serve"])
+        outs[name] = capsys.readouterr().out
+        assert code == 0, outs[name]
+        (checkpoints[name],) = (tmp_path / name / "artifacts").glob("kubequant/*/*/kubequant.json")
+    for file in ("data/calibration.parquet", "data/evaluation.parquet"):
+        assert f"fetch {mirror.dataset}@{mirror.dataset_revision}: {file}" in outs["hub"]
+    hub_manifest, claim_manifest = (json.loads(checkpoints[n].read_text()) for n in ("hub", "claim"))
+    assert hub_manifest["calibration"]["digest"] == claim_manifest["calibration"]["digest"]
+    for shard in sorted(checkpoints["claim"].parent.glob("*.safetensors")):
+        assert (checkpoints["hub"].parent / shard.name).read_bytes() == shard.read_bytes(), shard.name

@@ -508,3 +508,42 @@ def test_a_number_hashes_the_same_however_it_is_spelled():
     # A different number still hashes differently.
     other = parse_model(with_spec(example(), "quantization.dampPercent", 1.5))
     assert builders.quantize_job_name(other) != builders.quantize_job_name(written)
+
+
+def test_texts_from_a_hub_dataset_are_fetched_onto_the_claim_by_the_quantize_job():
+    # The 8B example's texts come from Salesforce/wikitext at a pinned revision: they exist before the
+    # claim does, so the example runs on a new, empty claim.
+    model = parse_model(example())
+    job = builders.quantize_job(model)
+    pod = job["spec"]["template"]["spec"]
+    fetches = {c["name"]: c["command"] for c in pod["initContainers"]}
+    texts = fetches[builders.FETCH_TEXTS_CONTAINER]
+    out = texts[texts.index("--output") + 1]
+    assert texts[:4] == ["python", "-m", "quantizer", "fetch"] and "--repo-type" in texts
+    assert texts[texts.index("--repo") + 1] == "Salesforce/wikitext"
+    files = [texts[i + 1] for i, arg in enumerate(texts) if arg == "--file"]
+    assert files == ["wikitext-2-raw-v1/train-00000-of-00001.parquet", "wikitext-2-raw-v1/test-00000-of-00001.parquet"]
+    # Fetched after the model (the first init container), read by the quantizer and the evaluator from there.
+    assert [c["name"] for c in pod["initContainers"]] == [builders.FETCH_CONTAINER, builders.FETCH_TEXTS_CONTAINER]
+    command = pod["containers"][0]["command"]
+    assert command[command.index("--calibration") + 1] == f"{out}/{files[0]}"
+    assert command[command.index("--eval-text") + 1] == f"{out}/{files[1]}"
+    evaluate = builders.evaluate_job(model, ARTIFACT)["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert evaluate[evaluate.index("--eval-text") + 1] == f"{out}/{files[1]}"
+    # Another revision is another calibration: another artifact.
+    moved = with_spec(example(), "quantization.calibration.text.huggingface.revision", "0" * 40)
+    assert builders.artifact_hash(parse_model(moved)) != builders.artifact_hash(model)
+    # A text on the claim needs no fetch.
+    assert "initContainers" not in builders.quantize_job(parse_model(example("tiny.yaml")))["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ({"path": "a.txt", "huggingface": {"repo": "r/d", "revision": "x", "file": "f.parquet"}},
+     "must set exactly one of path, configMap or huggingface"),
+    ({"huggingface": {"repo": "r/d", "revision": "x", "file": "../f.parquet"}}, "relative to the root of the repository"),
+    ({"huggingface": {"repo": "r/d", "file": "f.parquet"}}, "revision"),
+    ({"huggingface": {"repo": "r/d", "revision": "x", "file": "f", "endpoint": "hub"}}, "must be an http(s) URL"),
+])
+def test_a_bad_hub_text_names_the_field(text, words):
+    with pytest.raises(SpecError, match=re.escape(words)):
+        parse_model(with_spec(example(), "quantization.calibration.text", text))

@@ -52,3 +52,20 @@ def test_more_context_lowers_perplexity():
     sliding = torch_perplexity(model, load_evaluation_windows(EVALUATION, tokenizer, 256, stride=64), batch_size=32)
     assert plain.tokens_scored <= sliding.tokens_scored < plain.tokens_scored + 2 * 256
     assert sliding.ppl < plain.ppl
+
+
+def test_parquet_rows_are_documents_and_a_missing_column_names_the_field(tmp_path):
+    # The Hub's datasets are Parquet: WikiText has one row per line, read as records like JSONL.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from quantizer.textdata import read_texts
+
+    pq.write_table(pa.table({"text": [" = Heading = \n", "", "Body line .\n", None]}), tmp_path / "wiki.parquet")
+    assert read_texts(tmp_path / "wiki.parquet") == [" = Heading = \n", "", "Body line .\n"]
+    assert read_texts(tmp_path) == read_texts(tmp_path / "wiki.parquet")  # a directory of them
+    with pytest.raises(InputError, match=r"no column 'content' \(it has text\)"):
+        read_texts(tmp_path / "wiki.parquet", "content")
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        read_texts(tmp_path / "broken.parquet")

@@ -24,6 +24,7 @@ from kubequant.spec import (
     KIND,
     PLURAL,
     VERSION,
+    HubFile,
     HuggingFaceSource,
     Model,
     Tasks,
@@ -68,6 +69,7 @@ VLLM_PORT = 8000
 # Container names: the reconciler reads results from these containers' termination messages.
 QUANTIZE_CONTAINER = "quantize"
 FETCH_CONTAINER = "fetch"
+FETCH_TEXTS_CONTAINER = "fetch-texts"
 EVALUATE_CONTAINER = "evaluate"
 
 
@@ -90,7 +92,14 @@ def digest(data: Any, length: int = 10) -> str:
 
 
 def _text_id(text: TextSource) -> dict:
+    if text.hub:  # the endpoint is where it comes from, not what it is
+        return {"huggingface": {"repo": text.hub.repo, "revision": text.hub.revision, "file": text.hub.file}}
     return {"path": text.path} if text.path else {"configMap": text.config_map, "key": text.key}
+
+
+def hub_text_dir(model: Model, hub: HubFile) -> str:
+    """Where the quantize Job fetches a dataset's files on the claim, keyed by repo@revision."""
+    return f"{model_dir(model)}/datasets/{digest({'repo': hub.repo, 'revision': hub.revision})}"
 
 
 def source_hash(model: Model) -> str:
@@ -214,6 +223,8 @@ def _texts(model: Model, which: str, text: TextSource) -> tuple[str, list[dict],
     """(path inside the Pod, volumes, mounts) for a text source."""
     if text.path:
         return f"{ARTIFACTS_MOUNT}/{text.path}", [], []
+    if text.hub:  # fetched onto the claim by the quantize Job's fetch-texts container
+        return f"{ARTIFACTS_MOUNT}/{hub_text_dir(model, text.hub)}/{text.hub.file}", [], []
     volume = f"{which}-text"
     mount = f"{TEXTS_MOUNT}/{which}"
     return (
@@ -347,22 +358,11 @@ def quantize_job(model: Model) -> dict:
     mounts += source_mounts
     if isinstance(src, HuggingFaceSource):
         # Downloaded onto the claim, keyed by repo@revision, so a retry or a new recipe resumes it.
-        env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
-        if src.endpoint:
-            env.append({"name": "HF_ENDPOINT", "value": src.endpoint})
-        if src.token_secret:
-            # Only a reference: the token reaches the fetch container's environment, nothing else.
-            env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": src.token_secret, "key": src.token_key}}})
-        init_containers.append({
-            "name": FETCH_CONTAINER,
-            "image": q.image,
-            "command": ["python", "-m", "quantizer", "fetch", "--repo", src.repo, "--revision", src.revision,
-                        "--output", model_path],
-            "env": env,
-            "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT}, tmp_mount],
-            "securityContext": copy.deepcopy(CONTAINER_SECURITY),
-        })
+        init_containers.append(_fetch_container(
+            FETCH_CONTAINER, q.image, ["--repo", src.repo, "--revision", src.revision, "--output", model_path],
+            tmp_mount, endpoint=src.endpoint, token=(src.token_secret, src.token_key) if src.token_secret else None))
         provenance = ["--source-repo", src.repo, "--source-revision", src.revision]
+    init_containers += _fetch_texts_containers(model, tmp_mount)
 
     cal_path, cal_volumes, cal_mounts = _texts(model, "calibration", q.calibration.text)
     eval_path, eval_volumes, eval_mounts = _texts(model, "evaluation", spec.evaluation.text)
@@ -386,6 +386,44 @@ def quantize_job(model: Model) -> dict:
         init_containers=init_containers, scheduling=scheduling,
         active_deadline_seconds=q.active_deadline_seconds,
     )
+
+
+def _fetch_container(name: str, image: str, args: list[str], tmp_mount: dict, *, endpoint: str | None,
+                     token: tuple[str, str] | None = None) -> dict:
+    """`python -m quantizer fetch ARGS` onto the claim, from the Hub or the mirror at `endpoint`."""
+    env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    if endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": endpoint})
+    if token:
+        # Only a reference: the token reaches the fetch container's environment, nothing else.
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token[0], "key": token[1]}}})
+    return {
+        "name": name,
+        "image": image,
+        "command": ["python", "-m", "quantizer", "fetch", *args],
+        "env": env,
+        "volumeMounts": [{"name": "artifacts", "mountPath": ARTIFACTS_MOUNT}, tmp_mount],
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+    }
+
+
+def _fetch_texts_containers(model: Model, tmp_mount: dict) -> list[dict]:
+    """One fetch per dataset repo@revision (and endpoint) of the calibration and evaluation texts: the
+    texts exist on the Hub before the claim does, so the shipped examples run on a new, empty claim."""
+    wanted: dict[tuple, list[str]] = {}
+    for text in (model.spec.quantization.calibration.text, model.spec.evaluation.text):
+        if text.hub:
+            files = wanted.setdefault((text.hub.repo, text.hub.revision, text.hub.endpoint), [])
+            if text.hub.file not in files:
+                files.append(text.hub.file)
+    containers = []
+    for number, ((repo, revision, endpoint), files) in enumerate(wanted.items()):
+        output = f"{ARTIFACTS_MOUNT}/{hub_text_dir(model, HubFile(repo, revision, files[0]))}"
+        args = ["--repo-type", "dataset", "--repo", repo, "--revision", revision, "--output", output,
+                *[arg for file in files for arg in ("--file", file)]]
+        name = FETCH_TEXTS_CONTAINER + (f"-{number}" if number else "")
+        containers.append(_fetch_container(name, model.spec.quantization.image, args, tmp_mount, endpoint=endpoint))
+    return containers
 
 
 def _job(model: Model, name: str, component: str, container: dict, volumes: list[dict], *, backoff_limit: int,

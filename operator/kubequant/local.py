@@ -139,6 +139,13 @@ def _claim_path(run: LocalRun, claim: str, path: str, what: str) -> Path:
 def _text_path(run: LocalRun, model: Model, text: TextSource, what: str) -> Path:
     if text.path:
         return _claim_path(run, model.spec.storage.claim_name, text.path, what)
+    if text.hub:
+        hub = text.hub
+        target = run.workdir / builders.hub_text_dir(model, hub)
+        if not (target / hub.file).is_file():
+            _fetch(run, f"{hub.repo}@{hub.revision}: {hub.file}", ["--repo-type", "dataset", "--repo", hub.repo,
+                   "--revision", hub.revision, "--file", hub.file, "--output", str(target)], hub.endpoint)
+        return target / hub.file
     raise SpecError(f"{what} comes from ConfigMap {text.config_map!r}: local runs read texts from a claim path")
 
 
@@ -177,15 +184,20 @@ def _source_path(run: LocalRun, model: Model) -> tuple[Path, list[str]]:
         return _claim_path(run, src.claim_name, src.path, "spec.source.pvc"), []
     target = run.workdir / "sources" / builders.source_hash(model)
     if not (target / "config.json").exists():
-        _step(f"fetch {src.repo}@{src.revision}")
-        result_file = run.workdir / "fetch.json"
-        returncode = _call([run.python, "-m", "quantizer", "fetch", "--repo", src.repo, "--revision", src.revision,
-                            "--output", str(target), "--result-file", str(result_file)],
-                           env={**os.environ, "HF_ENDPOINT": src.endpoint} if src.endpoint else None)
-        if returncode:
-            failed = FailedResult.from_dict(decode(result_file.read_text()) if result_file.exists() else None)
-            raise LocalRunError(f"fetch failed: {failed.message if failed else f'exit code {returncode}'}")
+        _fetch(run, f"{src.repo}@{src.revision}", ["--repo", src.repo, "--revision", src.revision,
+                                                   "--output", str(target)], src.endpoint)
     return target, ["--source-repo", src.repo, "--source-revision", src.revision]
+
+
+def _fetch(run: LocalRun, what: str, args: list[str], endpoint: str | None) -> None:
+    """`python -m quantizer fetch ARGS`, as the quantize Job's fetch containers run it."""
+    _step(f"fetch {what}")
+    result_file = run.workdir / "fetch.json"
+    returncode = _call([run.python, "-m", "quantizer", "fetch", *args, "--result-file", str(result_file)],
+                       env={**os.environ, "HF_ENDPOINT": endpoint} if endpoint else None)
+    if returncode:
+        failed = FailedResult.from_dict(decode(result_file.read_text()) if result_file.exists() else None)
+        raise LocalRunError(f"fetch failed: {failed.message if failed else f'exit code {returncode}'}")
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:

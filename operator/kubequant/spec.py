@@ -103,12 +103,24 @@ class PvcSource:
 
 
 @dataclass(frozen=True)
+class HubFile:
+    """A file of a Hugging Face dataset repository at a pinned revision: it exists before any claim
+    does, and the quantize Job fetches it onto the claim."""
+
+    repo: str
+    revision: str
+    file: str
+    endpoint: str | None = None  # a Hub-compatible mirror (HF_ENDPOINT)
+
+
+@dataclass(frozen=True)
 class TextSource:
-    """Exactly one of `path` (on the storage claim) or `config_map` + `key`."""
+    """Exactly one of `path` (on the storage claim), `config_map` + `key`, or `hub` (a dataset file)."""
 
     path: str | None = None
     config_map: str | None = None
     key: str | None = None
+    hub: HubFile | None = None
 
 
 @dataclass(frozen=True)
@@ -296,19 +308,37 @@ def _required(raw: dict, key: str, where: str) -> Any:
     return raw[key]
 
 
-def _relative_path(path: str, where: str) -> str:
+def _relative_path(path: str, where: str, root: str = "the claim") -> str:
     if path.startswith("/") or ".." in path:
-        raise SpecError(f"{where} must be relative to the root of the claim and must not contain '..'")
+        raise SpecError(f"{where} must be relative to the root of {root} and must not contain '..'")
     return path
 
 
-def _text(raw: Any, where: str) -> TextSource:
+def _endpoint(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not re.match(r"^https?://[^/\s]+(/\S*)?$", str(value)):
+        raise SpecError(f"{where} must be an http(s) URL such as https://hub.example.com, not {value!r}")
+    return str(value).rstrip("/")
+
+
+def _text(raw: Any, where: str, hub: bool = False) -> TextSource:
+    """A text source; `hub`: a Hugging Face dataset file may be one (the texts the quantize Job reads)."""
     raw = _obj(raw, where)
-    has_path, has_cm = "path" in raw, "configMap" in raw
-    if has_path == has_cm:
-        raise SpecError(f"{where} must set exactly one of path or configMap")
-    if has_path:
+    kinds = ("path", "configMap", "huggingface") if hub else ("path", "configMap")
+    if sum(kind in raw for kind in kinds) != 1:
+        raise SpecError(f"{where} must set exactly one of {', '.join(kinds[:-1])} or {kinds[-1]}")
+    if "path" in raw:
         return TextSource(path=_relative_path(str(raw["path"]), f"{where}.path"))
+    if "huggingface" in raw:
+        hf = _obj(raw["huggingface"], f"{where}.huggingface")
+        return TextSource(hub=HubFile(
+            repo=str(_required(hf, "repo", f"{where}.huggingface")),
+            revision=str(_required(hf, "revision", f"{where}.huggingface")),
+            file=_relative_path(str(_required(hf, "file", f"{where}.huggingface")), f"{where}.huggingface.file",
+                                "the repository"),
+            endpoint=_endpoint(hf.get("endpoint"), f"{where}.huggingface.endpoint"),
+        ))
     cm = _obj(raw["configMap"], f"{where}.configMap")
     return TextSource(config_map=_required(cm, "name", f"{where}.configMap"), key=_required(cm, "key", f"{where}.configMap"))
 
@@ -334,16 +364,13 @@ def _source(raw: dict) -> HuggingFaceSource | PvcSource:
     if "huggingface" in source_raw:
         hf = _obj(source_raw["huggingface"], "spec.source.huggingface")
         token = _obj(hf.get("tokenSecretRef"), "spec.source.huggingface.tokenSecretRef")
-        endpoint = hf.get("endpoint")
-        if endpoint is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", str(endpoint)):
-            raise SpecError(f"spec.source.huggingface.endpoint must be an http(s) URL such as "
-                            f"https://hub.example.com, not {endpoint!r}")
+        endpoint = _endpoint(hf.get("endpoint"), "spec.source.huggingface.endpoint")
         return HuggingFaceSource(
             repo=_required(hf, "repo", "spec.source.huggingface"),
             revision=str(_required(hf, "revision", "spec.source.huggingface")),
             token_secret=token.get("name"),
             token_key=token.get("key", "HF_TOKEN"),
-            endpoint=str(endpoint).rstrip("/") if endpoint else None,
+            endpoint=endpoint,
         )
     pvc = _obj(source_raw["pvc"], "spec.source.pvc")
     return PvcSource(
@@ -357,7 +384,7 @@ def _quantization(raw: dict) -> Quantization:
     cal = _obj(_required(q, "calibration", "spec.quantization"), "spec.quantization.calibration")
     quantization = Quantization(
         calibration=Calibration(
-            text=_text(cal.get("text"), "spec.quantization.calibration.text"),
+            text=_text(cal.get("text"), "spec.quantization.calibration.text", hub=True),
             **_kwargs(cal, {"jsonlField": "jsonl_field", "samples": "samples", "seqLen": "seq_len"}),
         ),
         **_kwargs(q, {
@@ -417,7 +444,7 @@ def _evaluation(raw: dict) -> Evaluation:
             **_kwargs(t, {"limit": "limit", "maxAccuracyDrop": "max_accuracy_drop"}),
         )
     evaluation = Evaluation(
-        text=_text(e.get("text"), "spec.evaluation.text"),
+        text=_text(e.get("text"), "spec.evaluation.text", hub=True),
         generation=generation,
         throughput=throughput,
         tasks=tasks,
