@@ -28,10 +28,11 @@ DIR=${KUBEQUANT_CLUSTER_DIR:-$ROOT/.kubequant/cluster}
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
 NODE_COMPONENTS=(containerd kubelet kube-proxy)
 BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm kwok controller-gen
-  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 crictl pause)
+  kubelet kube-proxy containerd ctr containerd-shim-runc-v2 crictl pause registry)
 # The real node's runtime, from the Go module proxy at these versions.
 CONTAINERD_VERSION=v2.4.2
 CRI_TOOLS_VERSION=v1.37.0
+REGISTRY_VERSION=v3.1.2
 PAUSE_IMAGE=localhost/kubequant-pause:1
 NODE=${KUBEQUANT_NODE:-0}
 NODE_NAME=kubequant-node
@@ -92,6 +93,9 @@ build_node_runtime() {  # containerd, its runc shim, crictl (to list and remove 
       "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION"
   fi
   [ -x "$BIN/crictl" ] || GOBIN="$BIN" go install -ldflags="-s -w" "sigs.k8s.io/cri-tools/cmd/crictl@$CRI_TOOLS_VERSION"
+  # The CNCF registry (distribution): the tests push the images to it as a user pushes to theirs.
+  [ -x "$BIN/registry" ] || GOBIN="$BIN" go install -ldflags="-s -w" \
+    "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
   (cd "$ROOT/test/controlplane" && CGO_ENABLED=0 go build -ldflags="-s -w" -o "$BIN/pause" ./pause)
 }
 

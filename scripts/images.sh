@@ -5,6 +5,8 @@
 #   scripts/images.sh check [TARGET...]   run each built image as its Pod does, and check it (build checks
 #                                         each new image once)
 #   scripts/images.sh save DIR [TARGET...]  write the images into one archive, DIR/images.tar (for containerd)
+#   scripts/images.sh push REGISTRY/PREFIX [TARGET...]  push them to your registry (podman login first) and
+#                                         print the chart values that use them, pinned by digest
 #   scripts/images.sh name TARGET         the image's name
 #   scripts/images.sh sizes               a Markdown table of the built images' sizes
 #
@@ -146,6 +148,34 @@ save() {  # one archive of every target: the layers the CPU images share are wri
   mv "$out/images.tar.tmp" "$out/images.tar"
 }
 
+push() {  # REGISTRY/PREFIX [TARGET...]: kubequant-operator:0.1.0 -> REGISTRY/PREFIX/kubequant-operator:0.1.0
+  local prefix=${1:?push needs a registry and prefix, e.g. registry.example.com/ml}; shift
+  local targets=("$@") values=() tls=${KUBEQUANT_PUSH_TLS_VERIFY:-true}
+  [ ${#targets[@]} -gt 0 ] || targets=("${DEFAULT_TARGETS[@]}")
+  mkdir -p "$DIR"
+  for target in "${targets[@]}"; do
+    local image repository tag digest key
+    image=$(name "$target")
+    podman image exists "$image" || die "$image is not built: scripts/images.sh build $target"
+    repository=${image%:*}
+    repository="$prefix/${repository#localhost/}"
+    tag=${image##*:}
+    podman push --quiet --tls-verify="$tls" --digestfile "$DIR/push-$target.digest" "$image" "docker://$repository:$tag" \
+      || die "pushing $image to $repository:$tag failed (podman login ${prefix%%/*} first?)"
+    digest=$(cat "$DIR/push-$target.digest")
+    log "pushed $repository:$tag@$digest"
+    case "$target" in
+      operator) key=image ;;
+      quantizer|evaluator) key=images.$target ;;
+      quantizer-cpu) key=images.quantizerCpu ;;
+      evaluator-cpu) key=images.evaluatorCpu ;;
+    esac
+    values+=("--set $key.repository=$repository --set $key.tag=$tag --set $key.digest=$digest")
+  done
+  # The chart values that use them: append these to `helm install` (or put them in a values file).
+  printf '%s\n' "${values[@]}"
+}
+
 sizes() {
   echo "| image | size |"
   echo "| --- | --- |"
@@ -160,6 +190,7 @@ case "${1:-}" in
   build) shift; build "$@" ;;
   check) shift; check "$@" ;;
   save) shift; save "$@" ;;
+  push) shift; push "$@" ;;
   name) name "${2:?name needs a target}" ;;
   sizes) sizes ;;
   *) echo "usage: $0 build|check|save DIR|name TARGET|sizes" >&2; exit 2 ;;
