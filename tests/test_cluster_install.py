@@ -248,3 +248,16 @@ def test_a_model_in_an_unwatched_namespace_is_impossible_to_miss(control_plane: 
         assert "ValidatingAdmissionPolicy" not in manifest
     finally:
         control_plane.helm("uninstall", release, "-n", system, "--wait", check=False)
+
+
+def test_a_watched_namespace_that_does_not_exist_fails_the_install_with_the_fix(control_plane: ControlPlane):
+    done = control_plane.helm("install", "kq-missing", str(CHART), "-n", "kq-missing-system", "--create-namespace",
+                              "--set", "replicaCount=0", "--set", "operator.watchNamespaces={kq-not-there}", check=False)
+    assert done.returncode != 0
+    assert 'operator.watchNamespaces: the namespace "kq-not-there" does not exist' in done.stderr, done.stderr
+    assert "kubectl create namespace kq-not-there" in done.stderr
+    assert control_plane.helm("status", "kq-missing", "-n", "kq-missing-system", check=False).returncode != 0
+    # The release's own namespace, made by --create-namespace, is never refused.
+    control_plane.helm("install", "kq-own", str(CHART), "-n", "kq-own-system", "--create-namespace",
+                       "--set", "replicaCount=0")
+    control_plane.helm("uninstall", "kq-own", "-n", "kq-own-system", "--wait")
