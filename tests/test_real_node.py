@@ -20,13 +20,13 @@ import pytest
 
 from tests.kube import hub, node
 from tests.kube.controlplane import ROOT, TOOLS_BIN, ControlPlane, Unavailable, ensure_binaries, wait_for
+from tests.kube.docs import INSTALL, blocks
 from tests.kube.models import data_volume, example
 from tests.kube.operator_process import free_port
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
-CHART = ROOT / "charts" / "kubequant"
 OPERATOR_NAMESPACE = "kubequant-system"
-MODELS_NAMESPACE = "kq-real"
+MODELS_NAMESPACE = "demo"  # docs/install.md's
 HUB_TOKEN = "hf_kubequant_test_token_never_shown"
 
 
@@ -73,10 +73,19 @@ def test_the_node_is_real(cluster: ControlPlane):
 
 
 def test_the_operator_runs_from_its_image_with_in_cluster_credentials(cluster: ControlPlane):
-    cluster.create_namespace(MODELS_NAMESPACE)
-    cluster.helm("install", "kubequant", str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace",
-                 "--set", f"operator.watchNamespaces={{{MODELS_NAMESPACE}}}", *node.local_image_values(),
-                 "--wait", "--timeout=5m")
+    # docs/install.md, "A cluster on one Linux machine": its commands once the cluster is up, as written
+    # (the fixture built the images and started this cluster as the lines before them do).
+    [commands] = blocks(INSTALL, "## A cluster on one Linux machine")
+    after_up = commands[next(i for i, line in enumerate(commands) if line.startswith("export KUBECONFIG=")) + 1:]
+    assert [line.split()[:2] for line in after_up] == [["kubectl", "apply"], ["kubectl", "create"], ["helm", "install"]]
+    for line in after_up:
+        done = subprocess.run(["bash", "-c", line], cwd=ROOT, env=cluster.env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, f"{line}:\n{done.stdout}\n{done.stderr}"
+    assert f"--set 'operator.watchNamespaces={{{MODELS_NAMESPACE}}}'" in after_up[-1]
+    wait_for("the operator Deployment to be available", lambda: (d := cluster.get(
+        "deployment", "kubequant", OPERATOR_NAMESPACE)) and (d.get("status") or {}).get("availableReplicas"),
+        timeout=300, interval=1)
     pod = _operator_pod(cluster)
     assert pod["spec"]["nodeName"] == node.NODE_NAME
     status = pod["status"]["containerStatuses"][0]

@@ -59,17 +59,6 @@ def start(directory: Path, targets: tuple[str, ...] = TARGETS) -> ControlPlane:
     return cluster
 
 
-def local_image_values() -> list[str]:
-    """helm --set flags: the operator and every image it puts into Pods, from the locally built ones
-    (never pulled: no registry is reachable)."""
-    flags = []
-    for key, target in (("image", "operator"), ("images.quantizerCpu", "quantizer-cpu"),
-                        ("images.evaluatorCpu", "evaluator-cpu")):
-        repository, tag = image(target).rsplit(":", 1)
-        flags += ["--set", f"{key}.repository={repository}", "--set", f"{key}.tag={tag}"]
-    return [*flags, "--set", "image.pullPolicy=Never"]
-
-
 def machine_state() -> dict[str, object]:
     """What a real node adds to the machine, to compare before and after (`down` must undo it)."""
     def out(*argv: str) -> str:
