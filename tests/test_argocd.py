@@ -242,6 +242,25 @@ def test_application_shape():
     assert "ServerSideApply=true" in app["spec"]["syncPolicy"]["syncOptions"]
 
 
+def test_the_application_pins_a_commit_of_this_repository_with_this_chart():
+    """Pinned to a commit that exists (no tag no one made), holding the chart and the models folder at
+    the version this checkout documents."""
+    import subprocess
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+    if git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
+        pytest.skip("needs this repository's history (a full clone, not a shallow one or an export)")
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    for source in _application()["spec"]["sources"]:
+        revision = source["targetRevision"]
+        assert git("merge-base", "--is-ancestor", revision, "HEAD").returncode == 0, f"{revision} is not in main's history"
+        pinned = git("show", f"{revision}:charts/kubequant/Chart.yaml")
+        assert pinned.returncode == 0 and yaml.safe_load(pinned.stdout)["version"] == chart["version"], revision
+        assert git("cat-file", "-e", f"{revision}:{source['path']}").returncode == 0, (revision, source["path"])
+
+
 def _chart_objects(values: dict) -> list[dict]:
     helm = pytest.importorskip("helm_python", reason="helm-python-sdk renders the chart")
     with helm.Chart.load(str(CHART)) as chart:
