@@ -21,7 +21,15 @@ from typing import Any
 import kopf
 
 from kubequant import builders, k8s, metrics
-from kubequant.reconcile import Create, Decision, decide_deletion, decide_model, invalid_spec, observed_claim
+from kubequant.reconcile import (
+    Create,
+    Decision,
+    decide_deletion,
+    decide_model,
+    invalid_spec,
+    observed_claim,
+    pod_waiting,
+)
 from kubequant.spec import GROUP, KIND, PLURAL, VERSION, SpecError, parse_model
 
 
@@ -180,8 +188,10 @@ def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logg
 @kopf.on.event("", "v1", "pods", labels={builders.LABEL_MODEL: kopf.PRESENT, "job-name": kopf.PRESENT})
 def job_pod_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **event: Any) -> None:
     # A Job's Pod that the scheduler cannot place, or whose image cannot be pulled, changes nothing in
-    # the Job's status (it counts the Pod as active): only the Pod tells that nothing runs.
-    if event.get("type") == "DELETED" or not body.get("status"):
+    # the Job's status (it counts the Pod as active): only the Pod tells that nothing runs. Every other
+    # change of a Job's Pod reaches the Job's status (ready, succeeded, failed), whose event reconciles:
+    # only a stuck Pod is worth a reconcile here.
+    if event.get("type") == "DELETED" or pod_waiting([dict(body)]) is None:
         return
     reconcile(memo, namespace, body["metadata"]["labels"][builders.LABEL_MODEL], logger)
 
