@@ -479,7 +479,9 @@ def test_rbac_covers_what_the_operator_touches():
         needed = {"QuantizedModel": {"list", "watch", "patch"}, "Pod": {"list"}}.get(kind, CHILD)
         assert needed <= grants.get(key, set()), f"{kind}: the Role lacks {needed - grants.get(key, set())}"
     sources = ROOT / "operator" / "kubequant"
-    built = set(re.findall(r'"kind":\s*"([A-Za-z]+)"', (sources / "builders.py").read_text()))
+    built = {kind for module in (sources / "builders").glob("*.py")
+             for kind in re.findall(r'"kind":\s*"([A-Za-z]+)"', module.read_text())}
+    assert {"Job", "Service", "PersistentVolumeClaim"} <= built
     assert built <= resource.keys(), f"the builders make {built - resource.keys()}, unknown to the chart's RBAC"
     watched = re.findall(r'@kopf\.on\.\w+\("([^"]*)",\s*"[^"]*",\s*"([^"]+)"', (sources / "handlers.py").read_text())
     assert watched, "no kopf.on.* handlers found on literal resources in handlers.py"

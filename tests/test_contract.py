@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from kubequant import builders, reconcile
+from kubequant.reconcile.records import artifact_record
 from kubequant.spec import parse_model
 
 from quantizer import contract
@@ -44,7 +45,7 @@ def test_a_result_too_long_keeps_every_field_the_operator_reads():
     # Read as the reconciler reads it: the tensor-parallel preflight still sees the row-parallel sizes
     # (11008 columns split over 4 GPUs are 2752, not whole groups of 128).
     model = parse_model(example())
-    record = reconcile._artifact_record(model, "abc", read)
+    record = artifact_record(model, "abc", read)
     assert record["groupSize"] == 128 and record["rowParallelInFeatures"] == [4096, 11008]
     assert "tensorParallelSize 4" in reconcile.preflight(record, 4)
 

@@ -439,7 +439,7 @@ def test_render_cli_refuses_an_invalid_spec(tmp_path, capsys):
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
-def _tolerations(obj: dict) -> list[dict]:
+def gpu_tolerations(obj: dict) -> list[dict]:
     return obj["spec"]["template"]["spec"].get("tolerations", [])
 
 
@@ -447,21 +447,21 @@ def test_gpu_pods_tolerate_the_gpu_taint():
     """GPU nodes carry nvidia.com/gpu:NoSchedule: a Pod that asks for GPUs tolerates it, others do not."""
     # No tolerations in the spec; quantizes on the CPU, evaluates and serves on GPUs.
     tiny = parse_model(with_spec(example("tiny.yaml"), "serving.device", "gpu"))
-    assert _tolerations(builders.quantize_job(tiny)) == []
-    assert _tolerations(builders.evaluate_job(tiny, ARTIFACT)) == [GPU_TOLERATION]
-    assert _tolerations(builders.deployment(tiny, ARTIFACT)) == [GPU_TOLERATION]
+    assert gpu_tolerations(builders.quantize_job(tiny)) == []
+    assert gpu_tolerations(builders.evaluate_job(tiny, ARTIFACT)) == [GPU_TOLERATION]
+    assert gpu_tolerations(builders.deployment(tiny, ARTIFACT)) == [GPU_TOLERATION]
     # On the CPU nothing asks for GPUs, so nothing tolerates their taint.
-    assert _tolerations(builders.deployment(MODELS["tiny"], ARTIFACT)) == []
+    assert gpu_tolerations(builders.deployment(MODELS["tiny"], ARTIFACT)) == []
     # The spec's own tolerations are kept, and one that covers the taint is not doubled.
     llama = MODELS["llama"]
-    assert _tolerations(builders.quantize_job(llama)) == llama.spec.quantization.tolerations
-    assert _tolerations(builders.deployment(llama, ARTIFACT)) == llama.spec.serving.tolerations
+    assert gpu_tolerations(builders.quantize_job(llama)) == llama.spec.quantization.tolerations
+    assert gpu_tolerations(builders.deployment(llama, ARTIFACT)) == llama.spec.serving.tolerations
     other = parse_model(with_spec(with_spec(example("tiny.yaml"), "serving.device", "gpu"), "serving.tolerations",
                                   [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]))
-    assert _tolerations(builders.deployment(other, ARTIFACT)) == [*other.spec.serving.tolerations, GPU_TOLERATION]
+    assert gpu_tolerations(builders.deployment(other, ARTIFACT)) == [*other.spec.serving.tolerations, GPU_TOLERATION]
     everything = parse_model(with_spec(with_spec(example("tiny.yaml"), "serving.device", "gpu"), "serving.tolerations",
                                        [{"operator": "Exists"}]))
-    assert _tolerations(builders.evaluate_job(everything, ARTIFACT)) == [{"operator": "Exists"}]
+    assert gpu_tolerations(builders.evaluate_job(everything, ARTIFACT)) == [{"operator": "Exists"}]
 
 
 @pytest.mark.parametrize(

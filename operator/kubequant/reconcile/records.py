@@ -1,0 +1,60 @@
+"""The records kept in status: the artifact and the evaluation, from the Jobs' results."""
+
+from __future__ import annotations
+
+from kubequant import builders
+from kubequant.reconcile.jobs import redact
+from kubequant.spec import Model
+from quantizer.contract import EvaluateResult, QuantizeResult
+
+# ---- records kept in status ---------------------------------------------------------------------
+
+def artifact_record(model: Model, a_hash: str, result: QuantizeResult) -> dict:
+    record = {
+        "hash": a_hash,
+        "path": builders.artifact_dir(model, a_hash),
+        "baselinePerplexity": result.baseline_ppl,
+        "fakequantPerplexity": result.fakequant_ppl,
+        "sizeBeforeBytes": result.size_before_bytes,
+        "sizeAfterBytes": result.size_after_bytes,
+        "seconds": result.seconds,
+        "groupSize": result.group_size,
+        "rowParallelInFeatures": result.row_parallel_in_features,
+        "decoderLayers": result.decoder_layers,
+    }
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def evaluation_record(model: Model, e_key: str, a_hash: str, verdict: EvaluateResult, seconds: float | None) -> dict:
+    record = {
+        "key": e_key,
+        "artifactHash": a_hash,
+        "passed": verdict.passed,
+        "reason": verdict.reason,
+        "message": redact(verdict.message),
+        "servedPerplexity": verdict.served_ppl,
+        "klDivergence": verdict.kl_divergence and {k: verdict.kl_divergence.get(k) for k in ("mean", "p99", "max")},
+        "topTokenAgreement": verdict.top_token_agreement,
+        "generationMatch": verdict.generation_match,
+        "throughput": verdict.throughput and [_throughput_row(row) for row in verdict.throughput],
+        "tasks": verdict.tasks and [_task_row(row) for row in verdict.tasks],
+        "tensorParallelSize": model.spec.serving.tensor_parallel_size,
+        "seconds": seconds,
+    }
+    return {k: v for k, v in record.items() if v is not None}
+
+
+_THROUGHPUT_FIELDS = {"batch_size": "batchSize", "output_tokens_per_second": "outputTokensPerSecond",
+                      "time_to_first_token_seconds": "timeToFirstTokenSeconds",
+                      "source_output_tokens_per_second": "sourceOutputTokensPerSecond", "speedup": "speedup"}
+
+
+def _throughput_row(row: dict) -> dict:
+    return {camel: row[name] for name, camel in _THROUGHPUT_FIELDS.items() if isinstance(row, dict) and name in row}
+
+
+_TASK_FIELDS = ("task", "metric", "source", "quantized", "drop", "stderr", "samples")
+
+
+def _task_row(row: dict) -> dict:
+    return {name: row[name] for name in _TASK_FIELDS if isinstance(row, dict) and row.get(name) is not None}
