@@ -373,3 +373,16 @@ def test_the_wheel_lists_every_package_of_the_source_tree():
             relative = init.parent.relative_to(ROOT / folder)
             on_disk.add(".".join([package, *relative.parts]))
     assert set(config["packages"]) == on_disk
+
+
+def test_the_dependency_layer_stubs_every_package():
+    # The CPU images install the dependencies from pyproject.toml before the code, with empty package
+    # folders; setuptools refuses a listed package whose folder is missing.
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    step = next(s for s in re.split(r"\nRUN ", DOCKERFILE.read_text()) if "KUBEQUANT_PACKAGE=" in s)
+    for package in config["packages"]:
+        top, *rest = package.split(".")
+        folder = "/".join(["/src", config["package-dir"][top], *rest])
+        assert f"{folder}/__init__.py" in step, f"the dependency layer does not stub {package} ({folder})"
