@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantizer.errors import InputError
+from quantizer.families import SUPPORTED_ARCHITECTURES, Family, family_of
 from quantizer.gptq import QuantizedWeight, QuantRecipe, default_block_solver, gptq_quantize, rtn_quantize
 from quantizer.perplexity import EvalWindows, window_nll
 
@@ -44,16 +45,8 @@ log = logging.getLogger(__name__)
 # The benchmarks put other GPTQ implementations in its place, on the same Hessians.
 MatrixQuantizer = Callable[..., QuantizedWeight]
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-# Linears of one group read the same input, so one Hessian serves the whole group.
-SEQUENTIAL_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-# Split along their input dim by vLLM's tensor parallelism: the operator's preflight checks them.
-ROW_PARALLEL = ("self_attn.o_proj", "mlp.down_proj")
+# Which Linears a layer has, which read one input (one Hessian per group) and in which order: data,
+# one entry per family (quantizer/families.py).
 
 
 class _StopForward(Exception):
@@ -127,7 +120,7 @@ def load_config(model_dir: Path):
         raise InputError(f"--model {model_dir}: no config.json, so this is not a Hugging Face model directory")
     config = AutoConfig.from_pretrained(model_dir)
     architectures = getattr(config, "architectures", None) or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+    if family_of(architectures) is None:
         raise InputError(
             f"--model {model_dir}: architecture {architectures or 'unknown'} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -144,6 +137,10 @@ class SourceModel:
     path: Path
     config: Any
     weights: SafetensorsCheckpoint
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.config.architectures)  # type: ignore[return-value]  # load_config checked it
 
     @classmethod
     def open(cls, path: Path) -> SourceModel:
@@ -169,8 +166,9 @@ def check_linear_shapes(config, checkpoint: SafetensorsCheckpoint, group_size: i
     """Fail before any work when a quantized Linear's input size does not split into whole groups."""
     if group_size == -1:
         return
+    family = family_of(config.architectures)
     for name in checkpoint.names():
-        if not any(name.endswith(f"{linear}.weight") for group in SEQUENTIAL_GROUPS for linear in group):
+        if not any(name.endswith(f"{linear}.weight") for linear in family.linears):
             continue
         in_features = checkpoint.shape(name)[-1]
         if in_features % group_size:
@@ -476,7 +474,8 @@ def quantize_model(
                     with _timed(result, "evaluate", device):
                         evaluation.through_original(layer)
                 quantized, outputs = _quantize_layer(
-                    layer, prefix, recipe, method, block_solver, hidden, runner, device, result, quantize_matrix
+                    layer, prefix, source.family, recipe, method, block_solver, hidden, runner, device, result,
+                    quantize_matrix,
                 )
                 if outputs is None:
                     with _timed(result, "forward", device):
@@ -534,6 +533,7 @@ def _replay_layer(layer: nn.Module, prefix: str, index: int, resumed: Resumed, h
 def _quantize_layer(
     layer: nn.Module,
     prefix: str,
+    family: Family,
     recipe: QuantRecipe,
     method: str,
     block_solver,
@@ -548,10 +548,9 @@ def _quantize_layer(
     layer's outputs (the next layer's inputs); None means the caller runs the layer once more."""
     modules = dict(layer.named_modules())
     linears = {name for name, m in modules.items() if isinstance(m, nn.Linear)}
-    expected = {name for group in SEQUENTIAL_GROUPS for name in group}
-    if linears != expected:
+    if linears != family.linears:
         raise InputError(
-            f"{prefix}: Linear layers {sorted(linears)} differ from the supported layout {sorted(expected)}"
+            f"{prefix}: Linear layers {sorted(linears)} differ from the {family.name} layout {sorted(family.linears)}"
         )
     quantized: dict[str, QuantizedWeight] = {}
 
@@ -570,16 +569,16 @@ def _quantize_layer(
                                               relative_error=qw.relative_error, damp=qw.damp,
                                               seconds=time.perf_counter() - start))
 
-    if method == "gptq" and StagedDecoderLayer.fits(layer):
+    if method == "gptq" and family.staged and StagedDecoderLayer.fits(layer):
         staged = StagedDecoderLayer(layer, hidden, runner, device)
-        for group, hessian_of in zip(SEQUENTIAL_GROUPS, staged.stages(), strict=True):
+        for group, hessian_of in zip(family.groups, staged.stages(), strict=True):
             with _timed(result, "forward", device):
                 hessian = hessian_of()
             quantize_group(group, hessian)
             del hessian
         with _timed(result, "forward", device):
             return quantized, staged.outputs()
-    for group in SEQUENTIAL_GROUPS:
+    for group in family.groups:
         hessian = None
         if method == "gptq":
             with _timed(result, "forward", device):
@@ -696,7 +695,7 @@ class StagedDecoderLayer:
         return intermediate
 
     def stages(self) -> list[Callable[[], torch.Tensor]]:
-        """One Hessian per SEQUENTIAL_GROUPS entry, each called once the groups before it are
+        """One Hessian per group of Llama's layout (families.LLAMA), each called once the groups before it are
         quantized (the layer's weights then hold their dequantized values)."""
         attn, mlp = self.layer.self_attn, self.layer.mlp
         return [

@@ -19,10 +19,10 @@ from quantizer.calibration import Calibration, clamp_seq_len, is_token_file, loa
 from quantizer.checkpoint import MANIFEST_FILE, CheckpointWriter, sha256_file
 from quantizer.contract import DEFAULT_FORMAT, QuantizeResult
 from quantizer.errors import InputError, UnservableRecipeError
+from quantizer.families import ROW_PARALLEL
 from quantizer.gptq import QuantRecipe
 from quantizer.perplexity import load_evaluation_windows
 from quantizer.pipeline import (
-    ROW_PARALLEL,
     PipelineResult,
     Resumed,
     SourceModel,
