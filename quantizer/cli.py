@@ -132,7 +132,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm", help="torch: for machines without vLLM")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--dtype", default="float16")
+    p.add_argument("--dtype", default="auto",
+                   help="vLLM's activation dtype (default auto: the checkpoint's, as vllm serve runs it; Gemma 3 "
+                        "runs in bfloat16 only)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--result-file", type=Path)
 

@@ -60,7 +60,7 @@ class EvaluateOptions:
     engine: str = "vllm"
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
-    dtype: str = "float16"
+    dtype: str = "auto"  # vLLM's: the checkpoint's own dtype, as `vllm serve` runs it
     gpu_memory_utilization: float = 0.9
     top_logprobs: int = 20  # per token, for the KL divergence against --baseline-model
     generation_prompts: Path | None = None

@@ -49,7 +49,17 @@ PHI3 = Family(
     row_parallel=("self_attn.o_proj", "mlp.down_proj"),
 )
 
-FAMILIES = (LLAMA, PHI3)
+# Gemma 3 (text; Gemma3ForCausalLM): Llama's Linears, with norms around both blocks (pre- and
+# post-attention, pre- and post-feed-forward), GELU, q/k norms and sliding-window layers beside
+# full-attention ones: the generic path, each layer with its kind's mask and rotary embeddings.
+GEMMA3 = Family(
+    name="gemma3",
+    architectures=("Gemma3ForCausalLM",),
+    groups=LLAMA.groups,
+    row_parallel=LLAMA.row_parallel,
+)
+
+FAMILIES = (LLAMA, PHI3, GEMMA3)
 SUPPORTED_ARCHITECTURES = tuple(a for family in FAMILIES for a in family.architectures)
 # Every family's row-parallel Linears, by name suffix (what the quantize result reports).
 ROW_PARALLEL = tuple(dict.fromkeys(name for family in FAMILIES for name in family.row_parallel))

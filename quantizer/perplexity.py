@@ -189,4 +189,20 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise InputError(f"{model_dir}: tensors missing from the checkpoint: {missing[:5]}")
+    initialize_buffers(model, model, device)
     return model.to(device).eval()
+
+
+def initialize_buffers(model, module: nn.Module, device) -> None:
+    """Buffers a checkpoint does not hold (Gemma's embedding scale), still on the meta device, set by the
+    model's own initialisation as Transformers sets them for a model built on the meta device; the
+    module's parameters, already loaded, are kept."""
+    for sub in module.modules():
+        if not any(b.is_meta for b in sub.buffers(recurse=False)):
+            continue
+        loaded = {name: p.detach().clone() for name, p in sub.named_parameters(recurse=False)}
+        sub.to_empty(device=device, recurse=False)
+        model._init_weights(sub)
+        with torch.no_grad():
+            for name, value in loaded.items():
+                getattr(sub, name).copy_(value)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from quantizer.errors import InputError
 from quantizer.families import SUPPORTED_ARCHITECTURES, Family, family_of
 from quantizer.gptq import QuantizedWeight, QuantRecipe, default_block_solver, gptq_quantize, rtn_quantize
-from quantizer.perplexity import EvalWindows, window_nll
+from quantizer.perplexity import EvalWindows, initialize_buffers, window_nll
 
 log = logging.getLogger(__name__)
 
@@ -310,18 +310,23 @@ def _layer_output(out) -> torch.Tensor:
 
 
 class _LayerRunner:
-    """Runs one decoder layer over stored activations with the kwargs captured at layer 0."""
+    """Runs one decoder layer over stored activations with the kwargs the model gives that kind of layer
+    (its attention type: sliding-window and full-attention layers get their own mask and, in Gemma 3,
+    their own rotary embeddings)."""
 
-    def __init__(self, layer_kwargs: dict, batch_size: int):
-        self.kwargs = layer_kwargs
+    def __init__(self, kwargs_by_layer: dict[int, dict], batch_size: int):
+        self.kwargs_by_layer = kwargs_by_layer  # by id() of the layer module; layers of one kind share one dict
         self.batch_size = batch_size
+
+    def kwargs_for(self, layer: nn.Module) -> dict:
+        return self.kwargs_by_layer[id(layer)]
 
     def forward(self, layer: nn.Module, inputs: torch.Tensor, device, stop_early: bool = False) -> torch.Tensor | None:
         outputs = None if stop_early else torch.empty_like(inputs)
         for start in range(0, inputs.shape[0], self.batch_size):
             batch = inputs[start : start + self.batch_size].to(device)
             try:
-                out = _layer_output(layer(batch, **self.kwargs))
+                out = _layer_output(layer(batch, **self.kwargs_for(layer)))
             except _StopForward:
                 continue
             if outputs is not None:
@@ -329,33 +334,58 @@ class _LayerRunner:
         return outputs
 
 
+def _layer_kinds(model, layers: list[nn.Module]) -> list[str | None]:
+    """Each decoder layer's attention type: the config's `layer_types` (Gemma 3 picks masks and rotary
+    embeddings by it), else the layer's own `attention_type` (Qwen2's sliding window)."""
+    declared = getattr(model.config, "layer_types", None)
+    if declared and len(declared) == len(layers):
+        return list(declared)
+    return [getattr(layer, "attention_type", None) for layer in layers]
+
+
 def _capture_layer0_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, device, store_device):
-    """Run the model's embedding and mask preparation; catch what layer 0 receives."""
+    """Run the model's embedding and mask preparation; catch what layer 0 receives, and the kwargs the
+    model passes to the first layer of each attention type (a model of sliding-window and full-attention
+    layers gives each kind its own mask, Gemma 3 its own rotary embeddings too), for every layer of that
+    kind. The layers up to the last first-of-its-kind are stand-ins that pass the hidden states on; the
+    model stops there."""
     captured: list[torch.Tensor] = []
-    kwargs_seen: dict = {}
-    original = layers[0]
+    kwargs_by_kind: dict[str | None, dict] = {}
+    originals = list(layers)
+    kinds = _layer_kinds(model, originals)
+    first_of_kind: dict[str | None, int] = {}
+    for index, kind in enumerate(kinds):
+        first_of_kind.setdefault(kind, index)
+    last = max(first_of_kind.values())
 
-    class Catcher(nn.Module):
-        def __init__(self):
+    class Recorder(nn.Module):
+        def __init__(self, index: int):
             super().__init__()
-            # Some models (Qwen2's sliding window) pick the mask by the layer's attention type.
-            self.attention_type = getattr(original, "attention_type", "full_attention")
+            self.index = index
+            self.attention_type = kinds[index]  # models that pick the mask by the layer's attribute read it
 
-        def forward(self, hidden_states, **kwargs):
-            captured.append(hidden_states.to(store_device))
-            kwargs_seen.update(kwargs)
-            raise _StopForward
+        def forward(self, hidden_states, *args, **kwargs):
+            if self.index == 0:
+                captured.append(hidden_states.to(store_device))
+            if first_of_kind[kinds[self.index]] == self.index:
+                kwargs_by_kind[kinds[self.index]] = kwargs
+            if self.index == last:
+                raise _StopForward
+            return hidden_states
 
-    layers[0] = Catcher()
+    for index in range(last + 1):
+        layers[index] = Recorder(index)
     try:
         for row in windows:
             with suppress(_StopForward):
                 model(row.unsqueeze(0).to(device), use_cache=False)
     finally:
-        layers[0] = original
-    kwargs_seen.pop("past_key_values", None)
-    kwargs_seen["use_cache"] = False
-    return torch.cat(captured), kwargs_seen
+        for index in range(last + 1):
+            layers[index] = originals[index]
+    for kwargs in kwargs_by_kind.values():
+        kwargs.pop("past_key_values", None)
+        kwargs["use_cache"] = False
+    return torch.cat(captured), {id(layer): kwargs_by_kind[kind] for layer, kind in zip(originals, kinds, strict=True)}
 
 
 def _nll_sum(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, windows: EvalWindows, device, batch_size) -> float:
@@ -432,14 +462,16 @@ def quantize_model(
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     base_prefix = layers_name.rsplit(".", 1)[0] + "." if "." in layers_name else ""
 
-    # Everything outside the decoder layers is small: load it once.
+    # Everything outside the decoder layers is small: load it once. Buffers the checkpoint does not hold
+    # (Gemma's embedding scale) are set by the model's own initialisation, as Transformers does for a
+    # model built on the meta device.
     for module_name in ("embed_tokens", "norm"):
         module = getattr(base, module_name)
-        module.to_empty(device=device)
         module.load_state_dict(
             {n: checkpoint.get(f"{base_prefix}{module_name}.{n}").to(device, compute_dtype) for n, _ in module.named_parameters()},
             assign=True,
         )
+        initialize_buffers(model, module, device)
     if hasattr(base, "rotary_emb"):
         with torch.device(device):
             base.rotary_emb = type(base.rotary_emb)(config=config)
@@ -671,7 +703,7 @@ class StagedDecoderLayer:
         handle = self.layer.self_attn.o_proj.register_forward_pre_hook(capture)
         try:
             with suppress(_StopForward):
-                self.layer.self_attn(hidden_states=self.layer.input_layernorm(x), **self.runner.kwargs)
+                self.layer.self_attn(hidden_states=self.layer.input_layernorm(x), **self.runner.kwargs_for(self.layer))
         finally:
             handle.remove()
         self.attention[rows] = captured[0].to(self.attention.device)

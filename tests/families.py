@@ -52,3 +52,26 @@ def phi3_from_tiny_llama(out: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(TINY_MODEL / name, out / name)
     return out
+
+
+def gemma3_tiny(out: Path) -> Path:
+    """A random tiny Gemma 3 (text) in bfloat16 (vLLM serves Gemma 3 in bfloat16 only), with sliding-window
+    and full-attention layers alternating and a window (64) shorter than the evaluation windows (256), so
+    that the two kinds of layer get different masks. Larger initial weights than Gemma's 0.02, so that
+    the random model predicts something and quantization changes its perplexity measurably."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    llama = json.loads((TINY_MODEL / "config.json").read_text())
+    config = Gemma3TextConfig(
+        vocab_size=llama["vocab_size"], hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
+        sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2, initializer_range=0.2,
+        bos_token_id=llama["bos_token_id"], eos_token_id=llama["eos_token_id"], pad_token_id=llama["pad_token_id"],
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    model.config.architectures = ["Gemma3ForCausalLM"]
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_MODEL / name, out / name)
+    return out

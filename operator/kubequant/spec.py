@@ -201,7 +201,7 @@ class Evaluation:
     generation: Generation | None = None
     throughput: Throughput | None = None
     tasks: Tasks | None = None
-    dtype: str = "float16"
+    dtype: str = "auto"  # vLLM's --dtype: auto is the checkpoint's, what the serving Deployment runs
     image: str = _image("evaluator")  # for serving.device's engine (parse_spec)
     backoff_limit: int = 1
 
