@@ -509,6 +509,7 @@ up() {
   } > "$DIR/ports.env"
   # shellcheck source=/dev/null
   . "$DIR/ports.env"
+  trap failed_up EXIT
   pki
   local users=(admin controller-manager scheduler kwok)
   if [ "$NODE" = 1 ]; then users+=(kubelet kube-proxy); fi
@@ -528,15 +529,28 @@ up() {
   if [ "$NODE" = 1 ]; then K delete node -l 'type=kwok,!nvidia.com/gpu.count' >/dev/null; fi
   wait_for "the simulated nodes" 60 K wait --for=condition=Ready node -l type=kwok --timeout=1s
   if [ "$NODE" = 1 ]; then node_up; fi
+  trap - EXIT
   log "up: Kubernetes $("$BIN/kube-apiserver" --version | awk '{print $2}') on https://$API_ADDRESS:$API_PORT, logs in $DIR/logs"
   echo "export KUBECONFIG=$DIR/admin.kubeconfig"
 }
 
-down() {
+stop_all() {  # everything up started, and what the node added to the machine; the folder stays
   node_down
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do stop "${COMPONENTS[$i]}"; done
+}
+
+down() {
+  stop_all
   rm -rf "$DIR"
   log "down"
+}
+
+failed_up() {  # an `up` that failed halfway stops what it started, and keeps its logs to read
+  local status=$?
+  [ "$status" -eq 0 ] && return 0
+  log "up failed (exit $status): stopping what it started; logs stay in $DIR/logs"
+  stop_all
+  exit "$status"
 }
 
 status() {

@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from tests.kube import hub, node
-from tests.kube.controlplane import ROOT, TOOLS_BIN, ControlPlane, Unavailable, ensure_binaries, wait_for
+from tests.kube.controlplane import (
+    ROOT,
+    TOOLS_BIN,
+    CommandError,
+    ControlPlane,
+    Unavailable,
+    ensure_binaries,
+    wait_for,
+)
 from tests.kube.docs import INSTALL, blocks
 from tests.kube.models import data_volume, example
 from tests.kube.operator_process import free_port
@@ -51,6 +59,30 @@ def cluster(tmp_path_factory, machine_before) -> ControlPlane:
         yield started
     finally:
         started.down()
+
+
+def test_a_failed_up_stops_what_it_started(tmp_path, machine_before):
+    """Before the module's node: an `up` that fails halfway (here an image archive containerd cannot
+    read, once etcd, the control plane, the bridge and containerd run) stops all of it and leaves the
+    machine as it was, keeping its logs."""
+    reason = node.missing_for_a_real_node()
+    if reason:
+        pytest.skip(reason)
+    try:
+        ensure_binaries()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "images.tar").write_bytes(b"not an image archive")
+    failing = ControlPlane(tmp_path / "cluster", settings={"KUBEQUANT_NODE": "1", "KUBEQUANT_NODE_IMAGES": str(images)})
+    with pytest.raises(CommandError) as failed:
+        failing.up(timeout=900)
+    assert "up failed" in failed.value.stderr and "stopping what it started" in failed.value.stderr
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "cluster")], capture_output=True, text=True).stdout.split()
+    assert left == [], subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(left)], capture_output=True, text=True).stdout
+    assert node.machine_state() == machine_before
+    assert (tmp_path / "cluster" / "logs" / "containerd.log").exists()
 
 
 def _operator_pod(cluster: ControlPlane) -> dict:
