@@ -36,7 +36,7 @@ from tests.kube.models import (
 from tests.kube.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.controlplane
-WATCHED = ["kq-life", "kq-tp", "kq-faults", "kq-delete", "kq-lws", "kq-waiting"]
+WATCHED = ["kq-life", "kq-tp", "kq-faults", "kq-delete", "kq-lws", "kq-waiting", "kq-serve-wait"]
 SA = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}"
 
 
@@ -311,6 +311,36 @@ def test_a_pod_the_scheduler_cannot_place_is_waiting_not_running(control_plane: 
 
     data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
     models.wait_phase("no-claim-yet", "Quantizing", timeout=120)
+
+
+def test_a_vllm_pod_the_scheduler_cannot_place_is_named_in_the_ready_condition(control_plane: ControlPlane, operator,
+                                                                              tmp_path: Path):
+    """Gated, then served while no node takes new Pods (every node cordoned once the gate passed, as
+    when a cluster has no capacity left): the real scheduler leaves the vLLM Pod Pending, and the
+    model's Ready condition carries its words."""
+    ns = "kq-serve-wait"
+    models = _models(control_plane, ns, tmp_path)
+    data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
+    models.apply(example("tiny.yaml", "no-room"))
+    models.finish(models.wait_job("no-room", "quantize"), QUANTIZE_RESULT)
+    evaluate = models.wait_job("no-room", "evaluate")
+    models.kubelet.running_pod(evaluate)  # bound and running before the nodes close
+    nodes = [n["metadata"]["name"] for n in json.loads(control_plane.kubectl("get", "nodes", "-o", "json").stdout)["items"]]
+    try:
+        control_plane.kubectl("cordon", *nodes)
+        models.finish(evaluate, PASSED)
+
+        def ready() -> dict:
+            return next((c for c in models.status("no-room").get("conditions") or [] if c["type"] == "Ready"), {})
+
+        condition = wait_for("the scheduler's reason in the Ready condition",
+                             lambda: (c := ready()).get("reason") == "Unschedulable" and c, timeout=90,
+                             describe=lambda: json.dumps(models.status("no-room"), indent=1)[:2000])
+        assert "a vLLM Pod is waiting" in condition["message"] and "unschedulable" in condition["message"], condition
+        assert models.status("no-room")["phase"] == "Deploying"
+    finally:
+        control_plane.kubectl("uncordon", *nodes)
+    models.wait_phase("no-room", "Ready", timeout=120)
 
 
 def test_deletion_honours_the_retention_policy(control_plane: ControlPlane, operator, tmp_path: Path):

@@ -46,6 +46,7 @@ class Sim:
         self.body = copy.deepcopy(body)
         self.objs: dict[tuple[str, str], dict] = {}
         self.pods: dict[str, list[dict]] = {}
+        self.server_pods: list[dict] = []
         self.missing: frozenset[str] = frozenset()  # CRDs the simulated cluster lacks
 
     @property
@@ -57,6 +58,7 @@ class Sim:
         return Observed(
             jobs={name: obj for (kind, name), obj in self.objs.items() if kind == "Job"},
             pods=copy.deepcopy(self.pods),
+            server_pods=copy.deepcopy(self.server_pods),
             deployment=get.get("Deployment"), service=get.get("Service"), pdb=get.get("PodDisruptionBudget"),
             service_monitor=get.get("ServiceMonitor"), pvc=get.get("PersistentVolumeClaim"),
             leader_worker_set=get.get("LeaderWorkerSet"), hpa=get.get("HorizontalPodAutoscaler"),
@@ -614,3 +616,26 @@ def test_a_pod_that_cannot_run_is_waiting_not_running(component):
     decision = sim.step()
     assert decision.status["phase"] == ("Quantizing" if component == "quantize" else "Evaluating")
     assert "is running" in decision.status["message"]
+
+
+def test_a_vllm_pod_that_cannot_be_scheduled_is_named_in_the_ready_condition():
+    # No node with the GPUs (or CPUs) free: the Deployment just waits; the model says why.
+    sim = Sim(tiny())
+    sim.step()
+    sim.finish("quantize", "succeeded", QUANTIZE_RESULT)
+    sim.step()
+    sim.finish("evaluate", "succeeded", PASSED)
+    sim.step()
+    labels = sim.objs[("Deployment", sim.model.name)]["spec"]["template"]["metadata"]["labels"]
+    sim.server_pods = [{"metadata": {"name": "tiny-llama-abc", "labels": labels, "creationTimestamp": NOW},
+                        "status": {"phase": "Pending", "conditions": [{
+                            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                            "message": "0/3 nodes are available: 3 Insufficient cpu."}]}}]
+    decision = sim.step()
+    ready = condition(decision, "Ready")
+    assert decision.status["phase"] == "Deploying"
+    assert ready["status"] == "False" and ready["reason"] == "Unschedulable"
+    assert "a vLLM Pod is waiting: 0/3 nodes are available: 3 Insufficient cpu." in ready["message"]
+    assert "Insufficient cpu" in decision.status["message"]
+    sim.server_pods = []
+    assert condition(sim.step(), "Ready")["reason"] == "RollingOut"

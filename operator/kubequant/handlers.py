@@ -185,12 +185,12 @@ def child_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logg
         reconcile(memo, namespace, owner, logger)
 
 
-@kopf.on.event("", "v1", "pods", labels={builders.LABEL_MODEL: kopf.PRESENT, "job-name": kopf.PRESENT})
-def job_pod_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **event: Any) -> None:
-    # A Job's Pod that the scheduler cannot place, or whose image cannot be pulled, changes nothing in
-    # the Job's status (it counts the Pod as active): only the Pod tells that nothing runs. Every other
-    # change of a Job's Pod reaches the Job's status (ready, succeeded, failed), whose event reconciles:
-    # only a stuck Pod is worth a reconcile here.
+@kopf.on.event("", "v1", "pods", labels={builders.LABEL_MODEL: kopf.PRESENT})
+def pod_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **event: Any) -> None:
+    # A Pod (a Job's or vLLM's) that the scheduler cannot place, or whose image cannot be pulled,
+    # changes nothing in its Job's or Deployment's status: only the Pod tells that nothing runs. Every
+    # other change of such a Pod reaches its owner's status, whose event reconciles: only a stuck Pod
+    # is worth a reconcile here.
     if event.get("type") == "DELETED" or pod_waiting([dict(body)]) is None:
         return
     reconcile(memo, namespace, body["metadata"]["labels"][builders.LABEL_MODEL], logger)

@@ -127,14 +127,17 @@ class Client:
         owned = {builders.LABEL_MODEL: name}
         jobs = {job["metadata"]["name"]: job for job in self.list("Job", namespace, owned)}
         pods: dict[str, list[dict]] = {}
-        if jobs:
-            for pod in self.list("Pod", namespace, owned):
-                job_name = (pod["metadata"].get("labels") or {}).get("job-name")
-                if job_name in jobs:
-                    pods.setdefault(job_name, []).append(pod)
+        server_pods: list[dict] = []
+        for pod in self.list("Pod", namespace, owned):
+            job_name = (pod["metadata"].get("labels") or {}).get("job-name")
+            if job_name in jobs:
+                pods.setdefault(job_name, []).append(pod)
+            elif job_name is None:
+                server_pods.append(pod)
         return Observed(
             jobs=jobs,
             pods=pods,
+            server_pods=server_pods,
             deployment=self.get("Deployment", namespace, name),
             service=self.get("Service", namespace, name),
             pdb=self.get("PodDisruptionBudget", namespace, name),

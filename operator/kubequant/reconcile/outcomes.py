@@ -40,6 +40,7 @@ class Observed:
 
     jobs: dict[str, dict] = field(default_factory=dict)  # every Job labelled with this model, by name
     pods: dict[str, list[dict]] = field(default_factory=dict)  # Pods by the name of their Job
+    server_pods: list[dict] = field(default_factory=list)  # the serving workload's Pods (vLLM)
     deployment: dict | None = None
     service: dict | None = None
     pdb: dict | None = None

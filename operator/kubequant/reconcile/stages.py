@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from kubequant import builders
 from kubequant.reconcile.checks import preflight, rollout
-from kubequant.reconcile.jobs import JobOutcome, job_outcome, redact
+from kubequant.reconcile.jobs import JobOutcome, job_outcome, pod_waiting, redact
 from kubequant.reconcile.outcomes import (
     DEPLOYING,
     EVALUATING,
@@ -206,6 +206,12 @@ def _serve(ctx: Context) -> StageResult:
         ready = Stage("False", "ProgressDeadlineExceeded", detail)
         if current:
             out.failure = {"stage": "Deploy", "key": dep_hash, "reason": "ProgressDeadlineExceeded", "message": detail}
+    elif stuck := pod_waiting(observed.server_pods):
+        # A vLLM Pod the scheduler cannot place (no node with the GPUs free, a quota, a taint) or
+        # whose image cannot be pulled: the rollout waits on it, and says why.
+        ready = Stage("False", stuck[0], f"rolling out {what}: a vLLM Pod is waiting: {stuck[1]}")
+        if current:
+            out.phase, out.message = DEPLOYING, ready.message
     else:
         ready = Stage("False", "RollingOut", f"rolling out {what}: {detail}")
         if current:
