@@ -43,8 +43,7 @@ def machine_before() -> dict:
     return node.machine_state()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, machine_before) -> ControlPlane:
+def _skip_without_a_real_node() -> None:
     reason = node.missing_for_a_real_node()
     if reason:
         pytest.skip(reason)
@@ -52,6 +51,11 @@ def cluster(tmp_path_factory, machine_before) -> ControlPlane:
         ensure_binaries()
     except Unavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, machine_before) -> ControlPlane:
+    _skip_without_a_real_node()
     node.build_images()
     started = node.start(tmp_path_factory.mktemp("real-node"))
     try:
@@ -65,13 +69,7 @@ def test_a_failed_up_stops_what_it_started(tmp_path, machine_before):
     """Before the module's node: an `up` that fails halfway (here an image archive containerd cannot
     read, once etcd, the control plane, the bridge and containerd run) stops all of it and leaves the
     machine as it was, keeping its logs."""
-    reason = node.missing_for_a_real_node()
-    if reason:
-        pytest.skip(reason)
-    try:
-        ensure_binaries()
-    except Unavailable as exc:
-        pytest.skip(str(exc))
+    _skip_without_a_real_node()
     images = tmp_path / "images"
     images.mkdir()
     (images / "images.tar").write_bytes(b"not an image archive")
