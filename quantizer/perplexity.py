@@ -179,13 +179,6 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
     if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=False, assign=True)
-    # Non-persistent buffers (rotary frequencies) are not in the checkpoint: rebuild them for real.
-    for module_name, module in model.named_modules():
-        if "rotary" in module_name:
-            parent_name, _, attr = module_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            with torch.device(device):
-                setattr(parent, attr, type(module)(config=config))
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise InputError(f"{model_dir}: tensors missing from the checkpoint: {missing[:5]}")
@@ -194,9 +187,9 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
 
 
 def initialize_buffers(model, module: nn.Module, device) -> None:
-    """Buffers a checkpoint does not hold (Gemma's embedding scale), still on the meta device, set by the
-    model's own initialisation as Transformers sets them for a model built on the meta device; the
-    module's parameters, already loaded, are kept."""
+    """Buffers a checkpoint does not hold (rotary frequencies, Gemma's embedding scale), still on the meta
+    device, set by the model's own initialisation as Transformers sets them for a model built on the
+    meta device; the module's parameters, already loaded, are kept."""
     for sub in module.modules():
         if not any(b.is_meta for b in sub.buffers(recurse=False)):
             continue

@@ -45,9 +45,6 @@ log = logging.getLogger(__name__)
 # The benchmarks put other GPTQ implementations in its place, on the same Hessians.
 MatrixQuantizer = Callable[..., QuantizedWeight]
 
-# Which Linears a layer has, which read one input (one Hessian per group) and in which order: data,
-# one entry per family (quantizer/families.py).
-
 
 class _StopForward(Exception):
     """Raised by a hook once the input it needed has been seen: the rest of the layer is skipped."""
@@ -463,18 +460,17 @@ def quantize_model(
     base_prefix = layers_name.rsplit(".", 1)[0] + "." if "." in layers_name else ""
 
     # Everything outside the decoder layers is small: load it once. Buffers the checkpoint does not hold
-    # (Gemma's embedding scale) are set by the model's own initialisation, as Transformers does for a
-    # model built on the meta device.
+    # (rotary frequencies, Gemma's embedding scale) are set by the model's own initialisation, as
+    # Transformers does for a model built on the meta device.
     for module_name in ("embed_tokens", "norm"):
         module = getattr(base, module_name)
         module.load_state_dict(
             {n: checkpoint.get(f"{base_prefix}{module_name}.{n}").to(device, compute_dtype) for n, _ in module.named_parameters()},
             assign=True,
         )
-        initialize_buffers(model, module, device)
-    if hasattr(base, "rotary_emb"):
-        with torch.device(device):
-            base.rotary_emb = type(base.rotary_emb)(config=config)
+    for module_name in ("embed_tokens", "norm", "rotary_emb"):
+        if hasattr(base, module_name):
+            initialize_buffers(model, getattr(base, module_name), device)
     lm_head = model.get_output_embeddings()
     lm_head_key = "lm_head.weight" if "lm_head.weight" in checkpoint.file_of else f"{base_prefix}embed_tokens.weight"
     lm_head.to_empty(device=device)

@@ -207,10 +207,10 @@ def model_deleted(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, l
                   **_: Any) -> None:
     """Honour the retention policy; the finalizer stays until the artifacts are dealt with."""
     client: k8s.Client = memo.client
+    # Its metrics and lock go when the model does (model_seen), as every model's do.
     try:
         model = parse_model(dict(body))
     except SpecError:
-        metrics.forget(namespace, name)
         return  # an invalid spec never produced artifacts we could find
     with _lock(memo, namespace, name):
         cleanup_name = builders.cleanup_job_name(model)
@@ -226,6 +226,3 @@ def model_deleted(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, l
             kopf.event(body, type="Normal", reason="CleaningUp", message=deletion.message)
         raise kopf.TemporaryError(deletion.message, delay=memo.settings.delete_retry_seconds)
     kopf.event(body, type="Warning" if deletion.warning else "Normal", reason="Deleted", message=deletion.message)
-    metrics.forget(namespace, name)
-    with memo.locks_guard:
-        memo.locks.pop((namespace, name), None)
