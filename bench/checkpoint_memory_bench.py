@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quantize_model_bench import SHAPES, write_synthetic_model  # noqa: E402
+from quantize_model_bench import MOE_SHAPES, SHAPES, write_synthetic_model  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GIB = 2**30
@@ -58,12 +58,14 @@ def _model(workdir: Path, shape: str, depth: int) -> Path:
     return path
 
 
-def measure(model: Path, output: Path, calibration: Path) -> dict:
+def measure(model: Path, output: Path, calibration: Path, method: str = "rtn", samples: int = 2,
+            seq_len: int = 128) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     result_file = output.parent / f"{output.name}.result.json"
+    recipe = ["--method", "rtn", "--scale-search", "minmax"] if method == "rtn" else ["--method", "gptq"]
     command = [sys.executable, "-m", "quantizer", "quantize", "--model", str(model), "--output", str(output),
-               "--calibration", str(calibration), "--method", "rtn", "--scale-search", "minmax",
-               "--samples", "2", "--seq-len", "128", "--device", "cpu", "--no-progress",
+               "--calibration", str(calibration), *recipe,
+               "--samples", str(samples), "--seq-len", str(seq_len), "--device", "cpu", "--no-progress",
                "--result-file", str(result_file)]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -100,12 +102,18 @@ def measure(model: Path, output: Path, calibration: Path) -> dict:
         "sampled_peak_before_commit_gib": round(max(before, default=0) / GIB, 2),
         "sampled_peak_during_commit_gib": round(max(during, default=0) / GIB, 2),
         "manifest_peak_host_gib": round(manifest["peak_memory"]["host_bytes"] / GIB, 2),
+        "layer_seconds": manifest["timings"]["layers"],
+        "stage_seconds": manifest["timings"]["stages"],
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--shape", choices=sorted(SHAPES | MOE_SHAPES), default="llama3-8b")
+    parser.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                        help="rtn (min-max) keeps a CPU run short; gptq adds the Hessians (one per expert) to the peak")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--depths", default="8,32", help="comma-separated numbers of decoder layers")
     parser.add_argument("--workdir", type=Path, required=True, help="synthetic models and checkpoints (reused)")
     parser.add_argument("--keep-checkpoints", action="store_true")
@@ -119,12 +127,13 @@ def main() -> None:
     for depth in (int(d) for d in args.depths.split(",")):
         model = _model(args.workdir, args.shape, depth)
         output = args.workdir / f"checkpoint-{depth}layers"
-        run = measure(model, output, calibration)
+        run = measure(model, output, calibration, args.method, args.samples, args.seq_len)
         print(json.dumps(run), flush=True)
         runs.append(run)
         if not args.keep_checkpoints:
             shutil.rmtree(output)
-    report = {"shape": args.shape, "machine": os.uname().machine, "cpus": os.cpu_count(),
+    report = {"shape": args.shape, "method": args.method, "samples": args.samples, "seq_len": args.seq_len,
+              "machine": os.uname().machine, "cpus": os.cpu_count(),
               "torch": torch.__version__, "runs": runs}
     if len(runs) > 1:
         report["peak_rss_ratio_deepest_over_shallowest"] = round(runs[-1]["peak_rss_gib"] / runs[0]["peak_rss_gib"], 3)

@@ -57,7 +57,8 @@ CPU_SHAPES = ["4096x4096", "11008x4096", "4096x11008"]
 QUICK_SHAPES = ["512x1024"]
 SETTINGS = ["4:128", "4:32"]
 # Our variants: the recipe fields beyond bits and group (PLAIN: plain GPTQ with min-max scales).
-PLAIN = {"scale_search": "minmax", "full_range": False, "refine_sweeps": 0, "group_aware_order": False}
+PLAIN = {"scale_search": "minmax", "full_range": False, "refine_sweeps": 0, "group_aware_order": False,
+         "source_targets": 0.0}
 OURS: dict[str, dict[str, Any]] = {
     "gptq": PLAIN,
     "gptq+diag": PLAIN | {"scale_search": "diag"},

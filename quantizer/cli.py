@@ -16,8 +16,10 @@ from pathlib import Path
 from quantizer import contract, termination
 from quantizer.contract import (
     CHECKPOINT_FORMATS,
+    DEFAULT_EXPERT_CALIBRATION,
     DEFAULT_FORMAT,
     EVALUATION_FAILED,
+    EXPERT_CALIBRATIONS,
     INVALID_INPUT,
     SCALE_SEARCHES,
     DoneResult,
@@ -56,7 +58,13 @@ def _add_quantize(sub) -> None:
     p.add_argument("--group-aware-order", action=argparse.BooleanOptionalAction,
                    default=DEFAULT_RECIPE.group_aware_order,
                    help="act-order by whole groups (GPTQModel's) instead of column by column")
+    p.add_argument("--source-targets", type=float, default=DEFAULT_RECIPE.source_targets,
+                   help="how far each Linear's target follows the unquantized model's inputs (GPTAQ): "
+                        "0 is plain GPTQ, 1 the whole correction")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn is the baseline")
+    p.add_argument("--expert-calibration", choices=EXPERT_CALIBRATIONS, default=DEFAULT_EXPERT_CALIBRATION,
+                   help="mixture-of-experts models: each expert's Hessians from the tokens routed to it, or "
+                        "from every calibration token (the forward pass keeps the router's choice)")
     p.add_argument("--solver", choices=("auto", "torch", "triton"), default="auto",
                    help="GPTQ column loop: auto = Triton on CUDA, PyTorch elsewhere")
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
@@ -177,13 +185,14 @@ def _quantize(args) -> Result:
         bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
         damp=args.damp, block_size=args.block_size, scale_search=args.scale_search, full_range=args.full_range,
         refine_sweeps=args.refine_sweeps, group_aware_order=args.group_aware_order,
+        source_targets=args.source_targets,
     )
     result = run_quantize(
         QuantizeOptions(
             model=args.model, output=args.output, calibration=args.calibration, recipe=recipe,
             samples=args.samples, seq_len=args.seq_len, seed=args.seed, jsonl_field=args.jsonl_field,
             device=args.device, method=args.method, solver=args.solver, allow_unservable=args.allow_unservable, overwrite=args.overwrite,
-            format=args.format,
+            format=args.format, expert_calibration=args.expert_calibration,
             eval_text=args.eval_text, eval_seq_len=args.eval_seq_len, eval_max_windows=args.eval_max_windows,
             eval_stride=args.eval_stride,
             batch_size=args.batch_size, offload_activations=args.offload_activations,

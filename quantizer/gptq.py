@@ -24,9 +24,9 @@ IST-DASLab's reference; with static act-order it is its natural generalisation.
 
 Beyond the paper, in the same servable format (integer codes, one fp16 scale per row and group):
 - Scale search: per row and group, the shrink factor of the range (1.0 down to 0.2, fp16-rounded
-  candidates, so the stored scale is the one whose codes were chosen) with the least squared error
-  weighted by input importance: diag(H) ("diag"), or GPTQ's own cost of an error in each column,
-  1 / [H^-1]_jj of the columns not yet quantized = 1 / R_jj^2 in processing order ("cost").
+  candidates, so the stored scale is the one whose codes were chosen) with the least error
+  |w - q|^3 weighted by input importance: diag(H) ("diag"), or GPTQ's own cost of an error in each
+  column, 1 / [H^-1]_jj of the columns not yet quantized = 1 / R_jj^2 in processing order ("cost").
 - Full-range symmetric scale: scale = -m / 2^(bits-1) with m the group's element of largest |w|,
   sign kept, so m lands exactly on code 0 and all 2^bits levels are used (scales may be negative).
 - Refinement after the pass: coordinate descent over the codes with the scales fixed, then a
@@ -48,7 +48,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from quantizer.contract import GROUP_SIZES, QUANTIZABLE_BITS, SCALE_SEARCHES, unservable_reasons
+from quantizer.contract import (
+    DEFAULT_SOURCE_TARGETS,
+    GROUP_SIZES,
+    QUANTIZABLE_BITS,
+    SCALE_SEARCHES,
+    unservable_reasons,
+)
 from quantizer.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,13 @@ CLIP_ERROR_NORM = 2.4
 SEARCH_COARSE_GRID = tuple(1.0 - 0.1 * i for i in range(9))  # 1.0 ... 0.2
 SEARCH_REFINE_STEPS = (0.05, 0.025, 0.0125)
 SEARCH_MIN_SHRINK = 0.2
+# The importance-weighted search's error norm: sum_j importance_j |w_j - q_j|^p. The search rounds
+# the group to nearest, but GPTQ then feeds each column's rounding error forward onto the columns not
+# yet quantized; what it cannot repair is a clipped weight's large error. A cube weighs those more than
+# a square does: with p = 2 the search clipped more than GPTQ could make good (at 3 bits on an 8-layer
+# model its layer error and KL were worse than plain min-max GPTQ's), with p = 3 both are the lowest
+# measured (bench/model_quality_bench.py, docs/benchmarks.md).
+SEARCH_ERROR_NORM = 3.0
 # Rows searched at once: a working set that stays in cache across the candidates.
 SEARCH_CHUNK_ELEMENTS = 2**17
 DAMP_GROWTH = 10.0
@@ -88,6 +101,7 @@ class QuantRecipe:
     full_range: bool = True  # symmetric grids only (an asymmetric grid uses every level already)
     refine_sweeps: int = 0
     group_aware_order: bool = False  # with act_order: whole groups in order (order="group")
+    source_targets: float = DEFAULT_SOURCE_TARGETS  # quantizer.pipeline.SourceTargets
 
     def validate(self) -> None:
         if self.bits not in QUANTIZABLE_BITS:
@@ -104,6 +118,8 @@ class QuantRecipe:
             raise GPTQError(f"scale_search={self.scale_search!r}: use one of {', '.join(SCALE_SEARCHES)}")
         if self.refine_sweeps < 0:
             raise GPTQError(f"refine_sweeps={self.refine_sweeps} must be 0 or more (0 turns refinement off)")
+        if not 0.0 <= self.source_targets <= 1.0:
+            raise GPTQError(f"source_targets={self.source_targets} must be in [0, 1] (0: plain GPTQ's targets)")
         if self.group_aware_order and not self.act_order:
             raise GPTQError("group_aware_order=true is a kind of act-order: it needs act_order=true")
 
@@ -219,12 +235,12 @@ def search_grid(
     """The grid of least error over shrink factors of the range, for every row of [..., n] at once.
 
     recipe.scale_search "clip": factors CLIP_SHRINK_GRID, unweighted |w - q(w)|^2.4.
-    Otherwise: squared error weighted by `importance` (broadcast against w's trailing dims), over
+    Otherwise: |w - q(w)|^SEARCH_ERROR_NORM weighted by `importance` (broadcast against w's trailing dims), over
     SEARCH_COARSE_GRID, then each row's best factor +- each of SEARCH_REFINE_STEPS in turn. Factor
     1.0 (min-max) is a candidate, so the result is never worse than min-max by the searched measure."""
     clip = recipe.scale_search == "clip"
     grid, norm, weights = (CLIP_SHRINK_GRID, CLIP_ERROR_NORM, None) if clip else (
-        SEARCH_COARSE_GRID, 2.0, importance)  # fmt: skip
+        SEARCH_COARSE_GRID, SEARCH_ERROR_NORM, importance)  # fmt: skip
     if weights is not None:
         weights = weights.expand(w.shape[1:])
     best_shrink = torch.ones(w.shape[:-1], device=w.device)
@@ -258,7 +274,7 @@ def group_grid(
     """The grid of each row of w [rows, ..., n] as the recipe chooses it (importance: w.shape[1:])."""
     if recipe.scale_search == "minmax":
         return shrunk_grid(w, recipe.bits, recipe.sym, full_range=recipe.full_range)
-    return search_grid(w, recipe, importance)  # without a Hessian (RTN): plain squared error
+    return search_grid(w, recipe, importance)  # without a Hessian (RTN): unweighted
 
 
 def effective_group_size(in_features: int, recipe: QuantRecipe, name: str = "") -> int:

@@ -78,15 +78,63 @@ def load_evaluation_windows(
     return evaluation_windows(tokenize_corpus(tokenizer, read_texts(path, jsonl_field)), seq_len, max_windows, stride)
 
 
+def _scored(windows: int, length: int, score_from: list[int], device) -> torch.Tensor:
+    """[windows, length - 1]: position j predicts token j + 1, scored from the window's score_from on."""
+    positions = torch.arange(1, length, device=device)
+    return positions.unsqueeze(0) >= torch.tensor(score_from, device=device).unsqueeze(1)
+
+
 def window_nll(logits: torch.Tensor, ids: torch.Tensor, score_from: list[int]) -> float:
     """Summed NLL of each window's tokens from its score_from position on (logits [b, L, V])."""
     nll = nn.functional.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     ).view(ids.shape[0], -1)
-    # nll[:, j] scores token j + 1.
-    positions = torch.arange(1, ids.shape[1], device=ids.device)
-    scored = positions.unsqueeze(0) >= torch.tensor(score_from, device=ids.device).unsqueeze(1)
-    return float((nll * scored).sum())
+    return float((nll * _scored(*ids.shape, score_from, ids.device)).sum())
+
+
+@dataclass(frozen=True)
+class WindowComparison:
+    """Two models on the same windows' scored tokens (sums: divide by the tokens scored)."""
+
+    nll_reference: float
+    nll_quantized: float
+    kl: float  # KL(reference || quantized) of the next-token distributions, over the whole vocabulary
+    agree: int  # tokens whose most likely next token is the same in both
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A quantized model against its source over windows: perplexities, mean KL(source || quantized)
+    per token (nats, whole vocabulary), and the share of tokens whose most likely next token agrees."""
+
+    baseline_ppl: float
+    quantized_ppl: float
+    kl: float
+    top1: float
+
+    @classmethod
+    def of(cls, batches: list[WindowComparison], tokens: int) -> Comparison:
+        return cls(baseline_ppl=math.exp(sum(b.nll_reference for b in batches) / tokens),
+                   quantized_ppl=math.exp(sum(b.nll_quantized for b in batches) / tokens),
+                   kl=sum(b.kl for b in batches) / tokens, top1=sum(b.agree for b in batches) / tokens)
+
+
+def window_comparison(reference: torch.Tensor, quantized: torch.Tensor, ids: torch.Tensor,
+                      score_from: list[int]) -> WindowComparison:
+    """Both models' NLL, their KL and top-1 agreement over the positions window_nll scores (logits
+    [b, L, V] of the same windows), each model's log-probabilities computed once."""
+    log_p = torch.log_softmax(reference[:, :-1].float(), dim=-1)
+    log_q = torch.log_softmax(quantized[:, :-1].float(), dim=-1)
+    scored = _scored(*ids.shape, score_from, ids.device)
+    targets = ids[:, 1:].unsqueeze(-1)
+
+    def nll(log_probs: torch.Tensor) -> float:
+        return float((-log_probs.gather(-1, targets).squeeze(-1) * scored).sum())
+
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    agree = log_p.argmax(-1) == log_q.argmax(-1)
+    return WindowComparison(nll_reference=nll(log_p), nll_quantized=nll(log_q), kl=float((kl * scored).sum()),
+                            agree=int((agree & scored).sum()))
 
 
 def from_nll(nll_sum: float, tokens: int, windows: int, engine: str) -> Perplexity:
@@ -157,7 +205,10 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from quantizer.checkpoint import iter_checkpoint_tensors, read_quantization_config
+    from quantizer.experts import unfuse_experts
+    from quantizer.families import family_of
     from quantizer.formats import format_of
+    from quantizer.pipeline import find_decoder_layers
 
     qconfig = read_quantization_config(model_dir)
     fmt = format_of(qconfig)
@@ -167,13 +218,19 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
     config = AutoConfig.for_model(**config_dict)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Mixture-of-experts models hold one Linear per expert, as the checkpoint does (quantizer/experts.py).
+    family = family_of(config.architectures or [])
+    name_of = family.module_name if family else str
+    if family is not None and family.experts is not None:
+        _, layers = find_decoder_layers(model, config.num_hidden_layers)
+        unfuse_experts(layers, family.experts)
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict[str, torch.Tensor]] = {}
     for name, handle in iter_checkpoint_tensors(model_dir):
         if part := fmt.part(name):
-            quantized.setdefault(part[0], {})[part[1]] = handle.get_tensor(name)
+            quantized.setdefault(name_of(part[0]), {})[part[1]] = handle.get_tensor(name)
         else:
-            state[name] = handle.get_tensor(name).to(dtype)
+            state[name_of(name)] = handle.get_tensor(name).to(dtype)
     for layer, parts in quantized.items():
         state[f"{layer}.weight"] = fmt.dequantize(parts, scheme).to(dtype)
     if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):

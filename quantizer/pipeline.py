@@ -17,6 +17,7 @@ no extra device memory beyond the two streams.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,12 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantizer.contract import DEFAULT_EXPERT_CALIBRATION, EXPERT_CALIBRATIONS
 from quantizer.errors import InputError
-from quantizer.families import SUPPORTED_ARCHITECTURES, Family, family_of
+from quantizer.experts import ExpertLinears, expert_modules, unfuse_experts
+from quantizer.families import SUPPORTED_ARCHITECTURES, Family, family_of, matches
 from quantizer.gptq import QuantizedWeight, QuantRecipe, default_block_solver, gptq_quantize, rtn_quantize
-from quantizer.perplexity import EvalWindows, initialize_buffers, window_nll
+from quantizer.perplexity import Comparison, EvalWindows, initialize_buffers, window_comparison
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +167,9 @@ def check_linear_shapes(config, checkpoint: SafetensorsCheckpoint, group_size: i
     if group_size == -1:
         return
     family = family_of(config.architectures)
+    patterns = [family.checkpoint_name(linear) for linear in family.linears]
     for name in checkpoint.names():
-        if not any(name.endswith(f"{linear}.weight") for linear in family.linears):
+        if not (name.endswith(".weight") and any(matches(name.removesuffix(".weight"), p) for p in patterns)):
             continue
         in_features = checkpoint.shape(name)[-1]
         if in_features % group_size:
@@ -183,11 +187,13 @@ def find_decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.Modu
     raise InputError(f"no list of {num_layers} decoder layers found in the model")
 
 
-def read_module_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint) -> dict[str, torch.Tensor]:
-    """A module's parameters and buffers from the checkpoint, in host memory and the source dtype."""
+def read_module_tensors(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoint,
+                        checkpoint_name: Callable[[str], str] = str) -> dict[str, torch.Tensor]:
+    """A module's parameters and buffers from the checkpoint (each module path named as the checkpoint
+    names it by `checkpoint_name`), in host memory and the source dtype, keyed by module path."""
     state = {}
     for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
-        key = f"{prefix}{name}"
+        key = checkpoint_name(f"{prefix}{name}")
         if key not in checkpoint.file_of:
             raise InputError(f"tensor {key} missing from the checkpoint in {checkpoint.model_dir}")
         state[name] = checkpoint.get(key)
@@ -202,15 +208,18 @@ class LayerPrefetcher:
     host memory, so the resident set stays flat in depth.
     """
 
-    def __init__(self, layers: nn.ModuleList, layers_name: str, checkpoint: SafetensorsCheckpoint):
+    def __init__(self, layers: nn.ModuleList, layers_name: str, checkpoint: SafetensorsCheckpoint,
+                 checkpoint_name: Callable[[str], str] = str):
         self._layers, self._layers_name, self._checkpoint = layers, layers_name, checkpoint
+        self._checkpoint_name = checkpoint_name
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kq-prefetch")
         self._pending: dict[int, Future] = {}
 
     def _request(self, index: int) -> None:
         if index < len(self._layers) and index not in self._pending:
             prefix = f"{self._layers_name}.{index}."
-            self._pending[index] = self._pool.submit(read_module_tensors, self._layers[index], prefix, self._checkpoint)
+            self._pending[index] = self._pool.submit(read_module_tensors, self._layers[index], prefix, self._checkpoint,
+                                                     self._checkpoint_name)
 
     def take(self, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s tensors (waiting for its read if needed); the read of the next one starts."""
@@ -260,10 +269,19 @@ class PipelineResult:
     peak_device_bytes: int = 0
     baseline_ppl: float | None = None
     fakequant_ppl: float | None = None
+    # The fake-quant model against the source on the evaluation windows (perplexity.Comparison).
+    fakequant_kl: float | None = None
+    fakequant_top1: float | None = None
+    # After each quantized layer: the evaluation stream's relative distance to the source's (drift()).
+    eval_drift: list[float] = field(default_factory=list)
     eval_tokens: int = 0
     eval_windows: int = 0
     solver: str = ""
     resumed_layers: int = 0
+    # Mixture-of-experts blocks: {experts module (checkpoint name): calibration tokens the router sent
+    # to each expert}, and how the experts' Hessians were taken (EXPERT_CALIBRATIONS).
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    expert_calibration: str = ""
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
@@ -385,15 +403,6 @@ def _capture_layer0_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, 
     return torch.cat(captured), {id(layer): kwargs_by_kind[kind] for layer, kind in zip(originals, kinds, strict=True)}
 
 
-def _nll_sum(norm: nn.Module, lm_head: nn.Module, hidden: torch.Tensor, windows: EvalWindows, device, batch_size) -> float:
-    total = 0.0
-    for start in range(0, hidden.shape[0], batch_size):
-        logits = lm_head(norm(hidden[start : start + batch_size].to(device)))
-        ids = windows.ids[start : start + batch_size].to(device)
-        total += window_nll(logits, ids, windows.score_from[start : start + batch_size])
-    return total
-
-
 class EvalStreams:
     """The evaluation windows through every layer twice: as it was (baseline), and as quantized
     (fake-quant, each layer after its Linears are replaced by their dequantized weights)."""
@@ -413,12 +422,26 @@ class EvalStreams:
     def through_quantized(self, layer: nn.Module) -> None:
         self.fakequant = self.runner.forward(layer, self.fakequant, self.device)
 
-    def perplexities(self, norm: nn.Module, lm_head: nn.Module) -> tuple[float, float]:
-        """(baseline, fake-quant) perplexity over the windows' scored tokens."""
-        tokens = self.windows.tokens_scored
-        nll = [_nll_sum(norm, lm_head, stream, self.windows, self.device, self.batch_size)
-               for stream in (self.baseline, self.fakequant)]
-        return math.exp(nll[0] / tokens), math.exp(nll[1] / tokens)
+    def drift(self) -> float:
+        """||h_quantized - h_source||^2 / ||h_source||^2 of the hidden states after the layers so far:
+        how the quantized model's error grows with depth."""
+        difference = energy = 0.0
+        for quantized, source in zip(self.fakequant, self.baseline, strict=True):  # a window at a time
+            source = source.float()
+            difference += float((quantized.float() - source).square().sum())
+            energy += float(source.square().sum())
+        return difference / max(energy, 1e-30)
+
+    def compare(self, norm: nn.Module, lm_head: nn.Module) -> Comparison:
+        """Perplexity of both streams, and how far the fake-quant model's next-token distributions are
+        from the source's, over the windows' scored tokens (one batch of logits of each at a time)."""
+        batches = []
+        for start in range(0, len(self.windows), self.batch_size):
+            logits = [lm_head(norm(stream[start : start + self.batch_size].to(self.device)))
+                      for stream in (self.baseline, self.fakequant)]
+            batches.append(window_comparison(*logits, self.windows.ids[start : start + self.batch_size].to(self.device),
+                                             self.windows.score_from[start : start + self.batch_size]))
+        return Comparison.of(batches, self.windows.tokens_scored)
 
 
 def quantize_model(
@@ -435,12 +458,19 @@ def quantize_model(
     solver: str = "auto",
     quantize_matrix: MatrixQuantizer = gptq_quantize,
     resumed: Resumed | None = None,
+    expert_calibration: str = DEFAULT_EXPERT_CALIBRATION,
 ) -> PipelineResult:
     """Quantize every decoder Linear of the source model; hand each finished layer to sink. With
     `resumed`, its layers are not quantized again: their stored weights replace the originals and the
     calibration and evaluation streams run through them (a forward pass only), so that the next layer
-    sees the inputs an uninterrupted run would have given it."""
+    sees the inputs an uninterrupted run would have given it. `expert_calibration` (mixture-of-experts
+    models): "routed" takes each expert's Hessians from the tokens its router sends it (an expert that
+    sees none is rounded to nearest), "all" from every calibration token, "auto" routed where enough
+    tokens reached the expert (_expert_hessians, quantizer/experts.py)."""
     from transformers import AutoModelForCausalLM
+
+    if expert_calibration not in EXPERT_CALIBRATIONS:
+        raise InputError(f"expert calibration {expert_calibration!r}: use one of {', '.join(EXPERT_CALIBRATIONS)}")
 
     config, checkpoint = source.config, source.weights
     dtype = source_dtype(config, checkpoint)
@@ -456,6 +486,9 @@ def quantize_model(
         model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
     model.eval()
     layers_name, layers = find_decoder_layers(model, config.num_hidden_layers)
+    family = source.family
+    if unfuse_experts(layers, family.experts):
+        result.expert_calibration = expert_calibration
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     base_prefix = layers_name.rsplit(".", 1)[0] + "." if "." in layers_name else ""
 
@@ -480,11 +513,13 @@ def quantize_model(
     with torch.no_grad(), _timed(result, "forward", device):
         hidden, layer_kwargs = _capture_layer0_inputs(model, layers, calibration_windows, device, store_device)
         runner = _LayerRunner(layer_kwargs, batch_size)
+        targets = SourceTargets(hidden.clone(), recipe.source_targets) \
+            if method == "gptq" and recipe.source_targets else None
         if eval_windows is not None:
             evaluation = EvalStreams(model, layers, eval_windows, device, store_device, batch_size)
 
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
-    prefetcher = LayerPrefetcher(layers, layers_name, checkpoint)
+    prefetcher = LayerPrefetcher(layers, layers_name, checkpoint, family.checkpoint_name)
     try:
         for index in bar:
             layer_start = time.perf_counter()
@@ -493,7 +528,10 @@ def quantize_model(
             state = prefetcher.take(index)
             if resumed is not None and index < resumed.layers:
                 with torch.no_grad(), materialized(layer, state, device, compute_dtype):
-                    hidden = _replay_layer(layer, prefix, index, resumed, hidden, runner, evaluation, device, result)
+                    if targets is not None:
+                        targets.hidden = runner.forward(layer, targets.hidden, device)
+                    hidden = _replay_layer(layer, prefix, index, resumed, hidden, runner, evaluation, device, result,
+                                           family)
                 result.resumed_layers += 1
                 result.layer_seconds.append(time.perf_counter() - layer_start)
                 continue
@@ -501,10 +539,11 @@ def quantize_model(
                 if evaluation is not None:
                     with _timed(result, "evaluate", device):
                         evaluation.through_original(layer)
-                quantized, outputs = _quantize_layer(
-                    layer, prefix, source.family, recipe, method, block_solver, hidden, runner, device, result,
-                    quantize_matrix,
-                )
+                with targets.unquantized_copy(layer, runner) if targets is not None else nullcontext() as original:
+                    quantized, outputs = _quantize_layer(
+                        layer, prefix, family, recipe, method, block_solver, hidden, runner, device, result,
+                        quantize_matrix, expert_calibration, targets, original,
+                    )
                 if outputs is None:
                     with _timed(result, "forward", device):
                         outputs = runner.forward(layer, hidden, device)
@@ -512,10 +551,12 @@ def quantize_model(
                 if evaluation is not None:
                     with _timed(result, "evaluate", device):
                         evaluation.through_quantized(layer)
+                        result.eval_drift.append(evaluation.drift())
+                written = {f"{name}.weight" for name in quantized}
                 others = {
-                    f"{prefix}{name}": tensor
+                    family.checkpoint_name(f"{prefix}{name}"): tensor
                     for name, tensor in state.items()
-                    if not any(name == f"{q}.weight" for q in quantized)
+                    if family.checkpoint_name(name) not in written
                 }
             with _timed(result, "pack_write", torch.device("cpu")):
                 sink(prefix, quantized, others)
@@ -523,12 +564,18 @@ def quantize_model(
             result.layer_seconds.append(seconds)
             worst = max(s.relative_error for s in result.linears[-len(quantized) :])
             bar.set_postfix(seconds=f"{seconds:.1f}", worst_rel_err=f"{worst:.2e}")
+            # Let this layer's results and source tensors go before the next layer's arrive: held until
+            # the names are bound again, they would double the peak (a Qwen3-30B-A3B layer's codes and
+            # dequantized weights alone are about 5 GB on the CPU).
+            del quantized, others, state, outputs
     finally:
         prefetcher.close()
 
     if evaluation is not None:
         with torch.no_grad(), _timed(result, "evaluate", device):
-            result.baseline_ppl, result.fakequant_ppl = evaluation.perplexities(base.norm, lm_head)
+            comparison = evaluation.compare(base.norm, lm_head)
+        result.baseline_ppl, result.fakequant_ppl = comparison.baseline_ppl, comparison.quantized_ppl
+        result.fakequant_kl, result.fakequant_top1 = comparison.kl, comparison.top1
         result.eval_tokens = evaluation.windows.tokens_scored
         result.eval_windows = len(evaluation.windows)
 
@@ -539,7 +586,8 @@ def quantize_model(
 
 
 def _replay_layer(layer: nn.Module, prefix: str, index: int, resumed: Resumed, hidden: torch.Tensor,
-                  runner: _LayerRunner, evaluation: EvalStreams | None, device, result: PipelineResult) -> torch.Tensor:
+                  runner: _LayerRunner, evaluation: EvalStreams | None, device, result: PipelineResult,
+                  family: Family) -> torch.Tensor:
     """A finished layer of a previous run: its stored weights in place of the originals, the streams
     through it. Returns the next layer's calibration inputs."""
     with _timed(result, "resume", device):
@@ -547,7 +595,7 @@ def _replay_layer(layer: nn.Module, prefix: str, index: int, resumed: Resumed, h
             evaluation.through_original(layer)
         stats = resumed.stats(index)
         for name, weight in resumed.weights(index).items():
-            linear = layer.get_submodule(name)
+            linear = layer.get_submodule(family.module_name(name))
             linear.weight.data = weight.to(device=linear.weight.device, dtype=linear.weight.dtype)
             result.linears.append(LinearStats(name=prefix + name, shape=tuple(linear.weight.shape),
                                               relative_error=stats[name]["relative_error"],
@@ -555,7 +603,38 @@ def _replay_layer(layer: nn.Module, prefix: str, index: int, resumed: Resumed, h
         hidden = runner.forward(layer, hidden, device)
         if evaluation is not None:
             evaluation.through_quantized(layer)
+            result.eval_drift.append(evaluation.drift())
     return hidden
+
+
+@dataclass
+class SourceTargets:
+    """Targets from the unquantized model (GPTAQ's asymmetric calibration). Plain GPTQ makes each
+    Linear reproduce its own outputs on the inputs it gets through the layers already quantized, X:
+    min ||X Q^T - X W^T||. Those inputs have drifted from the unquantized model's, X_s; what the next
+    layers need is the unquantized model's outputs: min ||X Q^T - X_s W^T||. Its unconstrained
+    solution is W* = W + W D H^-1, D = 2/n (X_s - X)^T X (the drift term), so GPTQ on the target
+    W + strength * W D (H + damp)^-1 with the same H solves it; 0 is plain GPTQ, 1 the whole
+    correction. `hidden` is the calibration windows' hidden states in the unquantized model."""
+
+    hidden: torch.Tensor
+    strength: float
+
+    def target(self, weight: torch.Tensor, hessian: torch.Tensor, drift: torch.Tensor, damp: float) -> torch.Tensor:
+        damped = hessian + damp * torch.diagonal(hessian).mean() * torch.eye(hessian.shape[0], device=hessian.device)
+        w = weight.to(hessian.dtype)
+        correction = torch.linalg.solve(damped, (w @ drift).t()).t()
+        return (w + self.strength * correction).to(weight.dtype)
+
+    @contextmanager
+    def unquantized_copy(self, layer: nn.Module, runner: _LayerRunner) -> Iterator[nn.Module]:
+        """The layer as it is before any of its groups is quantized, run with the layer's own kwargs."""
+        original = copy.deepcopy(layer)
+        runner.kwargs_by_layer[id(original)] = runner.kwargs_for(layer)
+        try:
+            yield original
+        finally:
+            del runner.kwargs_by_layer[id(original)]
 
 
 def _quantize_layer(
@@ -570,50 +649,171 @@ def _quantize_layer(
     device: torch.device,
     result: PipelineResult,
     quantize_matrix: MatrixQuantizer,
+    expert_calibration: str = DEFAULT_EXPERT_CALIBRATION,
+    targets: SourceTargets | None = None,
+    original: nn.Module | None = None,
 ) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None]:
     """The layer's Linears quantized group by group (true-sequential: each group's Hessian comes from
-    inputs through the groups already quantized). Returns them and, when the staged forward ran, the
-    layer's outputs (the next layer's inputs); None means the caller runs the layer once more."""
+    inputs through the groups already quantized). Returns them (by checkpoint name) and, when the
+    staged forward ran, the layer's outputs (the next layer's inputs); None means the caller runs the
+    layer once more. With `targets` (and `original`, the layer before quantization), each group's
+    target comes from the unquantized model's inputs (SourceTargets), and targets.hidden moves on
+    through the unquantized layer."""
     modules = dict(layer.named_modules())
-    linears = {name for name, m in modules.items() if isinstance(m, nn.Linear)}
-    if linears != family.linears:
-        raise InputError(
-            f"{prefix}: Linear layers {sorted(linears)} differ from the {family.name} layout {sorted(family.linears)}"
-        )
+    groups = layer_groups(family, {name for name, m in modules.items() if isinstance(m, nn.Linear)}, prefix)
     quantized: dict[str, QuantizedWeight] = {}
 
-    def quantize_group(group: tuple[str, ...], hessian: torch.Tensor | None) -> None:
+    def quantize_group(group: tuple[str, ...], hessian: torch.Tensor | None, drift: torch.Tensor | None = None) -> None:
         for name in group:
             linear = modules[name]
+            checkpoint_name = family.checkpoint_name(name)
             start = time.perf_counter()
             with _timed(result, "solve", device):
-                if method == "rtn":
-                    qw = rtn_quantize(linear.weight.data, recipe, name=prefix + name)
+                if method == "rtn" or hessian is None:
+                    qw = rtn_quantize(linear.weight.data, recipe, name=prefix + checkpoint_name)
                 else:
-                    qw = quantize_matrix(linear.weight.data, hessian, recipe, name=prefix + name, block_solver=block_solver)
+                    weight = linear.weight.data
+                    if drift is not None:
+                        weight = targets.target(weight, hessian, drift, recipe.damp)
+                    qw = quantize_matrix(weight, hessian, recipe, name=prefix + checkpoint_name,
+                                         block_solver=block_solver)
                 linear.weight.data = qw.dequantized.to(linear.weight.dtype)
-            quantized[name] = qw
-            result.linears.append(LinearStats(name=prefix + name, shape=tuple(linear.weight.shape),
+            quantized[checkpoint_name] = qw
+            result.linears.append(LinearStats(name=prefix + checkpoint_name, shape=tuple(linear.weight.shape),
                                               relative_error=qw.relative_error, damp=qw.damp,
                                               seconds=time.perf_counter() - start))
 
-    if method == "gptq" and family.staged and StagedDecoderLayer.fits(layer):
+    if method == "gptq" and family.staged and StagedDecoderLayer.fits(layer) and len(groups) == len(family.groups):
         staged = StagedDecoderLayer(layer, hidden, runner, device)
-        for group, hessian_of in zip(family.groups, staged.stages(), strict=True):
+        if targets is not None:
+            source = StagedDecoderLayer(original, targets.hidden, runner, device)
+            for (group,), stage in zip(groups, staged.stages_against(source), strict=True):
+                with _timed(result, "forward", device):
+                    hessian, drift = stage()
+                quantize_group(group, hessian, drift)
+                del hessian, drift
+            with _timed(result, "forward", device):
+                targets.hidden = source.outputs()
+                return quantized, staged.outputs()
+        for (group,), hessian_of in zip(groups, staged.stages(), strict=True):
             with _timed(result, "forward", device):
                 hessian = hessian_of()
             quantize_group(group, hessian)
             del hessian
         with _timed(result, "forward", device):
             return quantized, staged.outputs()
-    for group in family.groups:
-        hessian = None
-        if method == "gptq":
+    experts = expert_modules(layer)
+    counts: dict[int, torch.Tensor] | None = None
+    for subgroups in groups:
+        if method != "gptq":
+            hessians: list[torch.Tensor | None] = [None] * len(subgroups)
+        elif len(subgroups) == 1 and targets is not None:
             with _timed(result, "forward", device):
-                hessian = _group_hessian(modules[group[0]], layer, hidden, runner, device)
-        quantize_group(group, hessian)
-        del hessian
+                hessian, drift = _group_hessian_against(subgroups[0][0], layer, original, hidden, targets.hidden,
+                                                        runner, device)
+            quantize_group(subgroups[0], hessian, drift)
+            del hessian, drift
+            continue
+        elif len(subgroups) == 1:
+            with _timed(result, "forward", device):
+                hessians = [_group_hessian(modules[subgroups[0][0]], layer, hidden, runner, device)]
+        else:
+            with _timed(result, "forward", device):
+                if counts is None:  # the router's choices, the same for every group of the layer
+                    counts = route_counts(layer, experts, hidden, runner, device)
+                    for block in experts:
+                        path = next(n for n, m in modules.items() if m is block)
+                        result.expert_tokens[prefix + family.checkpoint_name(path)] = counts[id(block)].tolist()
+                hessians = _expert_hessians(layer, [modules[group[0]] for group in subgroups], experts, hidden,
+                                            runner, device, expert_calibration, counts)
+        for group, hessian in zip(subgroups, hessians, strict=True):
+            quantize_group(group, hessian)
+        del hessians
+    if targets is not None:  # (experts: plain targets, their routing differs between the streams)
+        with _timed(result, "forward", device):
+            targets.hidden = runner.forward(original, targets.hidden, device)
     return quantized, None
+
+
+def layer_groups(family: Family, linears: set[str], prefix: str = "") -> list[list[tuple[str, ...]]]:
+    """The family's groups as this layer has them, in execution order: each a list of Linear groups
+    that read one input (one per expert for a `*` group, one otherwise). Every Linear of the layer
+    must be in exactly one group."""
+    resolved: list[list[tuple[str, ...]]] = []
+    for patterns in family.groups:
+        if "*" not in "".join(patterns):
+            present = [name in linears for name in patterns]
+            if all(present):
+                resolved.append([patterns])
+            elif any(present):
+                raise InputError(f"{prefix}: has {[n for n in patterns if n in linears]} but not "
+                                 f"{[n for n in patterns if n not in linears]} of the {family.name} layout")
+            continue
+        head, _, tail = patterns[0].partition("*")
+        indices = sorted({int(name[len(head):-len(tail)]) for name in linears
+                          if name.startswith(head) and name.endswith(tail) and name[len(head):-len(tail)].isdigit()})
+        if indices:
+            resolved.append([tuple(p.replace("*", str(i)) for p in patterns) for i in indices])
+    covered = {name for subgroups in resolved for group in subgroups for name in group}
+    if covered != linears:
+        raise InputError(
+            f"{prefix}: Linear layers {sorted(linears - covered) or sorted(covered - linears)} do not fit the "
+            f"{family.name} layout {sorted(family.linears)}"
+        )
+    return resolved
+
+
+def route_counts(layer: nn.Module, experts: list[ExpertLinears], hidden: torch.Tensor, runner: _LayerRunner,
+                 device) -> dict[int, torch.Tensor]:
+    """{id(block): calibration tokens its router sends each expert}, from a pass of the layer that
+    stops where the experts would start (they are called with the router's top-k choices)."""
+    counts = {id(block): torch.zeros(len(block), dtype=torch.int64) for block in experts}
+
+    def count(block, args):
+        counts[id(block)] += torch.bincount(args[1].flatten().cpu(), minlength=len(block))[: len(block)]
+        raise _StopForward
+
+    handles = [block.register_forward_pre_hook(count) for block in experts]
+    try:
+        runner.forward(layer, hidden, device, stop_early=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
+def _expert_hessians(layer: nn.Module, firsts: list[nn.Linear], experts: list[ExpertLinears], hidden: torch.Tensor,
+                     runner: _LayerRunner, device, expert_calibration: str,
+                     counts: dict[int, torch.Tensor]) -> list[torch.Tensor | None]:
+    """One Hessian per expert (the inputs of its Linear in `firsts`, one per expert in block order)
+    from one pass of the layer, which stops once the experts have run (EXPERT_CALIBRATIONS): "routed",
+    from the tokens the router sends the expert (None for an expert that saw none); "all", from every
+    token; "auto", routed where the expert saw at least as many tokens as the Linear has inputs (a
+    Hessian of full rank is possible), all where it saw fewer. The block's output follows the router
+    in every mode."""
+    totals = [_HessianSum(linear.in_features, device) for linear in firsts]
+    handles = [linear.register_forward_pre_hook(lambda _m, args, total=total: total.add(args[0]))
+               for linear, total in zip(firsts, totals, strict=True)]
+
+    def stop(_module, _args, _output):
+        raise _StopForward
+
+    handles += [block.register_forward_hook(stop) for block in experts]
+    inputs = firsts[0].in_features
+    for block in experts:
+        routed = counts[id(block)]
+        block.calibrate_all = {"routed": torch.zeros_like(routed, dtype=torch.bool),
+                               "all": torch.ones_like(routed, dtype=torch.bool),
+                               "auto": routed < inputs}[expert_calibration]
+    try:
+        with _exact_tf32(hidden.dtype):
+            runner.forward(layer, hidden, device, stop_early=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in experts:
+            block.calibrate_all = None
+    return [total.result() if total.count else None for total in totals]
 
 
 class _HessianSum:
@@ -623,9 +823,11 @@ class _HessianSum:
         self.hessian = torch.zeros(columns, columns, device=device, dtype=torch.float32)
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Add x^T x, or x^T y (a cross term, y's rows the same tokens as x's)."""
         x = x.reshape(-1, self.hessian.shape[0]).float()
-        self.hessian.addmm_(x.t(), x)
+        y = x if y is None else y.reshape(-1, self.hessian.shape[1]).float()
+        self.hessian.addmm_(x.t(), y)
         self.count += x.shape[0]
 
     def result(self) -> torch.Tensor:
@@ -722,16 +924,36 @@ class StagedDecoderLayer:
             self.intermediate[rows] = intermediate.to(self.intermediate.device)
         return intermediate
 
+    def _stage_inputs(self) -> list[tuple[int, Callable[[slice, torch.Tensor], torch.Tensor]]]:
+        """Each group's input width and how a batch's inputs are computed, in Llama's order (families.LLAMA)."""
+        attn, mlp = self.layer.self_attn, self.layer.mlp
+        return [(attn.q_proj.in_features, self._qkv_inputs), (attn.o_proj.in_features, self._o_inputs),
+                (mlp.gate_proj.in_features, self._gate_up_inputs), (mlp.down_proj.in_features, self._down_inputs)]
+
     def stages(self) -> list[Callable[[], torch.Tensor]]:
         """One Hessian per group of Llama's layout (families.LLAMA), each called once the groups before it are
         quantized (the layer's weights then hold their dequantized values)."""
-        attn, mlp = self.layer.self_attn, self.layer.mlp
-        return [
-            lambda: self._hessian(attn.q_proj.in_features, self._qkv_inputs),
-            lambda: self._hessian(attn.o_proj.in_features, self._o_inputs),
-            lambda: self._hessian(mlp.gate_proj.in_features, self._gate_up_inputs),
-            lambda: self._hessian(mlp.down_proj.in_features, self._down_inputs),
-        ]
+        return [lambda columns=columns, inputs=inputs: self._hessian(columns, inputs)
+                for columns, inputs in self._stage_inputs()]
+
+    def stages_against(self, source: StagedDecoderLayer) -> list[Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+        """Per group, H = 2/n X^T X and the drift term 2/n (X_source - X)^T X: X are the group's inputs
+        here (through the layers and groups already quantized), X_source the same Linear's inputs in
+        `source`, the unquantized layer run on the unquantized model's hidden states (batch for batch
+        the same tokens). Each call runs one stage of both layers."""
+
+        def stage(columns: int, inputs, source_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+            hessian, drift = _HessianSum(columns, self.device), _HessianSum(columns, self.device)
+            with _exact_tf32(self.hidden.dtype):
+                for (rows, x), (_, x_source) in zip(self._batches(), source._batches(), strict=True):
+                    mine = inputs(rows, x).reshape(-1, columns).float()
+                    theirs = source_inputs(rows, x_source).reshape(-1, columns).float()
+                    hessian.add(mine)
+                    drift.add(theirs - mine, mine)
+            return hessian.result(), drift.result()
+
+        return [lambda c=c, i=i, si=si: stage(c, i, si)
+                for (c, i), (_, si) in zip(self._stage_inputs(), source._stage_inputs(), strict=True)]
 
     def outputs(self) -> torch.Tensor:
         """The layer's outputs with every group quantized: h + down(act(gate(n)) * up(n))."""
@@ -771,3 +993,33 @@ def _group_hessian(linear: nn.Linear, layer: nn.Module, hidden: torch.Tensor, ru
     finally:
         handle.remove()
     return total.result()
+
+
+def _group_hessian_against(name: str, layer: nn.Module, original: nn.Module, hidden: torch.Tensor,
+                           source_hidden: torch.Tensor, runner: _LayerRunner, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """_group_hessian's H for the Linear `name` of `layer`, and the drift term 2/n (X_source - X)^T X
+    with X_source its inputs in `original` on the unquantized model's hidden states (SourceTargets)."""
+    columns = layer.get_submodule(name).in_features
+    hessian, drift = _HessianSum(columns, device), _HessianSum(columns, device)
+    captured: list[torch.Tensor] = []
+
+    def capture(_module, args):
+        captured.append(args[0].reshape(-1, columns).float())
+        raise _StopForward
+
+    handles = [module.get_submodule(name).register_forward_pre_hook(capture) for module in (layer, original)]
+    try:
+        with _exact_tf32(hidden.dtype):
+            for start in range(0, hidden.shape[0], runner.batch_size):
+                rows = slice(start, start + runner.batch_size)
+                for module, states in ((layer, hidden), (original, source_hidden)):
+                    with suppress(_StopForward):
+                        module(states[rows].to(device), **runner.kwargs_for(layer))
+                mine, theirs = captured
+                captured.clear()
+                hessian.add(mine)
+                drift.add(theirs - mine, mine)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessian.result(), drift.result()

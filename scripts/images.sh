@@ -77,11 +77,15 @@ build() {
   [ ${#targets[@]} -gt 0 ] || targets=("${DEFAULT_TARGETS[@]}")
   for target in "${targets[@]}"; do
     started=$SECONDS
+    local previous
+    previous=$(podman image inspect --format '{{.Id}}' "$(name "$target")" 2>/dev/null || true)
     log "building $target as $(name "$target") (log: $DIR/build-$target.log)"
-    # --layers: the stages targets share (the wheel, the CPU runtime) are built once. The RUN steps
-    # download through this machine's trust store (a proxy's CA, where one intercepts TLS); the image
-    # keeps Debian's.
-    if ! buildah bud --isolation chroot --layers --quiet -f "$ROOT/Dockerfile" --target "$target" \
+    # --layers: the stages targets share (the wheel, the CPU runtime) are built once. --force-rm: a
+    # failed step (a full disk among them) leaves no working container, whose upper layer holds as
+    # much as the step wrote (gigabytes for the CPU runtime's dependencies). The RUN steps download
+    # through this machine's trust store (a proxy's CA, where one intercepts TLS); the image keeps
+    # Debian's.
+    if ! buildah bud --isolation chroot --layers --force-rm --quiet -f "$ROOT/Dockerfile" --target "$target" \
         --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
         --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" -t "$(name "$target")" "$ROOT" > "$DIR/build-$target.log" 2>&1; then
       tail -30 "$DIR/build-$target.log" >&2
@@ -91,6 +95,11 @@ build() {
     # A build whose every layer came from the cache gives the image checked before: check it once.
     local id
     id=$(podman image inspect --format '{{.Id}}' "$(name "$target")")
+    # The image this build replaced goes, with its parent layers that no other image uses: otherwise
+    # every change to the dependencies keeps another copy of them (7.8 GB for the CPU images).
+    if [ -n "$previous" ] && [ "$previous" != "$id" ]; then
+      podman rmi --ignore "$previous" >/dev/null 2>&1 || log "keeping $previous (a container or another tag uses it)"
+    fi
     if [ "$(cat "$DIR/checked-$target" 2>/dev/null)" = "$id" ]; then
       log "$target unchanged since it was checked"
     else

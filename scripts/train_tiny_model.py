@@ -1,4 +1,4 @@
-"""Train the tiny Llama test fixture (model + byte-level BPE tokenizer) offline, on CPU.
+"""Train the tiny test fixtures (a Llama, a Qwen3-MoE; model + byte-level BPE tokenizer) offline, on CPU.
 
 The training text is the Python standard library that ships with the interpreter
 (``sysconfig.get_paths()["stdlib"]``, top-level ``*.py`` files), so every machine has it without a
@@ -13,6 +13,12 @@ Run it from the repository root (about 10 minutes on 2 otherwise idle CPU cores)
     .venv/bin/python scripts/train_tiny_model.py
     .venv/bin/python scripts/train_tiny_model.py --steps 1600 --seed 0 \\
         --output tests/fixtures/tiny-llama --text-output tests/fixtures/text
+
+The mixture of experts (``--architecture qwen3_moe``: 8 experts, 2 per token, trained with the router's
+load-balancing loss) shares the Llama's tokenizer, text split and training schedule::
+
+    .venv/bin/python scripts/train_tiny_model.py --architecture qwen3_moe \\
+        --output tests/fixtures/tiny-qwen3-moe --text-output tests/fixtures/text
 
 It writes the model (float16 safetensors, config.json, generation_config.json), the Hugging Face fast
 tokenizer (tokenizer.json, tokenizer_config.json) and a README.md that records how the fixture was made,
@@ -45,8 +51,9 @@ from transformers import (
     AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
-    LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen3MoeConfig,
 )
 
 VOCAB_SIZE = 2048
@@ -169,15 +176,21 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
-    """The fixture's architecture: every Linear's in/out size is a multiple of 32."""
-    return LlamaConfig(
+ARCHITECTURES = ("llama", "qwen3_moe")
+
+
+def make_config(tokenizer: PreTrainedTokenizerFast, architecture: str = "llama", layers: int = 4,
+                hidden: int = 128) -> PretrainedConfig:
+    """The fixture's architecture: every Linear's in/out size is a multiple of 32. The Qwen3-MoE has the
+    Llama's attention sizes and, per token, two of 8 experts of 128 (a multiple of 128, so every group size applies).
+    Larger models (the quality benchmark's) keep the proportions: heads of 32, half as many KV heads, an
+    MLP three times the hidden size."""
+    common = dict(
         vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 64,
         head_dim=32,
         max_position_embeddings=1024,
         rms_norm_eps=1e-5,
@@ -188,6 +201,12 @@ def make_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if architecture == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common, intermediate_size=256, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+            norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.01,
+        )
+    return LlamaConfig(**common, intermediate_size=3 * hidden)
 
 
 def encode_training_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
@@ -208,7 +227,7 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(
-    model: LlamaForCausalLM,
+    model: torch.nn.Module,
     stream: torch.Tensor,
     steps: int,
     batch_size: int,
@@ -265,6 +284,12 @@ def perplexity(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, text:
     return math.exp(torch.stack(nlls).mean().item()), n
 
 
+def _shown(path: Path) -> str:
+    """A path as the README shows it: relative to the repository when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO_ROOT)) if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
 def human_size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1024 * 1024 else f"{n / 1024 / 1024:.2f} MiB"
 
@@ -277,7 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="windows of 256 tokens per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="llama")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size, a multiple of 64 (default 128)")
     args = parser.parse_args(argv)
+    # Before any work or output: the sizes make_config can build.
+    if args.hidden < 64 or args.hidden % 64:
+        parser.error(f"--hidden {args.hidden}: use a multiple of 64 (heads of 32, two query heads per KV head)")
+    if args.layers < 1:
+        parser.error(f"--layers {args.layers}: use 1 or more")
 
     torch.set_num_threads(2)
     random.seed(args.seed)
@@ -301,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         f"({train_bytes / stream.numel():.2f} bytes/token)"
     )
 
-    config = make_config(tokenizer)
+    config = make_config(tokenizer, args.architecture, args.layers, args.hidden)
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).float()
+    model = AutoModelForCausalLM.from_config(config).float()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params} parameters")
 
@@ -322,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             stale.unlink()
     model = model.to(torch.float16)
     model.config.dtype = torch.float16
+    model.config.output_router_logits = False  # a training-time option; inference has no labels
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -351,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
             str(args.lr),
             "--seed",
             str(args.seed),
+            *(["--layers", str(args.layers), "--hidden", str(args.hidden)] if (args.layers, args.hidden) != (4, 128) else []),
+            *(["--architecture", args.architecture, "--output", _shown(out), "--text-output", _shown(args.text_output)]
+              if args.architecture != "llama" or (args.layers, args.hidden) != (4, 128) else []),
         ]
     )
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and p.name != "README.md"}
@@ -360,17 +397,31 @@ def main(argv: list[str] | None = None) -> int:
         for name, mod in reloaded.named_modules()
         if isinstance(mod, torch.nn.Linear) and name.startswith(("model.layers.0.", "lm_head"))
     ]
-    readme = f"""# tiny-llama test fixture
+    if args.architecture == "qwen3_moe":  # Transformers fuses the experts; the checkpoint has one Linear each
+        size = config.moe_intermediate_size
+        linears += [f"| `model.layers.0.mlp.experts.<0-{config.num_experts - 1}>.{name}` | {i} | {o} |"
+                    for name, i, o in (("gate_proj", config.hidden_size, size), ("up_proj", config.hidden_size, size),
+                                       ("down_proj", size, config.hidden_size))]
+        linears.append(f"| `model.layers.0.mlp.gate` (router) | {config.hidden_size} | {config.num_experts} |")
+    architecture = reloaded.config.architectures[0]
+    where = "" if args.architecture != "llama" else \
+        "; defaults write `tests/fixtures/tiny-llama` and\n  `tests/fixtures/text`"
+    if args.architecture == "qwen3_moe":
+        shape = (f"{config.num_experts} experts of intermediate {config.moe_intermediate_size}, "
+                 f"{config.num_experts_per_tok} per token (router trained with the load-balancing loss, "
+                 f"coefficient {config.router_aux_loss_coef}), q/k RMSNorm")
+    else:
+        shape = f"intermediate {config.intermediate_size}"
+    readme = f"""# {out.name} test fixture
 
-A tiny Llama ({n_params:,} parameters) with its own byte-level BPE tokenizer, trained from scratch on
+A tiny {architecture.removesuffix("ForCausalLM")} ({n_params:,} parameters) with its own byte-level BPE tokenizer, trained from scratch on
 CPU on the Python {platform.python_version()} standard library source (top-level `*.py` files of
 `sysconfig.get_paths()["stdlib"]`). It exists so that the GPTQ quantizer and vLLM can be tested offline.
 Do not edit by hand: regenerate it with `scripts/train_tiny_model.py`.
 
 ## How it was made
 
-- Command: `{cmd}` (from the repository root; defaults write `tests/fixtures/tiny-llama` and
-  `tests/fixtures/text`)
+- Command: `{cmd}` (from the repository root{where})
 - Seed {args.seed}, {args.steps} AdamW steps (peak lr {args.lr}, warmup + cosine decay, weight decay 0.1,
   grad clip 1.0), batch {args.batch_size} random windows x {SEQ_LEN} tokens, {tokens_seen:,} tokens seen
   ({tokens_seen / stream.numel():.2f} epochs), `torch.set_num_threads(2)`, float32 training
@@ -384,7 +435,7 @@ Do not edit by hand: regenerate it with `scripts/train_tiny_model.py`.
 
 ## Architecture
 
-`LlamaForCausalLM`: vocab {config.vocab_size}, hidden {config.hidden_size}, intermediate {config.intermediate_size},
+`{architecture}`: vocab {config.vocab_size}, hidden {config.hidden_size}, {shape},
 {config.num_hidden_layers} layers, {config.num_attention_heads} attention heads, {config.num_key_value_heads} KV heads,
 head_dim {config.head_dim}, max positions {config.max_position_embeddings}, RMSNorm eps {config.rms_norm_eps},
 untied embeddings, saved as float16 safetensors. Every Linear's in/out size is a multiple of 32

@@ -79,9 +79,7 @@ def test_helm_install_with_every_option_on(control_plane: ControlPlane):
     """The all-on values, with the Prometheus Operator's CRDs (generated from its API types) installed."""
     assert MONITORING_CRDS.is_dir(), "scripts/cluster.sh build generates the monitoring.coreos.com CRDs"
     control_plane.kubectl("apply", "--server-side", "-f", str(MONITORING_CRDS))
-    for crd in ("servicemonitors", "prometheusrules"):
-        control_plane.kubectl("wait", "--for=condition=Established", f"crd/{crd}.monitoring.coreos.com",
-                              "--timeout=60s")
+    control_plane.wait_established("servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com")
     ns = control_plane.create_namespace("kq-helm-all-on")
     control_plane.create_namespace("monitoring")
     values = str(CHART / "ci" / "all-on-values.yaml")

@@ -36,7 +36,7 @@ from tests.kube.models import (
 from tests.kube.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.controlplane
-WATCHED = ["kq-life", "kq-tp", "kq-faults", "kq-delete", "kq-lws", "kq-waiting", "kq-serve-wait"]
+WATCHED = ["kq-life", "kq-tp", "kq-faults", "kq-delete", "kq-lws", "kq-waiting", "kq-serve-wait", "kq-moe"]
 SA = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{SERVICE_ACCOUNT}"
 
 
@@ -75,6 +75,28 @@ def test_the_service_account_can_do_what_it_needs_and_no_more(control_plane: Con
                ("patch", "nodes"), ("create", "serviceaccounts/token", "-n", OPERATOR_NAMESPACE)]
     assert [a for a in needed if not can(*a)] == []
     assert [a for a in refused if can(*a)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_mixture_of_experts_is_quantized_gated_and_served(control_plane: ControlPlane, operator, tmp_path: Path):
+    """examples/tiny-moe.yaml: the trained tiny Qwen3-MoE through the real Jobs' commands (GPTQ per
+    expert; vLLM on the CPU serving it beside the source) to Ready, its experts' sizes in status."""
+    ns = "kq-moe"
+    models = _models(control_plane, ns, tmp_path)
+    data = data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
+    models.apply(example("tiny-moe.yaml"))
+    for job in ("quantize", "evaluate"):
+        pod = models.kubelet.running_pod(models.wait_job("tiny-moe", job))
+        terminated = models.kubelet.run(pod, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        assert terminated["exitCode"] == 0, Path(terminated["log"]).read_text()[-3000:]
+    verdict = json.loads(terminated["message"])
+    assert verdict["reason"] == "Passed" and verdict["engine"].startswith("vllm")
+    status = models.wait_phase("tiny-moe", "Ready", timeout=120)
+    assert status["quantizedPerplexity"] == pytest.approx(verdict["served_ppl"])
+    assert status["artifact"]["expertInFeatures"] == [128]  # each expert's intermediate size
+    manifest = json.loads((data / status["artifact"]["path"] / "kubequant.json").read_text())
+    assert manifest["experts"]["calibration"] == "all" and len(manifest["experts"]["routed_tokens"]) == 4
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from quantizer.gptq import (
+    SEARCH_ERROR_NORM,
     GPTQError,
     QuantRecipe,
     column_order,
@@ -75,14 +76,16 @@ def test_weighted_search_is_never_worse_than_min_max(weight, bits, sym, full_ran
     groups = weight.reshape(64, 8, 32)
     importance = torch.rand(8, 32, generator=torch.Generator().manual_seed(6)) ** 4  # a few heavy columns
 
-    def weighted_error(scale, zero):
+    def weighted_error(scale, zero):  # the search's own measure: importance x |error|^p
         _, dq = quantize_to_grid(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), recipe.maxq)
-        return ((dq - groups).square() * importance).sum(-1)
+        return ((dq - groups).abs().pow(SEARCH_ERROR_NORM) * importance).sum(-1)
 
     searched = weighted_error(*search_grid(groups, recipe, importance))
     min_max = weighted_error(*shrunk_grid(groups, bits, sym, full_range=full_range))
     assert torch.all(searched <= min_max)
-    assert searched.sum() < 0.9 * min_max.sum()  # measured about 0.6x here: the search does something
+    # The search does something: measured 0.65-0.66x here at 3 and 4 bits, 0.91x at 8 bits (256 levels leave
+    # little to gain by clipping when large errors weigh as a cube).
+    assert searched.sum() < 0.95 * min_max.sum()
 
 
 def test_full_range_puts_each_groups_extreme_on_code_zero(weight):

@@ -46,8 +46,9 @@ def test_quantize_and_gate_with_the_torch_engine(tmp_path, capsys):
     recipe = json.loads(manifests[0].read_text())["recipe"]
     spec = load_model(EXAMPLE).spec.quantization
     assert (recipe["bits"], recipe["group_size"], recipe["act_order"]) == (spec.bits, spec.group_size, spec.act_order)
-    assert (recipe["scale_search"], recipe["full_range"], recipe["refine_sweeps"], recipe["group_aware_order"]) == \
-        (spec.scale_search, spec.full_range, spec.refine_sweeps, spec.group_aware_order)
+    assert (recipe["scale_search"], recipe["full_range"], recipe["refine_sweeps"], recipe["group_aware_order"],
+            recipe["source_targets"]) == \
+        (spec.scale_search, spec.full_range, spec.refine_sweeps, spec.group_aware_order, spec.source_targets)
     assert "scales cost, full-range" in out  # the summary names the recipe
     assert "compressed-tensors" in out  # and the checkpoint's format
 

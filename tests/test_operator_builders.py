@@ -87,7 +87,7 @@ SAME_ARTIFACT = [("serving.replicas", 4), ("serving.extraArgs", ["--enable-prefi
 NEW_ARTIFACT = [("quantization.groupSize", 64), ("quantization.actOrder", False), ("quantization.dampPercent", 0.5),
                 ("quantization.scaleSearch", "minmax"), ("quantization.fullRange", False),
                 ("quantization.refineSweeps", 1), ("quantization.groupAwareOrder", True),
-                ("quantization.calibration.samples", 256), ("quantization.calibration.text", {"path": "other.txt"}),
+                ("quantization.sourceTargets", 0.5), ("quantization.calibration.samples", 256), ("quantization.calibration.text", {"path": "other.txt"}),
                 ("source.huggingface.revision", "main"), ("evaluation.seqLen", 4096)]
 
 
@@ -329,6 +329,7 @@ def test_spec_defaults_are_the_crds():
     ("quantization.calibration.samples", 1.5, "samples must be of type int"),
     ("quantization.scaleSearch", "best", "scaleSearch must be one of minmax, clip, diag, cost"),
     ("quantization.refineSweeps", 9, "refineSweeps must be between 0 and 8"),
+    ("quantization.sourceTargets", 1.5, "sourceTargets must be between 0"),
 ])
 def test_spec_errors_name_the_field(path, value, words):
     with pytest.raises(SpecError, match=words):
@@ -346,8 +347,8 @@ def test_the_recipe_defaults_and_choices_are_the_quantizers():
 
     q = parse_model(example("tiny.yaml")).spec.quantization
     recipe = gptq.QuantRecipe()
-    assert (q.scale_search, q.full_range, q.refine_sweeps, q.group_aware_order) == \
-        (recipe.scale_search, recipe.full_range, recipe.refine_sweeps, recipe.group_aware_order)
+    assert (q.scale_search, q.full_range, q.refine_sweeps, q.group_aware_order, q.source_targets) == \
+        (recipe.scale_search, recipe.full_range, recipe.refine_sweeps, recipe.group_aware_order, recipe.source_targets)
     assert (q.act_order, q.symmetric, q.damp_percent / 100) == \
         (recipe.act_order, recipe.sym, recipe.damp)
 
@@ -547,3 +548,40 @@ def test_texts_from_a_hub_dataset_are_fetched_onto_the_claim_by_the_quantize_job
 def test_a_bad_hub_text_names_the_field(text, words):
     with pytest.raises(SpecError, match=re.escape(words)):
         parse_model(with_spec(example(), "quantization.calibration.text", text))
+
+
+def test_serving_env_reaches_the_gate_and_serving_and_gates_again():
+    env = [{"name": "VLLM_MARLIN_INPUT_DTYPE", "value": "fp8"}, {"name": "HF_HUB_OFFLINE", "value": "0"}]
+    model = parse_model(with_spec(example("tiny.yaml"), "serving.env", env))
+    assert model.spec.serving.env == (("VLLM_MARLIN_INPUT_DTYPE", "fp8"), ("HF_HUB_OFFLINE", "0"))
+    for container in (_container(builders.evaluate_job(model, ARTIFACT)), _container(builders.deployment(model, ARTIFACT))):
+        names = [e["name"] for e in container["env"]]
+        assert {"name": "VLLM_MARLIN_INPUT_DTYPE", "value": "fp8"} in container["env"]
+        assert names.count("HF_HUB_OFFLINE") == 1 and {"name": "HF_HUB_OFFLINE", "value": "0"} in container["env"]
+    plain = parse_model(example("tiny.yaml"))
+    # Another engine setting measures again; the artifact stays.
+    assert builders.evaluation_key(model) != builders.evaluation_key(plain)
+    assert builders.artifact_hash(model) == builders.artifact_hash(plain)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ([{"name": "1BAD", "value": "x"}], "spec.serving.env: '1BAD' is not an environment variable name"),
+    ([{"name": "A", "value": "1"}, {"name": "A", "value": "2"}], "spec.serving.env: A is set twice"),
+    ([{"name": "A", "value": 1}], 'spec.serving.env[0].value must be a string; quote it: "1"'),
+    ([{"value": "1"}], "spec.serving.env[0]"),
+])
+def test_bad_serving_env_names_the_field(env, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_model(with_spec(example("tiny.yaml"), "serving.env", env))
+
+
+def test_expert_calibration_reaches_the_quantize_job_and_only_a_change_requantizes():
+    plain = parse_model(example("tiny.yaml"))
+    routed = parse_model(with_spec(example("tiny.yaml"), "quantization.expertCalibration", "routed"))
+    command = _container(builders.quantize_job(routed))["command"]
+    assert command[command.index("--expert-calibration") + 1] == "routed"
+    assert builders.artifact_hash(routed) != builders.artifact_hash(plain)
+    explicit = parse_model(with_spec(example("tiny.yaml"), "quantization.expertCalibration", "all"))
+    assert builders.artifact_hash(explicit) == builders.artifact_hash(plain)  # the default: the hash as before
+    with pytest.raises(SpecError, match=re.escape("spec.quantization.expertCalibration must be")):
+        parse_model(with_spec(example("tiny.yaml"), "quantization.expertCalibration", "some"))

@@ -212,6 +212,7 @@ def test_recipe_choices_are_the_contracts():
     assert tuple(quantization["groupSize"]["enum"]) == contract.GROUP_SIZES
     assert tuple(quantization["scaleSearch"]["enum"]) == contract.SCALE_SEARCHES
     assert quantization["refineSweeps"]["maximum"] == contract.MAX_REFINE_SWEEPS
+    assert quantization["sourceTargets"]["default"] == contract.DEFAULT_SOURCE_TARGETS
     assert tuple(quantization["format"]["enum"]) == contract.CHECKPOINT_FORMATS
     serving = crd.schema()["properties"]["spec"]["properties"]["serving"]["properties"]
     assert tuple(quantization["device"]["enum"]) == tuple(serving["device"]["enum"]) == contract.DEVICES

@@ -20,6 +20,7 @@ from kubequant.reconcile import (
     decide_deletion,
     job_outcome,
     preflight,
+    preflight_reason,
     rollout,
 )
 from kubequant.spec import parse_model
@@ -639,3 +640,26 @@ def test_a_vllm_pod_that_cannot_be_scheduled_is_named_in_the_ready_condition():
     assert "Insufficient cpu" in decision.status["message"]
     sim.server_pods = []
     assert condition(sim.step(), "Ready")["reason"] == "RollingOut"
+
+
+def test_preflight_splits_experts_unless_they_are_placed_whole():
+    # Qwen3-30B-A3B: o_proj reads 32 heads x 128 = 4096; each expert's intermediate size is 768.
+    artifact = {"groupSize": 128, "rowParallelInFeatures": [4096], "expertInFeatures": [768]}
+    assert preflight(artifact, 2) is None  # 384 columns per GPU: 3 groups
+    refused = preflight(artifact, 4)  # 192 columns per GPU: not whole groups of 128
+    assert refused and "768 -> 192" in refused and preflight_reason(refused) == "TensorParallelMismatch"
+    # Expert parallelism places whole experts on each GPU: only the attention is split.
+    for flag in ("--enable-expert-parallel", "-ep"):
+        assert preflight(artifact, 8, extra_args=(flag,)) is None
+
+
+def test_preflight_refuses_int8_marlin_activations_for_full_range_scales():
+    artifact = {"groupSize": 128, "rowParallelInFeatures": [4096], "fullRangeScales": True}
+    env = {"VLLM_MARLIN_INPUT_DTYPE": "int8"}
+    refused = preflight(artifact, 1, env=env)
+    assert refused and refused.startswith("spec.serving.env VLLM_MARLIN_INPUT_DTYPE=int8")
+    assert "vLLM issue 48905" in refused and "fullRange false" in refused
+    assert preflight_reason(refused) == "UnsafeEngineSetting"
+    # Scales of one sign, or another input dtype: nothing to refuse.
+    assert preflight(artifact | {"fullRangeScales": False}, 1, env=env) is None
+    assert preflight(artifact, 1, env={"VLLM_MARLIN_INPUT_DTYPE": "fp8"}) is None

@@ -7,7 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quantizer.errors import InputError
-from quantizer.perplexity import evaluation_windows, load_evaluation_windows, torch_perplexity
+from quantizer.perplexity import (
+    evaluation_windows,
+    load_evaluation_windows,
+    torch_perplexity,
+    window_comparison,
+    window_nll,
+)
 from tests.conftest import EVALUATION, TINY_MODEL
 
 
@@ -69,3 +75,21 @@ def test_parquet_rows_are_documents_and_a_missing_column_names_the_field(tmp_pat
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(InputError, match="not a readable Parquet file"):
         read_texts(tmp_path / "broken.parquet")
+
+
+def test_window_comparison_is_the_full_vocabulary_kl_and_the_nll_of_the_scored_positions():
+    torch.manual_seed(0)
+    reference, quantized = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    ids = torch.randint(0, 11, (2, 6))
+    score_from = [1, 4]  # window 1 scores tokens 4 and 5: positions 3 and 4 predict them
+    compared = window_comparison(reference, quantized, ids, score_from)
+    log_p, log_q = reference.log_softmax(-1), quantized.log_softmax(-1)
+    positions = [(0, j) for j in range(0, 5)] + [(1, 3), (1, 4)]
+    expected = sum(float(torch.nn.functional.kl_div(log_q[b, j], log_p[b, j], log_target=True, reduction="sum"))
+                   for b, j in positions)
+    assert compared.kl == pytest.approx(expected, rel=1e-5)
+    assert compared.agree == sum(int(reference[b, j].argmax() == quantized[b, j].argmax()) for b, j in positions)
+    assert compared.nll_reference == pytest.approx(window_nll(reference, ids, score_from), rel=1e-5)
+    assert compared.nll_quantized == pytest.approx(window_nll(quantized, ids, score_from), rel=1e-5)
+    same = window_comparison(reference, reference.clone(), ids, score_from)
+    assert (same.kl, same.agree) == (pytest.approx(0.0, abs=1e-6), len(positions))

@@ -16,7 +16,12 @@ from quantizer.checkpoint import CheckpointError, CheckpointWriter, verify_check
 from quantizer.cli import main as quantizer_main
 from quantizer.errors import InputError
 from quantizer.gptq import QuantRecipe
-from quantizer.perplexity import load_dequantized_model, load_evaluation_windows, torch_perplexity
+from quantizer.perplexity import (
+    load_dequantized_model,
+    load_evaluation_windows,
+    torch_perplexity,
+    window_comparison,
+)
 from tests.conftest import CALIBRATION, CALIBRATION_ARGS, EVALUATION, TINY_MODEL, quantize
 
 
@@ -98,9 +103,21 @@ def test_fakequant_matches_the_dequantized_checkpoint(checkpoints):
     from transformers import AutoTokenizer
 
     windows = load_evaluation_windows(EVALUATION, AutoTokenizer.from_pretrained(TINY_MODEL), 256, 24)
-    reference = torch_perplexity(load_dequantized_model(path), windows)
+    quantized = load_dequantized_model(path)
+    reference = torch_perplexity(quantized, windows)
     assert reference.tokens_scored == result["eval_tokens"]
     assert reference.ppl == pytest.approx(result["fakequant_ppl"], rel=2e-3)
+    # And its distance to the source: the same KL and top-1 agreement from the written tensors.
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    with torch.no_grad():
+        compared = window_comparison(source(windows.ids).logits, quantized(windows.ids).logits, windows.ids,
+                                     windows.score_from)
+    measured = json.loads((path / "kubequant.json").read_text())["perplexity"]
+    assert 0 < measured["fakequant_kl"] == pytest.approx(compared.kl / result["eval_tokens"], rel=0.02)
+    assert 0.5 < measured["fakequant_top1"] < 1
+    assert abs(measured["fakequant_top1"] - compared.agree / result["eval_tokens"]) <= 0.002
 
 
 def _copy_with_permuted_g_idx(src: Path, dst: Path) -> None:
@@ -328,11 +345,12 @@ def test_calibration_tokenized_beforehand_gives_the_same_checkpoint(checkpoints,
         assert torch.equal(tensor, made[name]), name
 
 
-@pytest.mark.parametrize("keeps_intermediate", [True, False])
-def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch, keeps_intermediate):
+@pytest.mark.parametrize(("keeps_intermediate", "source_targets"), [(True, 0.0), (False, 0.0), (True, 1.0)])
+def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch, keeps_intermediate, source_targets):
     """True-sequential GPTQ through StagedDecoderLayer (each part of the layer computed once per stage,
     the MLP's intermediate kept or computed again) quantizes to exactly the codes, scales and errors
-    of the layer run whole for every group."""
+    of the layer run whole for every group; with targets from the unquantized model too (the
+    unquantized layer staged beside the quantized one, or run whole for each group)."""
     from transformers import AutoTokenizer
 
     from quantizer import pipeline
@@ -348,7 +366,8 @@ def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch, keeps_interm
         def sink(prefix, quantized, others):
             kept.update({prefix + name: (qw.codes, qw.scales, qw.dequantized) for name, qw in quantized.items()})
 
-        result = pipeline.quantize_model(pipeline.SourceModel.open(TINY_MODEL), QuantRecipe(), windows, sink,
+        result = pipeline.quantize_model(pipeline.SourceModel.open(TINY_MODEL),
+                                         QuantRecipe(source_targets=source_targets), windows, sink,
                                          torch.device("cpu"), progress=False, batch_size=3)
         return kept, [(s.name, s.relative_error) for s in result.linears]
 
@@ -361,7 +380,8 @@ def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch, keeps_interm
     monkeypatch.setattr(pipeline.StagedDecoderLayer, "outputs", counted)
     staged, staged_errors = run()
     layers = json.loads((TINY_MODEL / "config.json").read_text())["num_hidden_layers"]
-    assert staged_layers == [keeps_intermediate] * layers, "the tiny model's layers did not take the staged path"
+    streams = 2 if source_targets else 1  # the unquantized layer is staged too
+    assert staged_layers == [keeps_intermediate] * layers * streams, "the tiny model's layers did not take the staged path"
     monkeypatch.setattr(pipeline.StagedDecoderLayer, "fits", staticmethod(lambda layer: False))
     generic, generic_errors = run()
     assert staged_errors == generic_errors
@@ -369,3 +389,60 @@ def test_the_staged_layer_gives_the_generic_paths_bits(monkeypatch, keeps_interm
     for name, tensors in staged.items():
         for a, b in zip(tensors, generic[name], strict=True):
             assert torch.equal(a, b), name
+
+
+def test_the_pipeline_measures_the_distance_to_the_source_and_its_growth_with_depth():
+    """KL, top-1 agreement and the hidden states' drift after each layer: zero for a quantizer that
+    keeps every weight, positive and measured after every layer for GPTQ."""
+    from transformers import AutoTokenizer
+
+    from quantizer import pipeline
+    from quantizer.calibration import load_calibration
+    from quantizer.gptq import QuantizedWeight, gptq_quantize
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    calibration = load_calibration(CALIBRATION, tokenizer, 8, 128).windows
+    windows = load_evaluation_windows(EVALUATION, tokenizer, 128, 8)
+
+    def keep(weight, hessian, recipe, name="", block_solver=None):
+        q = gptq_quantize(weight, hessian, recipe, name=name, block_solver=block_solver)
+        return QuantizedWeight(codes=q.codes, scales=q.scales, zeros=q.zeros, dequantized=weight.float(),
+                               group_size=q.group_size, damp=q.damp, relative_error=0.0)
+
+    results = {name: pipeline.quantize_model(pipeline.SourceModel.open(TINY_MODEL), QuantRecipe(), calibration,
+                                             lambda *a: None, torch.device("cpu"), eval_windows=windows,
+                                             progress=False, quantize_matrix=matrix)
+               for name, matrix in (("kept", keep), ("gptq", gptq_quantize))}
+    kept, gptq = results["kept"], results["gptq"]
+    assert kept.fakequant_kl == pytest.approx(0.0, abs=1e-9) and kept.fakequant_top1 == 1.0
+    assert kept.eval_drift == [0.0] * 4
+    assert 0 < gptq.fakequant_kl < 0.1 and 0.5 < gptq.fakequant_top1 < 1
+    assert len(gptq.eval_drift) == 4 and all(d > 0 for d in gptq.eval_drift)
+    assert gptq.eval_drift[-1] > gptq.eval_drift[0]  # errors compound with depth
+
+
+def test_source_targets_solve_the_least_squares_problem_against_the_unquantized_inputs():
+    """SourceTargets' target is the unconstrained minimiser of ||X Q^T - X_s W^T|| (up to the damping),
+    and W itself when the inputs have not drifted."""
+    from quantizer.pipeline import SourceTargets, _HessianSum
+
+    torch.manual_seed(0)
+    tokens, columns = 512, 24
+    x = torch.randn(tokens, columns, dtype=torch.float64) * torch.linspace(0.2, 3.0, columns, dtype=torch.float64)
+    x_source = x + 0.1 * torch.randn_like(x)
+    weight = torch.randn(16, columns, dtype=torch.float64)
+    h, d = 2 / tokens * x.t() @ x, 2 / tokens * (x_source - x).t() @ x
+    summed = _HessianSum(columns, "cpu")  # the pipeline's sum of the cross term, a batch at a time
+    for rows in (slice(0, 200), slice(200, tokens)):
+        summed.add((x_source - x)[rows].float(), x[rows].float())
+    assert torch.allclose(summed.result().double(), d, rtol=1e-4, atol=1e-5)
+    targets = SourceTargets(hidden=torch.empty(0), strength=1.0)
+
+    target = targets.target(weight, h, d, damp=1e-9)
+    best = torch.linalg.lstsq(x, x_source @ weight.t()).solution.t()
+    assert torch.allclose(target, best, atol=1e-4)
+    residual = (x @ target.t() - x_source @ weight.t()).norm()
+    assert residual < (x @ weight.t() - x_source @ weight.t()).norm()
+    assert torch.equal(targets.target(weight, h, torch.zeros_like(d), damp=0.01), weight)
+    half = SourceTargets(hidden=torch.empty(0), strength=0.5).target(weight, h, d, damp=1e-9)
+    assert torch.allclose(half, (weight + best) / 2, atol=1e-4)

@@ -19,13 +19,14 @@ import pytest
 from quantizer import checkpoint, contract
 from quantizer.checkpoint import PROGRESS_FILE, STALE_AFTER_SECONDS, WRITER_FILE, remove_stale_partials
 from tests.conftest import CALIBRATION, CALIBRATION_ARGS, EVALUATION, TINY_MODEL, quantize
+from tests.families import mixtral_from_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _start(output: Path) -> subprocess.Popen:
+def _start(output: Path, model: Path = TINY_MODEL) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "quantizer", "quantize", "--model", str(TINY_MODEL), "--output", str(output),
+        [sys.executable, "-m", "quantizer", "quantize", "--model", str(model), "--output", str(output),
          "--calibration", str(CALIBRATION), "--eval-text", str(EVALUATION), "--no-progress", *CALIBRATION_ARGS,
          "--result-file", str(output.parent / "result.json")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -134,6 +135,26 @@ def test_a_stopped_run_resumes_from_its_last_finished_layer_bit_for_bit(tmp_path
     reference = json.loads((uninterrupted / "kubequant.json").read_text())
     assert [(x["name"], x["relative_error"]) for x in manifest["linears"]] == \
         [(x["name"], x["relative_error"]) for x in reference["linears"]]
+
+
+@pytest.mark.slow
+def test_a_killed_mixture_of_experts_run_resumes_bit_for_bit(tmp_path):
+    """Mixtral's experts are named in the checkpoint as Transformers does not name them
+    (block_sparse_moe.experts.<e>.w1): a resumed run puts the stored experts back in the right Linears."""
+    model = mixtral_from_tiny_llama(tmp_path / "mixtral")
+    reference = tmp_path / "reference" / "ckpt"
+    code, result = quantize(reference, model=model)
+    assert code == 0, result
+    output = tmp_path / "out" / "ckpt"
+    output.parent.mkdir()
+    process = _start(output, model)
+    _wait_for_layers(process, output, 2)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=300)
+    code, result = quantize(output, model=model)
+    assert code == 0, result
+    assert json.loads((output / "kubequant.json").read_text())["resumed_layers"] >= 2
+    assert _tensor_files(output) == _tensor_files(reference)
 
 
 def _fake_partial(output: Path, name: str, writer: dict | None, age: float = 0.0) -> Path:

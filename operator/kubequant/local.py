@@ -219,6 +219,8 @@ def _recipe_line(recipe: dict) -> str:
     order = ("group-aware" if recipe.get("group_aware_order") else "static") if recipe["act_order"] else "off"
     parts = [f"{recipe['bits']}-bit", f"group {recipe['group_size']}", f"act-order {order}",
              f"scales {recipe.get('scale_search', 'minmax')}{', full-range' if recipe.get('full_range') else ''}"]
+    if recipe.get("source_targets"):
+        parts.append(f"targets from the unquantized model x{recipe['source_targets']:g}")
     if recipe.get("refine_sweeps"):
         parts.append(f"{recipe['refine_sweeps']} refinement sweep(s)")
     return ", ".join(parts)
@@ -305,11 +307,14 @@ def _result_from_manifest(manifest: dict, output: str) -> QuantizeResult:
     perplexity = manifest.get("perplexity") or {}
     if "baseline_ppl" not in perplexity:
         raise LocalRunError(f"{output} has no perplexities in kubequant.json; remove it to quantize again")
-    row_parallel = [shape[1] for shapes in (manifest.get("row_parallel_shapes") or {}).values() for shape in shapes]
+    shapes = manifest.get("row_parallel_shapes") or {}
+    row_parallel = [shape[1] for kind, kinds in shapes.items() if "*" not in kind for shape in kinds]
+    experts = sorted({shape[1] for kind, kinds in shapes.items() if "*" in kind for shape in kinds})
     return QuantizeResult(
         output=output, recipe=manifest["recipe"], size_before_bytes=manifest["size_before_bytes"],
         size_after_bytes=manifest["size_after_bytes"], seconds=manifest["timings"]["total_seconds"],
         group_size=manifest["group_size"], row_parallel_in_features=sorted(set(row_parallel)),
+        expert_in_features=experts or None,
         baseline_ppl=perplexity["baseline_ppl"], fakequant_ppl=perplexity["fakequant_ppl"],
         details={"format": manifest.get("format", "gptq")},  # manifests before formats were GPTQ's
     )

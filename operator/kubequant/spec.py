@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,11 @@ from quantizer.contract import (
     CHECKPOINT_FORMATS,
     CPU,
     CPU_SERVABLE_BITS,
+    DEFAULT_EXPERT_CALIBRATION,
     DEFAULT_FORMAT,
+    DEFAULT_SOURCE_TARGETS,
     DEVICES,
+    EXPERT_CALIBRATIONS,
     GPU,
     GROUP_SIZES,
     MAX_REFINE_SWEEPS,
@@ -74,6 +78,7 @@ MANAGED_VLLM_FLAGS = (
     "--max-model-len", "--gpu-memory-utilization", "--port", "--quantization", "--model",
 )
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LENGTH = 40
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -144,6 +149,8 @@ class Quantization:
     full_range: bool = True
     refine_sweeps: int = 0
     group_aware_order: bool = False
+    source_targets: float = DEFAULT_SOURCE_TARGETS
+    expert_calibration: str = DEFAULT_EXPERT_CALIBRATION  # mixtures of experts (quantizer/experts.py)
     device: str = GPU  # cpu: the CPU image, and `--device cpu`
     image: str = _image("quantizer")
     resources: dict = field(default_factory=dict)
@@ -248,6 +255,7 @@ class Serving:
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     extra_args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # vLLM's environment, in the gate and in serving
     resources: dict = field(default_factory=dict)
     node_selector: dict = field(default_factory=dict)
     tolerations: list = field(default_factory=list)
@@ -392,6 +400,7 @@ def _quantization(raw: dict) -> Quantization:
             "dampPercent": "damp_percent", "scaleSearch": "scale_search", "format": "format",
             "fullRange": "full_range",
             "refineSweeps": "refine_sweeps", "groupAwareOrder": "group_aware_order", "device": "device",
+            "expertCalibration": "expert_calibration", "sourceTargets": "source_targets",
             "resources": "resources", "nodeSelector": "node_selector", "tolerations": "tolerations",
             "backoffLimit": "backoff_limit", "activeDeadlineSeconds": "active_deadline_seconds",
         }),
@@ -408,6 +417,10 @@ def _quantization(raw: dict) -> Quantization:
          f"spec.quantization.format must be one of {', '.join(CHECKPOINT_FORMATS)}"),
         (not 0 <= quantization.refine_sweeps <= MAX_REFINE_SWEEPS,
          f"spec.quantization.refineSweeps must be between 0 and {MAX_REFINE_SWEEPS}"),
+        (not 0 <= quantization.source_targets <= 1,
+         "spec.quantization.sourceTargets must be between 0 (plain GPTQ) and 1"),
+        (quantization.expert_calibration not in EXPERT_CALIBRATIONS,
+         f"spec.quantization.expertCalibration must be {_one_of(EXPERT_CALIBRATIONS)}"),
         (quantization.group_aware_order and not quantization.act_order,
          "spec.quantization.groupAwareOrder is a kind of act-order: it needs actOrder true"),
         (quantization.device not in DEVICES, f"spec.quantization.device must be {_one_of(DEVICES)}"),
@@ -503,6 +516,7 @@ def _serving(raw: dict) -> Serving:
         autoscaling=_autoscaling(s),
         inference_pool=_inference_pool(s),
         extra_args=tuple(s.get("extraArgs") or ()),
+        env=_env(s.get("env")),
         shm_size=str(s.get("shmSize", Serving.shm_size)),
         **_kwargs(s, {
             "enabled": "enabled", "replicas": "replicas", "tensorParallelSize": "tensor_parallel_size", "nodes": "nodes",
@@ -528,7 +542,27 @@ def _serving(raw: dict) -> Serving:
         *((True, f"spec.serving.extraArgs must not set {arg.split('=')[0]}: the spec sets it")
           for arg in serving.extra_args
           if any(arg == f or arg.startswith(f + "=") for f in MANAGED_VLLM_FLAGS)),
+        *((True, f"spec.serving.env: {name!r} is not an environment variable name (letters, digits and _, "
+                 f"not starting with a digit)") for name, _ in serving.env if not ENV_NAME_RE.match(name)),
+        *((True, f"spec.serving.env: {name} is set twice; keep one")
+          for name, times in sorted(Counter(name for name, _ in serving.env).items()) if times > 1),
     ])
+
+
+def _env(raw: Any) -> tuple[tuple[str, str], ...]:
+    """spec.serving.env: [{name, value}] -> ((name, value), ...); a value is a string, as in a Pod."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise SpecError("spec.serving.env must be a list of {name, value}")
+    pairs = []
+    for index, item in enumerate(raw):
+        entry = _obj(item, f"spec.serving.env[{index}]")
+        name, value = _required(entry, "name", f"spec.serving.env[{index}]"), entry.get("value", "")
+        if not isinstance(value, str):
+            raise SpecError(f"spec.serving.env[{index}].value must be a string; quote it: \"{value}\"")
+        pairs.append((str(name), value))
+    return tuple(pairs)
 
 
 def _autoscaling(serving: dict) -> Autoscaling | None:

@@ -79,11 +79,17 @@ class ControlPlane:
     def apply_crds(self) -> None:
         """The CRDs as a user applies them (server-side), once established."""
         self.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        # Not `kubectl wait`: it fails outright (".status.conditions accessor error") when it reads the
-        # CRD before the apiserver wrote any condition, which a loaded machine sees.
-        wait_for("the CRD to be established", lambda: any(
-            c["type"] == "Established" and c["status"] == "True"
-            for c in ((self.get("crd", "quantizedmodels.kubequant.io") or {}).get("status") or {}).get("conditions") or []))
+        self.wait_established("quantizedmodels.kubequant.io")
+
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Wait until each CRD is established. Not `kubectl wait`: it fails outright (".status.conditions
+        accessor error") when it reads a CRD before the apiserver wrote any condition, which a loaded
+        machine sees."""
+        for crd in crds:
+            wait_for(f"{crd} to be established", lambda name=crd: any(
+                c.get("type") == "Established" and c.get("status") == "True"
+                for c in ((self.get("crd", name) or {}).get("status") or {}).get("conditions") or []),
+                timeout=timeout)
 
     def restart(self, component: str) -> None:
         self._script("restart", component)

@@ -42,12 +42,9 @@ def _certificate(directory: Path) -> bytes:
 
 def install_serving_crds(cluster: ControlPlane) -> None:
     cluster.kubectl("apply", "--server-side", "-f", str(SERVING_CRDS))
-    for crd in ("leaderworkersets.leaderworkerset.x-k8s.io", "disaggregatedsets.disaggregatedset.x-k8s.io",
-                "inferencepools.inference.networking.k8s.io"):
-        # Not `kubectl wait`: it fails while a new CRD has no conditions at all yet.
-        wait_for(f"{crd} to be established", lambda name=crd: any(
-            c.get("type") == "Established" and c.get("status") == "True"
-            for c in ((cluster.get("crd", name) or {}).get("status") or {}).get("conditions") or []))
+    cluster.wait_established("leaderworkersets.leaderworkerset.x-k8s.io",
+                             "disaggregatedsets.disaggregatedset.x-k8s.io",
+                             "inferencepools.inference.networking.k8s.io")
 
 
 class LeaderWorkerSetController:

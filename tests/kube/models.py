@@ -51,8 +51,9 @@ def data_volume(cluster: ControlPlane, namespace: str, claim: str, folder: Path,
     uses, and one whose ownership the kubelet gives the Pod's fsGroup (a hostPath is left as it is, so
     user 65532 could not write there)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if with_fixtures:  # what examples/tiny.yaml expects at the root of its claim
+    if with_fixtures:  # what examples/tiny.yaml and tiny-moe.yaml expect at the root of their claim
         shutil.copytree(FIXTURES / "tiny-llama", folder / "tiny-llama", dirs_exist_ok=True)
+        shutil.copytree(FIXTURES / "tiny-qwen3-moe", folder / "tiny-qwen3-moe", dirs_exist_ok=True)
         shutil.copytree(FIXTURES / "text", folder / "text", dirs_exist_ok=True)
         shutil.copytree(FIXTURES / "tasks", folder / "tasks", dirs_exist_ok=True)
     pv_name = f"{namespace}-{claim}"

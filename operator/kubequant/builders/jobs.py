@@ -72,6 +72,8 @@ def quantize_command(
         "--full-range" if q.full_range else "--no-full-range",
         "--refine-sweeps", str(q.refine_sweeps),
         "--group-aware-order" if q.group_aware_order else "--no-group-aware-order",
+        "--expert-calibration", q.expert_calibration,
+        "--source-targets", repr(q.source_targets),
         "--samples", str(q.calibration.samples),
         "--seq-len", str(q.calibration.seq_len),
         "--eval-text", evaluation,

@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from kubequant.spec import GROUP, KIND, PLURAL, VERSION, HubFile, HuggingFaceSource, Model, TextSource
-from quantizer.contract import CPU
+from quantizer.contract import CPU, DEFAULT_EXPERT_CALIBRATION, DEFAULT_SOURCE_TARGETS
 
 # kind -> (apiVersion, plural) of everything the operator reads or writes: the builders, the
 # reconciler's deletes and the API paths of k8s.py all take them from here.
@@ -125,7 +125,11 @@ def artifact_hash(model: Model) -> str:
         "source": source_hash(model),
         "recipe": {"bits": q.bits, "groupSize": q.group_size, "actOrder": q.act_order, "sym": q.symmetric,
                    "damp": q.damp_percent, "scaleSearch": q.scale_search, "fullRange": q.full_range,
-                   "refineSweeps": q.refine_sweeps, "groupAwareOrder": q.group_aware_order, "format": q.format},
+                   "refineSweeps": q.refine_sweeps, "groupAwareOrder": q.group_aware_order, "format": q.format,
+                   # Only when not the default, so that the hashes of existing models stay as they were.
+                   **({"expertCalibration": q.expert_calibration}
+                      if q.expert_calibration != DEFAULT_EXPERT_CALIBRATION else {}),
+                   **({"sourceTargets": q.source_targets} if q.source_targets != DEFAULT_SOURCE_TARGETS else {})},
         "calibration": {"text": _text_id(q.calibration.text), "field": q.calibration.jsonl_field,
                         "samples": q.calibration.samples, "seqLen": q.calibration.seq_len},
         "evaluation": {"text": _text_id(e.text), "field": e.jsonl_field, "seqLen": e.seq_len,
@@ -135,8 +139,9 @@ def artifact_hash(model: Model) -> str:
 
 def evaluation_key(model: Model) -> str:
     """The artifact, the gate and the serving settings its numbers depend on: changing a threshold or
-    the tensor parallelism or the device evaluates again (vLLM's TP kernels sum in another order, its
-    CPU kernels are others), never quantizes again; replicas, extraArgs or resources change neither."""
+    the tensor parallelism, the device or vLLM's environment evaluates again (vLLM's TP kernels sum in
+    another order, its CPU kernels are others, its environment picks kernels), never quantizes again;
+    replicas, extraArgs or resources change neither."""
     e = model.spec.evaluation
     return digest({
         "artifact": artifact_hash(model),
@@ -153,7 +158,8 @@ def evaluation_key(model: Model) -> str:
                                        "maxAccuracyDrop": e.tasks.max_accuracy_drop}},
         # The device only when it is not the default, so that the keys of GPU models stay as they were.
         "serving": {"tensorParallelSize": model.spec.serving.tensor_parallel_size,
-                    **({"device": CPU} if model.spec.serving.device == CPU else {})},
+                    **({"device": CPU} if model.spec.serving.device == CPU else {}),
+                    **({"env": dict(model.spec.serving.env)} if model.spec.serving.env else {})},
     })
 
 

@@ -62,13 +62,16 @@ def engine_resources(model: Model) -> dict:
 
 
 def engine_env(model: Model) -> list[dict]:
-    """The environment of vLLM's containers; on the CPU, the KV cache it may reserve of the host's
-    memory (otherwise a fraction of the whole node's, past the Pod's limit), unless extraArgs set it."""
+    """The environment of vLLM's containers (the gate's and serving's alike, so the gate measures the
+    engine that serves): on the CPU, the KV cache it may reserve of the host's memory (otherwise a
+    fraction of the whole node's, past the Pod's limit), unless extraArgs set it; then serving.env,
+    whose variables replace those of the same name."""
     env = copy.deepcopy(BASE_ENV)
     s = model.spec.serving
     if s.device == CPU and not any(a.startswith("--kv-cache-memory-bytes") for a in s.extra_args):
         env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(CPU_KVCACHE_SPACE_GIB)})
-    return env
+    own = {name for name, _ in s.env}
+    return [e for e in env if e["name"] not in own] + [{"name": name, "value": value} for name, value in s.env]
 
 
 def _gpu_resources(resources: dict, gpus: int) -> dict:

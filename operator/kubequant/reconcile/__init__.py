@@ -20,6 +20,7 @@ from typing import Any
 from kubequant import builders
 from kubequant.reconcile.checks import (  # noqa: F401  (the package's API)
     preflight,
+    preflight_reason,
     rollout,
 )
 from kubequant.reconcile.deletion import (  # noqa: F401  (the package's API)

@@ -4,18 +4,41 @@ from __future__ import annotations
 
 from kubequant import builders
 from kubequant.reconcile.jobs import redact
+from quantizer.contract import (
+    EXPERT_PARALLEL_FLAGS,
+    MARLIN_INPUT_DTYPE_ENV,
+    UNSIGNED_SCALE_INPUT_DTYPES,
+)
+
+# The preflight's refusals, by the field they name: the reason each is reported with.
+PREFLIGHT_REASONS = {"serving.nodes": "PipelineParallelMismatch", "spec.serving.env": "UnsafeEngineSetting"}
+
+
+def preflight_reason(message: str) -> str:
+    return next((reason for field, reason in PREFLIGHT_REASONS.items() if message.startswith(field)),
+                "TensorParallelMismatch")
 
 # ---- checks -------------------------------------------------------------------------------------
 
-def preflight(artifact: dict, tp: int, nodes: int = 1) -> str | None:
-    """None if vLLM can split every row-parallel layer over `tp` GPUs in whole groups and the layers
-    over `nodes` pipeline stages, else why not."""
+def preflight(artifact: dict, tp: int, nodes: int = 1, extra_args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> str | None:
+    """None if vLLM can split every row-parallel layer (and every expert, unless extra_args place
+    experts whole) over `tp` GPUs in whole groups and the layers over `nodes` pipeline stages, and
+    the engine's environment reads this checkpoint as written; else why not."""
     layers = artifact.get("decoderLayers")
     if nodes > 1 and isinstance(layers, int) and layers < nodes:
         return (f"serving.nodes {nodes} makes {nodes} pipeline stages, but the model has {layers} decoder "
                 f"layers; use at most {layers} nodes")
+    input_dtype = (env or {}).get(MARLIN_INPUT_DTYPE_ENV)
+    if artifact.get("fullRangeScales") and input_dtype in UNSIGNED_SCALE_INPUT_DTYPES:
+        return (f"spec.serving.env {MARLIN_INPUT_DTYPE_ENV}={input_dtype}: vLLM's {input_dtype}-activation Marlin "
+                f"path reads weight scales as unsigned (vLLM issue 48905), and this checkpoint's scales are "
+                f"full-range (negative where a group's extreme weight is): remove the variable, or quantize "
+                f"with spec.quantization.fullRange false")
     group = artifact.get("groupSize")
-    features = artifact.get("rowParallelInFeatures") or []
+    experts_whole = any(a == f or a.startswith(f + "=") for a in extra_args for f in EXPERT_PARALLEL_FLAGS)
+    features = (artifact.get("rowParallelInFeatures") or []) + \
+        ([] if experts_whole else artifact.get("expertInFeatures") or [])
 
     def fits(k: int, t: int) -> bool:
         return k % t == 0 and (group in (None, -1) or (k // t) % group == 0)

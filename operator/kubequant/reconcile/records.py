@@ -20,7 +20,9 @@ def artifact_record(model: Model, a_hash: str, result: QuantizeResult) -> dict:
         "seconds": result.seconds,
         "groupSize": result.group_size,
         "rowParallelInFeatures": result.row_parallel_in_features,
+        "expertInFeatures": result.expert_in_features,
         "decoderLayers": result.decoder_layers,
+        "fullRangeScales": result.recipe.get("full_range"),
     }
     return {k: v for k, v in record.items() if v is not None}
 

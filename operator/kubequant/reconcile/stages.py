@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kubequant import builders
-from kubequant.reconcile.checks import preflight, rollout
+from kubequant.reconcile.checks import preflight, preflight_reason, rollout
 from kubequant.reconcile.jobs import JobOutcome, job_outcome, pod_waiting, redact
 from kubequant.reconcile.outcomes import (
     DEPLOYING,
@@ -142,6 +142,11 @@ def _gate(ctx: Context) -> StageResult:
     return out
 
 
+def _fits(artifact: dict, serving) -> str | None:
+    """preflight() of an artifact under the spec's serving settings."""
+    return preflight(artifact, serving.tensor_parallel_size, serving.nodes, serving.extra_args, dict(serving.env))
+
+
 def _preflight(ctx: Context) -> StageResult:
     """Does the artifact fit the GPUs (whole groups per tensor-parallel shard)? Checked before the gate,
     which would otherwise hold GPUs for a tensor parallelism vLLM refuses."""
@@ -149,9 +154,9 @@ def _preflight(ctx: Context) -> StageResult:
     if not (ctx.serving_enabled and ctx.artifact):
         return out
     serving = ctx.model.spec.serving
-    ctx.preflight_error = preflight(ctx.artifact, serving.tensor_parallel_size, serving.nodes)
+    ctx.preflight_error = _fits(ctx.artifact, serving)
     if ctx.preflight_error:
-        reason = "PipelineParallelMismatch" if ctx.preflight_error.startswith("serving.nodes") else "TensorParallelMismatch"
+        reason = preflight_reason(ctx.preflight_error)
         out.failure = {"stage": "Preflight", "key": ctx.e_key, "reason": reason, "message": ctx.preflight_error}
     return out
 
@@ -167,8 +172,7 @@ def _serve(ctx: Context) -> StageResult:
     kind = builders.workload_kind(model)
     if ctx.artifact and ctx.evaluation and ctx.evaluation["passed"] and not ctx.preflight_error:
         ctx.candidate = {"artifact": ctx.artifact, "evaluation": ctx.evaluation}
-    previous = served if served.get("artifact") and \
-        preflight(served["artifact"], tp, model.spec.serving.nodes) is None else None
+    previous = served if served.get("artifact") and _fits(served["artifact"], model.spec.serving) is None else None
     if not ctx.candidate and previous and (previous.get("evaluation") or {}).get("tensorParallelSize") != tp:
         return _serving_unchanged(ctx, f"the artifact is gated again at tensorParallelSize {tp}")
     target = ctx.candidate or previous

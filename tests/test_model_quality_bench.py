@@ -1,0 +1,43 @@
+"""bench/model_quality_bench.py's verdicts: a difference inside the seeds' spread is a tie."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import model_quality_bench as bench
+
+
+def _runs(path: str, kls: list[float]) -> list[dict]:
+    return [{"model": "m", "setting": "4:128", "path": path, "seed": seed, "kl": kl, "top1": 0.9, "dppl": 0.1,
+             "seconds": 1.0} for seed, kl in enumerate(kls)]
+
+
+@pytest.mark.parametrize("ours,verdict", [([0.5, 0.6, 0.7], "lead"), ([0.8, 1.2, 1.0], "tie"), ([1.5, 1.6, 1.7], "behind")])
+def test_verdict_against_the_best_llm_compressor_path(ours, verdict):
+    runs = _runs("lc-minmax", [2.0, 2.1, 2.2]) + _runs("lc-imatrix", [0.9, 1.0, 1.1]) + _runs("ours", ours)
+    rows = {row["path"]: row for row in bench.summarize(runs)}
+    assert rows["ours"]["best_lc"] == "lc-imatrix"
+    assert rows["ours"]["verdict"] == verdict
+    assert rows["ours"]["kl_vs_best_lc"] == pytest.approx(sum(ours) / 3 / 1.0)
+    assert rows["ours"]["kl_spread"] == pytest.approx(max(ours) - min(ours))
+
+
+def test_shrinking_toward_the_diagonal_keeps_the_diagonal():
+    x = torch.randn(64, 8)
+    hessian = x.T @ x
+    shrunk = bench.shrunk_toward_diagonal(hessian, 0.25)
+    assert torch.allclose(torch.diagonal(shrunk), torch.diagonal(hessian))
+    off = ~torch.eye(8, dtype=torch.bool)
+    assert torch.allclose(shrunk[off], 0.75 * hessian[off])
+
+
+def test_an_unknown_path_is_refused_before_any_work():
+    with pytest.raises(SystemExit, match=re.escape("unknown path 'gptq+magic'")):
+        bench.path_quantizer("gptq+magic")
