@@ -48,6 +48,9 @@ class ExpertLinears(nn.ModuleList):
         super().__init__(_Expert(names, hidden, intermediate, act_fn) for _ in range(num_experts))
         # Per expert: also run the tokens not routed to it (for the Hessians); None: no expert.
         self.calibrate_all: torch.Tensor | None = None
+        # The tokens (rows of the block's input) of the expert call running now, for hooks that pair an
+        # expert's inputs token by token across two passes (quantizer.pipeline.SourceTargets).
+        self.running_tokens: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         output = torch.zeros_like(hidden_states)
@@ -56,9 +59,11 @@ class ExpertLinears(nn.ModuleList):
             if self.calibrate_all is not None and self.calibrate_all[index]:
                 unrouted = torch.ones(hidden_states.shape[0], dtype=torch.bool, device=hidden_states.device)
                 unrouted[token] = False
+                self.running_tokens = torch.where(unrouted)[0]
                 expert(hidden_states[unrouted])  # for the hooks only
             if not token.numel():
                 continue
+            self.running_tokens = token
             weighted = expert(hidden_states[token]) * top_k_weights[token, slot, None]
             output.index_add_(0, token, weighted.to(output.dtype))
         return output

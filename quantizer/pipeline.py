@@ -724,12 +724,21 @@ def _quantize_layer(
                     for block in experts:
                         path = next(n for n, m in modules.items() if m is block)
                         result.expert_tokens[prefix + family.checkpoint_name(path)] = counts[id(block)].tolist()
-                hessians = _expert_hessians(layer, [modules[group[0]] for group in subgroups], experts, hidden,
-                                            runner, device, expert_calibration, counts)
+                if targets is None:
+                    hessians = _expert_hessians(layer, [modules[group[0]] for group in subgroups], experts, hidden,
+                                                runner, device, expert_calibration, counts)
+                else:
+                    hessians, drifts = _expert_hessians_against(
+                        layer, original, [group[0] for group in subgroups], hidden, targets.hidden, runner, device,
+                        expert_calibration, counts)
+                    for group, hessian, drift in zip(subgroups, hessians, drifts, strict=True):
+                        quantize_group(group, hessian, drift)
+                    del hessians, drifts
+                    continue
         for group, hessian in zip(subgroups, hessians, strict=True):
             quantize_group(group, hessian)
         del hessians
-    if targets is not None:  # (experts: plain targets, their routing differs between the streams)
+    if targets is not None:
         with _timed(result, "forward", device):
             targets.hidden = runner.forward(original, targets.hidden, device)
     return quantized, None
@@ -799,12 +808,8 @@ def _expert_hessians(layer: nn.Module, firsts: list[nn.Linear], experts: list[Ex
         raise _StopForward
 
     handles += [block.register_forward_hook(stop) for block in experts]
-    inputs = firsts[0].in_features
     for block in experts:
-        routed = counts[id(block)]
-        block.calibrate_all = {"routed": torch.zeros_like(routed, dtype=torch.bool),
-                               "all": torch.ones_like(routed, dtype=torch.bool),
-                               "auto": routed < inputs}[expert_calibration]
+        block.calibrate_all = _calibrate_all(expert_calibration, counts[id(block)], firsts[0].in_features)
     try:
         with _exact_tf32(hidden.dtype):
             runner.forward(layer, hidden, device, stop_early=True)
@@ -814,6 +819,76 @@ def _expert_hessians(layer: nn.Module, firsts: list[nn.Linear], experts: list[Ex
         for block in experts:
             block.calibrate_all = None
     return [total.result() if total.count else None for total in totals]
+
+
+def _calibrate_all(expert_calibration: str, routed: torch.Tensor, inputs: int) -> torch.Tensor:
+    """Which experts run every calibration token for the Hessians (EXPERT_CALIBRATIONS)."""
+    return {"routed": torch.zeros_like(routed, dtype=torch.bool), "all": torch.ones_like(routed, dtype=torch.bool),
+            "auto": routed < inputs}[expert_calibration]
+
+
+def _expert_hessians_against(layer: nn.Module, original: nn.Module, names: list[str], hidden: torch.Tensor,
+                             source_hidden: torch.Tensor, runner: _LayerRunner, device, expert_calibration: str,
+                             counts: dict[int, torch.Tensor]) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """_expert_hessians' Hessians for the Linears `names` (one per expert, in block order), and each
+    expert's drift term (SourceTargets) where it runs every calibration token: there the quantized
+    layer and `original` (on the unquantized model's hidden states) give it the same tokens, paired
+    row by row once sorted by token. An expert that runs only its routed tokens gets None: the router
+    chooses differently in the two passes."""
+    experts, source_experts = expert_modules(layer), expert_modules(original)
+    linears = [layer.get_submodule(name) for name in names]
+    columns = linears[0].in_features
+    owner = {id(linear): (block, index) for block in experts for index, expert in enumerate(block)
+             for linear in expert.modules() if isinstance(linear, nn.Linear)}
+    hessians = [_HessianSum(columns, device) for _ in names]
+    drifts = [_HessianSum(columns, device) for _ in names]
+    for block, source_block in zip(experts, source_experts, strict=True):
+        block.calibrate_all = source_block.calibrate_all = _calibrate_all(expert_calibration, counts[id(block)], columns)
+    paired = [bool(owner[id(linear)][0].calibrate_all[owner[id(linear)][1]]) for linear in linears]
+    captured: list[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = [{}, {}]
+
+    def hooks(module: nn.Module, blocks: list[ExpertLinears], into: dict) -> list:
+        def capture(position: int, block: ExpertLinears):
+            def hook(_module, args):
+                into.setdefault(position, []).append((block.running_tokens, args[0].reshape(-1, columns).float()))
+            return hook
+
+        def stop(_module, _args, _output):
+            raise _StopForward
+
+        where = {id(m): b for b in blocks for m in b.modules()}
+        handles = [module.get_submodule(name).register_forward_pre_hook(capture(position, where[id(module.get_submodule(name))]))
+                   for position, name in enumerate(names)]
+        return handles + [block.register_forward_hook(stop) for block in blocks]
+
+    handles = hooks(layer, experts, captured[0]) + hooks(original, source_experts, captured[1])
+    try:
+        with _exact_tf32(hidden.dtype):
+            for start in range(0, hidden.shape[0], runner.batch_size):
+                rows = slice(start, start + runner.batch_size)
+                for module, states in ((layer, hidden), (original, source_hidden)):
+                    with suppress(_StopForward):
+                        module(states[rows].to(device), **runner.kwargs_for(layer))
+                mine, theirs = captured
+                for position in mine:
+                    tokens, x = (torch.cat(parts) for parts in zip(*mine[position], strict=True))
+                    if not paired[position]:
+                        hessians[position].add(x)
+                        continue
+                    x = x[tokens.argsort()]
+                    source_tokens, x_source = (torch.cat(parts) for parts in zip(*theirs[position], strict=True))
+                    x_source = x_source[source_tokens.argsort()]
+                    hessians[position].add(x)
+                    drifts[position].add(x_source - x, x)
+                mine.clear()
+                theirs.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for block in (*experts, *source_experts):
+            block.calibrate_all = block.running_tokens = None
+    return ([h.result() if h.count else None for h in hessians],
+            [d.result() if paired[i] and d.count else None for i, d in enumerate(drifts)])
 
 
 class _HessianSum:

@@ -17,8 +17,9 @@ from quantizer.experts import ExpertLinears
 from quantizer.families import FAMILIES, QWEN3_MOE, SUPPORTED_ARCHITECTURES, family_of
 from quantizer.perplexity import load_dequantized_model
 from quantizer.vllm_cpu_moe_plugin import FORCE_ENV
-from tests.conftest import CALIBRATION_ARGS, EVALUATION, TINY_MODEL, quantize
+from tests.conftest import CALIBRATION, CALIBRATION_ARGS, EVALUATION, TINY_MODEL, quantize
 from tests.families import (
+    TINY_QWEN3_MOE,
     gemma3_tiny,
     mixtral_from_tiny_llama,
     phi3_from_tiny_llama,
@@ -325,3 +326,47 @@ def test_names_of_experts_and_renamed_blocks():
     assert is_row_parallel("model.layers.1.block_sparse_moe.experts.3.w2")
     assert not is_row_parallel("model.layers.1.block_sparse_moe.experts.3.w1")
     assert is_row_parallel("model.layers.1.mlp.experts.3.down_proj") and is_row_parallel("model.layers.1.mlp.down_proj")
+
+
+@pytest.mark.parametrize("mode", ["all", "routed"])
+def test_targets_from_the_unquantized_model_pair_each_experts_tokens(mode):
+    """Targets from the unquantized model (SourceTargets) in a mixture of experts: an expert that runs
+    every calibration token ("all") gets its drift term from its inputs in both passes, paired token by
+    token; one that runs only its routed tokens ("routed") keeps its own weights as the target, since
+    the two passes' routers choose differently. With every weight kept as it is, the passes are the
+    same: every target, the experts' included, is the weight itself (a pairing off by one token would
+    move them)."""
+    from transformers import AutoTokenizer
+
+    from quantizer import pipeline
+    from quantizer.calibration import load_calibration
+    from quantizer.gptq import QuantizedWeight, QuantRecipe, gptq_quantize
+
+    windows = load_calibration(CALIBRATION, AutoTokenizer.from_pretrained(TINY_QWEN3_MOE), 8, 64).windows
+
+    def targets(solve: bool, strength: float) -> dict[str, torch.Tensor]:
+        seen = {}
+
+        def record(weight, hessian, recipe, name="", block_solver=None):
+            seen[name] = weight.clone()
+            q = gptq_quantize(weight, hessian, recipe, name=name, block_solver=block_solver)
+            if solve:
+                return q
+            return QuantizedWeight(codes=q.codes, scales=q.scales, zeros=q.zeros, dequantized=weight.float(),
+                                   group_size=q.group_size, damp=q.damp, relative_error=0.0)
+
+        pipeline.quantize_model(pipeline.SourceModel.open(TINY_QWEN3_MOE), QuantRecipe(group_size=32, source_targets=strength),
+                                windows, lambda *a: None, torch.device("cpu"), progress=False, quantize_matrix=record,
+                                expert_calibration=mode)
+        return seen
+
+    kept, own = targets(False, 1.0), targets(False, 0.0)
+    assert kept.keys() == own.keys() and any(".experts." in name for name in kept)
+    for name, weight in own.items():
+        assert torch.equal(kept[name], weight), name
+    solved, plain = targets(True, 1.0), targets(True, 0.0)
+    moved = {name for name, weight in plain.items() if not torch.equal(solved[name], weight)}
+    later_experts = {name for name in plain if ".experts." in name and not name.startswith("model.layers.0.")}
+    later_attention = {name for name in plain if "self_attn" in name and not name.startswith("model.layers.0.")}
+    assert later_attention <= moved
+    assert (later_experts <= moved) if mode == "all" else not (later_experts & moved)
