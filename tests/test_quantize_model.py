@@ -32,10 +32,15 @@ def test_gptq_damages_perplexity_less_than_rtn(checkpoints, group):
     assert gptq["baseline_ppl"] == pytest.approx(rtn["baseline_ppl"], rel=1e-6)
     gptq_increase = gptq["fakequant_ppl"] - gptq["baseline_ppl"]
     rtn_increase = rtn["fakequant_ppl"] - rtn["baseline_ppl"]
-    # RTN has the same full-range grid. GPTQ's share of RTN's damage is 0.71 at g128 on an Intel
-    # AVX-512/AMX host and lower on AMD ones: its rounding cascades, so float differences between CPU
-    # kernels move it by a few points; 0.8 leaves room for that and still fails a GPTQ no better than RTN.
-    assert 0 < gptq_increase < 0.8 * rtn_increase, (gptq_increase / rtn_increase, gptq, rtn)
+    # RTN has the same full-range grid. The measure is the KL divergence to the source: the perplexity
+    # increase moves by up to +-0.2 with the calibration windows alone on this model (docs/benchmarks.md,
+    # "Quality where users feel it"), where the KL moves by a few percent. GPTQ's KL is 0.57x RTN's at
+    # g128 and 0.54x at g32 on an Intel AVX-512 host here (32 x 256 calibration, 24 windows scored; its
+    # perplexity increase 0.45x and 0.88x); its rounding cascades, so float differences between CPU
+    # kernels move it by a few points, and 0.7 leaves room for that and still fails a GPTQ no better
+    # than RTN.
+    assert 0 < gptq["fakequant_kl"] < 0.7 * rtn["fakequant_kl"], (gptq["fakequant_kl"] / rtn["fakequant_kl"], gptq, rtn)
+    assert 0 < gptq_increase < rtn_increase, (gptq_increase / rtn_increase, gptq, rtn)
 
 
 @pytest.mark.parametrize("name", ["gptq-g128", "gptq-g128-gptq-format"])
