@@ -6,13 +6,15 @@ quantizes the activations to int8 on the fly, so it computes W4A8, not the W4A16
 describes and GPUs serve through Marlin). On any other host, and to compute exactly W4A16 on AMX ones,
 a quantized MoE model fails to build: "No WNA16 MoE backend supports the deployment configuration".
 
-`register()` adds one more candidate on CPUs, vLLM's own EMULATION backend: vLLM parses the config,
+`register()` adds one more candidate on CPUs, last, vLLM's own EMULATION backend: vLLM parses the config,
 creates and loads the expert weights, and dequantizes them with its own routine
 (`_process_weights_emulation_gptq`, as on GPUs without Marlin), so what it serves is what the
 checkpoint holds as vLLM reads it. Only the experts' forward pass, Triton's on GPUs, is replaced by
 PyTorch here (`emulated_experts`), in float32. It is test infrastructure, like vllm_cpu_plugin: slow,
-inert on GPUs, and used on CPUs only where vLLM has no W4A16 MoE backend of its own, or everywhere
-with KUBEQUANT_CPU_MOE_EMULATION=1 (the tests set it, so that every host serves W4A16).
+inert on GPUs, and used on CPUs where no backend of vLLM's own takes the layer (every host without AMX
+or zentorch; on AMX hosts, every layer CPUExpertsInt4 refuses, such as the tiny MoE's at group 32,
+found by the operator's MoE test on an AMX machine), or everywhere with KUBEQUANT_CPU_MOE_EMULATION=1
+(the tests of the engine set it, so that every host serves W4A16).
 """
 
 from __future__ import annotations
@@ -56,24 +58,15 @@ def _emulated_apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids,
     output.copy_(emulated_experts(hidden_states, w1, w2, topk_weights, topk_ids, expert_map))
 
 
-def _native_backend_available() -> bool:
-    """Whether vLLM has a W4A16 MoE backend of its own on this CPU (AMX tiles, or zentorch)."""
-    from importlib.util import find_spec
-
-    return bool(torch.cpu._is_amx_tile_supported()) or find_spec("zentorch") is not None
-
-
 def register() -> None:
-    """vLLM general plugin: on CPUs without a W4A16 MoE backend (or with FORCE_ENV=1), make vLLM's
-    EMULATION backend a candidate, its experts run by CpuEmulatedExperts. Idempotent."""
+    """vLLM general plugin: on CPUs, make vLLM's EMULATION backend the last W4A16 MoE candidate (the
+    only one with FORCE_ENV=1), its experts run by `emulated_experts`. Idempotent."""
     global _registered
     from vllm.platforms import current_platform
 
     if _registered or not current_platform.is_cpu():
         return
     forced = os.environ.get(FORCE_ENV) == "1"
-    if not forced and _native_backend_available():
-        return
     from vllm.model_executor.layers.fused_moe.experts.int4_emulation_moe import Int4EmulationTritonExperts
     from vllm.model_executor.layers.fused_moe.oracle import int_wna16
 
@@ -91,4 +84,4 @@ def register() -> None:
     _registered = True
     logging.getLogger(LOGGER_NAME).info(
         "kubequant: W4A16 MoE layers run on vLLM's EMULATION backend in PyTorch (%s)",
-        "forced" if forced else "this vLLM CPU build has no W4A16 MoE backend for this host")
+        "forced" if forced else "where none of vLLM's own CPU backends takes a layer")
