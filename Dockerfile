@@ -33,6 +33,7 @@ FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/kubequant/ operator/kubequant/
+COPY crds/ crds/
 COPY quantizer/ quantizer/
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
  && ls /wheels/kubequant-*.whl

@@ -131,6 +131,11 @@ INVALID = [
      "evaluation.stride must not exceed evaluation.seqLen (windows would skip tokens)"),
     ("zero engine tolerance", [("spec.evaluation.engineTolerance", 0)],
      "evaluation.engineTolerance must be positive"),
+    # An integer under a fractional minimum passes the apiserver's schema check (it truncates the bound).
+    ("zero dampening", [("spec.quantization.dampPercent", 0)],
+     "quantization.dampPercent must be at least 0.001 (1.0 is the usual choice)"),
+    ("zero GPU memory", [("spec.serving.gpuMemoryUtilization", 0)],
+     "serving.gpuMemoryUtilization must be at least 0.1 (0.9 is the default)"),
     ("text from two places", [("spec.evaluation.text.configMap", {"name": "texts", "key": "eval.txt"})],
      "a text source must set exactly one of path, configMap or huggingface"),
     ("calibration text from nowhere", [("spec.quantization.calibration.text", {})],

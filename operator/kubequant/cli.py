@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from kubequant import builders
-from kubequant.spec import KIND, SpecError, load_documents, parse_model
+from kubequant.spec import KIND, SpecError, load_documents, parse_manifest
 
 
 class _Dumper(yaml.SafeDumper):
@@ -25,13 +25,21 @@ class _Dumper(yaml.SafeDumper):
         return True
 
 
+def _print_problems(what: str, error: SpecError) -> None:
+    """One problem on the line, several one per line."""
+    if len(error.problems) == 1:
+        print(f"{what}: {error.problems[0]}", file=sys.stderr)
+    else:
+        print(f"{what}: {len(error.problems)} problems", *(f"  - {p}" for p in error.problems), sep="\n", file=sys.stderr)
+
+
 def _render(args: argparse.Namespace) -> int:
     docs = []
     try:
         for file in args.filename:
             docs += load_documents(file, sys.stdin.read() if file == "-" else None)
     except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_problems("error", exc)
         return 2
     out = []
     for doc in docs:
@@ -41,9 +49,9 @@ def _render(args: argparse.Namespace) -> int:
         doc.setdefault("metadata", {})
         doc["metadata"]["namespace"] = args.namespace or doc["metadata"].get("namespace") or "default"
         try:
-            model = parse_model(doc)
+            model = parse_manifest(doc)
         except SpecError as exc:
-            print(f"{KIND} {doc['metadata'].get('name')}: {exc}", file=sys.stderr)
+            _print_problems(f"{KIND} {doc['metadata'].get('name')}", exc)
             return 2
         out += builders.render(model)
     sys.stdout.write(yaml.dump_all(out, Dumper=_Dumper, sort_keys=False, default_flow_style=False))
@@ -84,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"stopped by {exc}; everything this run started has been stopped", file=sys.stderr)
         return 128 + exc.signum
     except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _print_problems("error", exc)
         return 2
     except LocalRunError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kubequant import builders
-from kubequant.spec import Model, PvcSource, SpecError, TextSource, load_documents, parse_model
+from kubequant.spec import Model, PvcSource, SpecError, TextSource, load_documents, parse_manifest
 from quantizer.contract import (
     CPU_KVCACHE_SPACE_GIB,
     EXIT_GATE_FAILED,
@@ -124,7 +124,7 @@ def load_model(manifest: Path) -> Model:
     body.setdefault("metadata", {}).setdefault("namespace", "local")
     body["metadata"].setdefault("uid", "local")
     body["metadata"].setdefault("generation", 1)
-    return parse_model(body)
+    return parse_manifest(body)
 
 
 def _claim_path(run: LocalRun, claim: str, path: str, what: str) -> Path:

@@ -704,6 +704,18 @@ def parse_model(body: dict) -> Model:
     )
 
 
+def parse_manifest(body: dict) -> Model:
+    """A QuantizedModel from a file, not through an apiserver (`kubequant run`, `kubequant render`):
+    what the apiserver would refuse by the CRD's schema first (unknown fields, types, bounds:
+    kubequant.schema), every problem at once; then parse_model, as the operator reads an admitted one."""
+    from kubequant.schema import schema_problems
+
+    problems = schema_problems(body)
+    if problems:
+        raise SpecError(problems)
+    return parse_model(body)
+
+
 def load_documents(file: str, text: str | None = None) -> list[dict]:
     """The YAML documents of `file` ('-': `text`, read from stdin), or a SpecError naming the file and
     what is wrong with it: the CLIs report it in one line, with exit code 2."""
