@@ -36,6 +36,11 @@ and scored on the same held-out windows against the same source logits):
   lc-e2e-imatrix   GPTQModifier with the imatrix_mse observer
   lc-e2e-awq       AWQModifier, then GPTQModifier (min-max): llm-compressor's AWQ-then-GPTQ recipe
 These count as llm-compressor paths for the verdict. Dense models only (its MoE calibration is its own).
+GPTQModel end to end (GPTQModel.load + quantize + save on the same calibration windows, in a process of
+its own with GPTQModel's site first on PYTHONPATH: GPTQMODEL_SITE, from bench/peer_wheels.sh and
+bench/install_peers.sh; its GPTQ-format checkpoint read back and scored as above):
+  gptqmodel-e2e       static act-order (desc_act), min-max scales
+  gptqmodel-e2e-best  its defaults at their best: group-aware act-order and its MSE grid search (mse=2.4)
 Held-out text: a model's own evaluation text (tests/fixtures/text/evaluation.txt for the fixtures, or
 --eval-text), never seen in its training nor in calibration.
 """
@@ -44,8 +49,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +80,7 @@ MODELS = {"tiny-llama": FIXTURES / "tiny-llama", "tiny-qwen3-moe": FIXTURES / "t
 SETTINGS = ("4:128", "4:32", "3:128")
 E2E_PATHS = ("lc-e2e", "lc-e2e-imatrix", "lc-e2e-awq")
 LC_PATHS = (*PEERS, *E2E_PATHS)
+GPTQMODEL_PATHS = ("gptqmodel-e2e", "gptqmodel-e2e-best")
 DEFAULT_PATHS = ("rtn", *PEERS, "gptq", "ours", "ours+shrink0.1", "ours+damp0.1")
 
 
@@ -133,8 +141,8 @@ def path_quantizer(path: str) -> tuple[MatrixQuantizer, dict[str, Any]]:
         return gptq_quantize, recipe_fields | {"refine_sweeps": int(path.removeprefix("ours+refine"))}
     if path.startswith("ours+damp"):
         return gptq_quantize, recipe_fields | {"damp": float(path.removeprefix("ours+damp"))}
-    if path in E2E_PATHS:
-        return gptq_quantize, {}  # not a matrix quantizer: run_end_to_end runs llm-compressor itself
+    if path in E2E_PATHS or path in GPTQMODEL_PATHS:
+        return gptq_quantize, {}  # not a matrix quantizer: run_end_to_end runs the peer itself
     if path == "rtn":
         return (lambda weight, hessian, recipe, name="", block_solver=None: rtn_quantize(weight, recipe, name)), PLAIN
     if path in OURS or path in PEERS:
@@ -260,6 +268,42 @@ def run_end_to_end(model: Path, setting: str, path: str, seed: int, args, window
             "seconds": round(seconds, 2)}
 
 
+def gptqmodel_checkpoint(model: Path, bits: int, group: int, best: bool, windows: Path, output: Path) -> None:
+    """GPTQModel's quantize and save of the source model on the calibration windows (run in a process
+    whose PYTHONPATH starts with GPTQModel's site)."""
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from safetensors.torch import load_file
+
+    options = {"act_group_aware": True, "mse": 2.4} if best else {"desc_act": True, "act_group_aware": False}
+    config = QuantizeConfig(bits=bits, group_size=group, sym=True, damp_percent=0.01, **options)
+    quantized = GPTQModel.load(str(model), config)
+    rows = load_file(windows)["input_ids"]
+    quantized.quantize([{"input_ids": row.unsqueeze(0), "attention_mask": torch.ones(1, row.numel(), dtype=torch.long)}
+                        for row in rows], batch_size=1)
+    quantized.save(str(output))
+
+
+def run_gptqmodel_end_to_end(model: Path, setting: str, path: str, seed: int, args, windows, tokenizer) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    bits, group = (int(x) for x in setting.split(":"))
+    calibration = load_calibration(args.calibration, tokenizer, args.samples, args.seq_len, seed=seed)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.environ["GPTQMODEL_SITE"], str(ROOT)]))
+    if (os.cpu_count() or 1) < 4:  # its default CPU pool is half the cores, below what its loader asks for
+        env.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    with tempfile.TemporaryDirectory(prefix="kq-gptqmodel-") as scratch:
+        save_file({"input_ids": calibration.windows.contiguous()}, f"{scratch}/windows.safetensors")
+        checkpoint = Path(scratch) / "checkpoint"
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "_gptqmodel", str(model), str(bits), str(group),
+                        "best" if path.endswith("-best") else "plain", f"{scratch}/windows.safetensors", str(checkpoint)],
+                       env=env, check=True)
+        seconds = time.perf_counter() - start
+        scores = score_checkpoint(model, checkpoint, windows)
+    return {"model": model.name, "setting": setting, "path": path, "seed": seed, **scores,
+            "seconds": round(seconds, 2)}
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per model, setting and path: means and spreads over seeds, and the verdict against the
     best llm-compressor path of the same model and setting."""
@@ -352,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"# {missing}: the lc-* paths are skipped")
         paths = [p for p in paths if p not in LC_PATHS]
+    if "GPTQMODEL_SITE" not in os.environ and set(paths) & set(GPTQMODEL_PATHS):
+        print("# GPTQMODEL_SITE is not set (bench/peer_wheels.sh, bench/install_peers.sh): the gptqmodel-* paths are skipped")
+        paths = [p for p in paths if p not in GPTQMODEL_PATHS]
     seeds = [int(s) for s in args.seeds.split(",")]
     models = [MODELS.get(m, Path(m)) for m in args.models.split(",") if m]
     runs: list[dict[str, Any]] = []
@@ -376,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         for setting in args.settings.split(","):
             for path in paths:
                 for seed in seeds[:1] if path == "rtn" else seeds:  # RTN reads no calibration
-                    runner = run_end_to_end if path in E2E_PATHS else run_once
+                    runner = run_end_to_end if path in E2E_PATHS else \
+                        run_gptqmodel_end_to_end if path in GPTQMODEL_PATHS else run_once
                     run = runner(model, setting, path, seed, args, windows, tokenizer)
                     runs.append(run)
                     write_json(args.json, env, args, runs)  # a run stopped early keeps what it measured
@@ -403,4 +451,8 @@ def write_json(path: Path | None, env: dict, args, runs: list[dict], summary: li
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["_gptqmodel"]:  # run_gptqmodel_end_to_end's child
+        model_dir, bits, group, mode, windows_file, output = sys.argv[2:]
+        gptqmodel_checkpoint(Path(model_dir), int(bits), int(group), mode == "best", Path(windows_file), Path(output))
+        sys.exit(0)
     sys.exit(main())
