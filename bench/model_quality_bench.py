@@ -348,7 +348,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| model | setting | path | KL to the source (nats/token) | top-1 agreement | perplexity increase | "
              "KL vs best lc |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
     def order(r: dict[str, Any]) -> tuple:
-        rank = ["rtn", *LC_PATHS, "ours"]
+        rank = ["rtn", *LC_PATHS, *GPTQMODEL_PATHS, "ours"]
         return (r["model"], SETTINGS.index(r["setting"]) if r["setting"] in SETTINGS else 9,
                 rank.index(r["path"]) if r["path"] in rank else len(rank), r["path"])
 

@@ -41,3 +41,14 @@ def test_shrinking_toward_the_diagonal_keeps_the_diagonal():
 def test_an_unknown_path_is_refused_before_any_work():
     with pytest.raises(SystemExit, match=re.escape("unknown path 'gptq+magic'")):
         bench.path_quantizer("gptq+magic")
+
+
+def test_gptqmodel_paths_are_skipped_without_its_site(monkeypatch, capsys):
+    """GPTQModel runs from a site of its own (bench/peer_wheels.sh, install_peers.sh): without it its
+    paths are named as skipped, and nothing runs."""
+    monkeypatch.delenv("GPTQMODEL_SITE", raising=False)
+    assert bench.path_quantizer("gptqmodel-e2e-best")[1] == {}
+    assert bench.main(["--models", "tiny-llama", "--paths", "gptqmodel-e2e,gptqmodel-e2e-best", "--seeds", "0",
+                       "--max-windows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "GPTQMODEL_SITE is not set" in out and "KL" not in out
