@@ -14,7 +14,7 @@ and, in the JSON, the hidden states' relative distance to the source's after eac
 The seed draws the calibration windows from the calibration text (quantizer.calibration; RTN reads
 none and runs once). Per model,
 setting and path the table gives the mean over seeds and the spread (max - min); against the best
-llm-compressor path (the lowest mean KL of its paths below) a path is a "lead" when its worst
+peer path (the lowest mean KL of llm-compressor's and GPTQModel's paths below) a path is a "lead" when its worst
 seed's KL is below that path's best seed's, "behind" in the opposite case, and a "tie" when the seeds'
 ranges overlap: a difference the calibration's own noise can make is not a difference.
 
@@ -35,12 +35,13 @@ and scored on the same held-out windows against the same source logits):
   lc-e2e           GPTQModifier, min-max observer (its default)
   lc-e2e-imatrix   GPTQModifier with the imatrix_mse observer
   lc-e2e-awq       AWQModifier, then GPTQModifier (min-max): llm-compressor's AWQ-then-GPTQ recipe
-These count as llm-compressor paths for the verdict. Dense models only (its MoE calibration is its own).
+These count as peer paths for the verdict. Dense models only (its MoE calibration is its own).
 GPTQModel end to end (GPTQModel.load + quantize + save on the same calibration windows, in a process of
 its own with GPTQModel's site first on PYTHONPATH: GPTQMODEL_SITE, from bench/peer_wheels.sh and
 bench/install_peers.sh; its GPTQ-format checkpoint read back and scored as above):
   gptqmodel-e2e       static act-order (desc_act), min-max scales
   gptqmodel-e2e-best  its defaults at their best: group-aware act-order and its MSE grid search (mse=2.4)
+These count as peer paths too (mixtures of experts included).
 Held-out text: a model's own evaluation text (tests/fixtures/text/evaluation.txt for the fixtures, or
 --eval-text), never seen in its training nor in calibration.
 """
@@ -81,6 +82,7 @@ SETTINGS = ("4:128", "4:32", "3:128")
 E2E_PATHS = ("lc-e2e", "lc-e2e-imatrix", "lc-e2e-awq")
 LC_PATHS = (*PEERS, *E2E_PATHS)
 GPTQMODEL_PATHS = ("gptqmodel-e2e", "gptqmodel-e2e-best")
+PEER_PATHS = (*LC_PATHS, *GPTQMODEL_PATHS)
 DEFAULT_PATHS = ("rtn", *PEERS, "gptq", "ours", "ours+shrink0.1", "ours+damp0.1")
 
 
@@ -306,7 +308,7 @@ def run_gptqmodel_end_to_end(model: Path, setting: str, path: str, seed: int, ar
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per model, setting and path: means and spreads over seeds, and the verdict against the
-    best llm-compressor path of the same model and setting."""
+    best peer path (llm-compressor's or GPTQModel's) of the same model and setting."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
         groups.setdefault((run["model"], run["setting"], run["path"]), []).append(run)
@@ -317,7 +319,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     rows = []
     for (model, setting, path), group in groups.items():
-        peers_here = [(stats("kl", groups[(model, setting, p)]), p) for p in LC_PATHS if (model, setting, p) in groups]
+        peers_here = [(stats("kl", groups[(model, setting, p)]), p) for p in PEER_PATHS if (model, setting, p) in groups]
         best_peer = min(peers_here)[1] if peers_here else None
         row: dict[str, Any] = {"model": model, "setting": setting, "path": path, "seeds": len(group)}
         for key in ("kl", "top1", "dppl", "seconds"):
@@ -326,8 +328,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if best_peer:
             peer_mean, peer_low, peer_high = stats("kl", groups[(model, setting, best_peer)])
             low, high = min(r["kl"] for r in group), max(r["kl"] for r in group)
-            row |= {"best_lc": best_peer, "kl_vs_best_lc": row["kl"] / peer_mean,
-                    "top1_vs_best_lc": row["top1"] - stats("top1", groups[(model, setting, best_peer)])[0],
+            row |= {"best_peer": best_peer, "kl_vs_best_peer": row["kl"] / peer_mean,
+                    "top1_vs_best_peer": row["top1"] - stats("top1", groups[(model, setting, best_peer)])[0],
                     "verdict": "lead" if high < peer_low else "behind" if low > peer_high else "tie"}  # fmt: skip
         rows.append(row)
     return rows
@@ -335,9 +337,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def print_table(rows: list[dict[str, Any]], out: Callable[[str], None] = print) -> None:
     out(f"{'model':>15} {'setting':>7} {'path':>18} {'KL (nats)':>10} {'+-':>8} {'top-1':>7} {'+-':>6} "
-        f"{'ppl +':>7} {'+-':>6} {'KL/lc':>6} {'verdict':>7} {'s':>6}")
+        f"{'ppl +':>7} {'+-':>6} {'KL/peer':>7} {'verdict':>7} {'s':>6}")
     for r in rows:
-        ratio = f"{r['kl_vs_best_lc']:6.3f}" if "kl_vs_best_lc" in r else f"{'-':>6}"
+        ratio = f"{r['kl_vs_best_peer']:7.3f}" if "kl_vs_best_peer" in r else f"{'-':>7}"
         out(f"{r['model']:>15} {r['setting']:>7} {r['path']:>18} {r['kl']:10.5f} {r['kl_spread']:8.5f} "
             f"{r['top1']:7.2%} {r['top1_spread']:6.2%} {r['dppl']:7.3f} {r['dppl_spread']:6.3f} {ratio} "
             f"{r.get('verdict', '-'):>7} {r['seconds']:6.1f}")
@@ -346,14 +348,14 @@ def print_table(rows: list[dict[str, Any]], out: Callable[[str], None] = print) 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The summary as docs/benchmarks.md shows it: mean and spread (+-) over the seeds."""
     lines = ["| model | setting | path | KL to the source (nats/token) | top-1 agreement | perplexity increase | "
-             "KL vs best lc |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+             "KL vs best peer |", "| --- | --- | --- | ---: | ---: | ---: | --- |"]
     def order(r: dict[str, Any]) -> tuple:
         rank = ["rtn", *LC_PATHS, *GPTQMODEL_PATHS, "ours"]
         return (r["model"], SETTINGS.index(r["setting"]) if r["setting"] in SETTINGS else 9,
                 rank.index(r["path"]) if r["path"] in rank else len(rank), r["path"])
 
     for r in sorted(rows, key=order):
-        versus = f"{r['kl_vs_best_lc']:.3f}x, {r['verdict']}" if "kl_vs_best_lc" in r else "-"
+        versus = f"{r['kl_vs_best_peer']:.3f}x, {r['verdict']}" if "kl_vs_best_peer" in r else "-"
         lines.append(f"| {r['model']} | {r['setting']} | {r['path']} | {r['kl']:.4g} ± {r['kl_spread']:.2g} | "
                      f"{r['top1']:.2%} ± {r['top1_spread']:.2%} | {r['dppl']:+.3f} ± {r['dppl_spread']:.3f} | {versus} |")
     return "\n".join(lines)

@@ -20,12 +20,17 @@ def _runs(path: str, kls: list[float]) -> list[dict]:
 
 
 @pytest.mark.parametrize("ours,verdict", [([0.5, 0.6, 0.7], "lead"), ([0.8, 1.2, 1.0], "tie"), ([1.5, 1.6, 1.7], "behind")])
-def test_verdict_against_the_best_llm_compressor_path(ours, verdict):
-    runs = _runs("lc-minmax", [2.0, 2.1, 2.2]) + _runs("lc-imatrix", [0.9, 1.0, 1.1]) + _runs("ours", ours)
+def test_verdict_against_the_best_peer_path(ours, verdict):
+    runs = _runs("lc-minmax", [2.0, 2.1, 2.2]) + _runs("gptqmodel-e2e-best", [1.2, 1.3, 1.4]) + \
+        _runs("lc-imatrix", [0.9, 1.0, 1.1]) + _runs("ours", ours)
     rows = {row["path"]: row for row in bench.summarize(runs)}
-    assert rows["ours"]["best_lc"] == "lc-imatrix"
+    assert rows["ours"]["best_peer"] == "lc-imatrix"
+    assert rows["lc-imatrix"]["best_peer"] == "lc-imatrix"  # GPTQModel's paths count as peers too
+    best_gptqmodel = bench.summarize([r | {"kl": r["kl"] / 2} for r in runs if r["path"].startswith("gptqmodel")] +
+                                     [r for r in runs if not r["path"].startswith("gptqmodel")])
+    assert {row["path"]: row for row in best_gptqmodel}["ours"]["best_peer"] == "gptqmodel-e2e-best"
     assert rows["ours"]["verdict"] == verdict
-    assert rows["ours"]["kl_vs_best_lc"] == pytest.approx(sum(ours) / 3 / 1.0)
+    assert rows["ours"]["kl_vs_best_peer"] == pytest.approx(sum(ours) / 3 / 1.0)
     assert rows["ours"]["kl_spread"] == pytest.approx(max(ours) - min(ours))
 
 
