@@ -156,7 +156,7 @@ COPY constraints/cpu.txt /src/constraints/cpu.txt
 # code rebuilds only the small layer after this one. The cache mount keeps pip's downloads out of the
 # image and reuses them between builds.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    mkdir -p /src/quantizer /src/operator/kubequant/builders /src/operator/kubequant/reconcile \
+    mkdir -p /src/quantizer /src/operator/kubequant/builders /src/operator/kubequant/reconcile /src/crds \
  && touch /src/quantizer/__init__.py /src/operator/kubequant/__init__.py \
       /src/operator/kubequant/builders/__init__.py /src/operator/kubequant/reconcile/__init__.py \
  && KUBEQUANT_VENV=/opt/kubequant KUBEQUANT_PACKAGE="/src[quantizer,tasks]" bash /src/scripts/setup.sh \
