@@ -863,25 +863,20 @@ def _expert_hessians_against(layer: nn.Module, original: nn.Module, names: list[
 
     handles = hooks(layer, experts, captured[0]) + hooks(original, source_experts, captured[1])
     try:
-        with _exact_tf32(hidden.dtype):
-            for start in range(0, hidden.shape[0], runner.batch_size):
-                rows = slice(start, start + runner.batch_size)
-                for module, states in ((layer, hidden), (original, source_hidden)):
-                    with suppress(_StopForward):
-                        module(states[rows].to(device), **runner.kwargs_for(layer))
-                mine, theirs = captured
-                for position in mine:
-                    tokens, x = (torch.cat(parts) for parts in zip(*mine[position], strict=True))
-                    if not paired[position]:
-                        hessians[position].add(x)
-                        continue
-                    x = x[tokens.argsort()]
-                    source_tokens, x_source = (torch.cat(parts) for parts in zip(*theirs[position], strict=True))
-                    x_source = x_source[source_tokens.argsort()]
+        for _ in _paired_batches(layer, original, hidden, source_hidden, runner, device):
+            mine, theirs = captured
+            for position in mine:
+                tokens, x = (torch.cat(parts) for parts in zip(*mine[position], strict=True))
+                if not paired[position]:
                     hessians[position].add(x)
-                    drifts[position].add(x_source - x, x)
-                mine.clear()
-                theirs.clear()
+                    continue
+                x = x[tokens.argsort()]
+                source_tokens, x_source = (torch.cat(parts) for parts in zip(*theirs[position], strict=True))
+                x_source = x_source[source_tokens.argsort()]
+                hessians[position].add(x)
+                drifts[position].add(x_source - x, x)
+            mine.clear()
+            theirs.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -1084,17 +1079,26 @@ def _group_hessian_against(name: str, layer: nn.Module, original: nn.Module, hid
 
     handles = [module.get_submodule(name).register_forward_pre_hook(capture) for module in (layer, original)]
     try:
-        with _exact_tf32(hidden.dtype):
-            for start in range(0, hidden.shape[0], runner.batch_size):
-                rows = slice(start, start + runner.batch_size)
-                for module, states in ((layer, hidden), (original, source_hidden)):
-                    with suppress(_StopForward):
-                        module(states[rows].to(device), **runner.kwargs_for(layer))
-                mine, theirs = captured
-                captured.clear()
-                hessian.add(mine)
-                drift.add(theirs - mine, mine)
+        for _ in _paired_batches(layer, original, hidden, source_hidden, runner, device):
+            mine, theirs = captured
+            captured.clear()
+            hessian.add(mine)
+            drift.add(theirs - mine, mine)
     finally:
         for handle in handles:
             handle.remove()
     return hessian.result(), drift.result()
+
+
+def _paired_batches(layer: nn.Module, original: nn.Module, hidden: torch.Tensor, source_hidden: torch.Tensor,
+                    runner: _LayerRunner, device) -> Iterator[None]:
+    """Batch for batch, `layer` on `hidden` and then `original` on the same rows of `source_hidden`, each
+    until a hook stops it (_StopForward); yields once both have run, their hooks having captured the
+    inputs of the two passes (SourceTargets)."""
+    with _exact_tf32(hidden.dtype):
+        for start in range(0, hidden.shape[0], runner.batch_size):
+            rows = slice(start, start + runner.batch_size)
+            for module, states in ((layer, hidden), (original, source_hidden)):
+                with suppress(_StopForward):
+                    module(states[rows].to(device), **runner.kwargs_for(layer))
+            yield
