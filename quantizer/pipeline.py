@@ -724,7 +724,7 @@ def _quantize_layer(
                     for block in experts:
                         path = next(n for n, m in modules.items() if m is block)
                         result.expert_tokens[prefix + family.checkpoint_name(path)] = counts[id(block)].tolist()
-                if targets is None:
+                if targets is None or expert_calibration == "routed":  # routed experts pair no tokens
                     hessians = _expert_hessians(layer, [modules[group[0]] for group in subgroups], experts, hidden,
                                                 runner, device, expert_calibration, counts)
                 else:
@@ -836,15 +836,13 @@ def _expert_hessians_against(layer: nn.Module, original: nn.Module, names: list[
     row by row once sorted by token. An expert that runs only its routed tokens gets None: the router
     chooses differently in the two passes."""
     experts, source_experts = expert_modules(layer), expert_modules(original)
-    linears = [layer.get_submodule(name) for name in names]
-    columns = linears[0].in_features
-    owner = {id(linear): (block, index) for block in experts for index, expert in enumerate(block)
-             for linear in expert.modules() if isinstance(linear, nn.Linear)}
+    columns = layer.get_submodule(names[0]).in_features
     hessians = [_HessianSum(columns, device) for _ in names]
     drifts = [_HessianSum(columns, device) for _ in names]
     for block, source_block in zip(experts, source_experts, strict=True):
         block.calibrate_all = source_block.calibrate_all = _calibrate_all(expert_calibration, counts[id(block)], columns)
-    paired = [bool(owner[id(linear)][0].calibrate_all[owner[id(linear)][1]]) for linear in linears]
+    owners = _expert_owners(experts)
+    paired = [bool(block.calibrate_all[index]) for block, index in (owners[id(layer.get_submodule(n))] for n in names)]
     captured: list[dict[int, list[tuple[torch.Tensor, torch.Tensor]]]] = [{}, {}]
 
     def hooks(module: nn.Module, blocks: list[ExpertLinears], into: dict) -> list:
@@ -856,8 +854,8 @@ def _expert_hessians_against(layer: nn.Module, original: nn.Module, names: list[
         def stop(_module, _args, _output):
             raise _StopForward
 
-        where = {id(m): b for b in blocks for m in b.modules()}
-        handles = [module.get_submodule(name).register_forward_pre_hook(capture(position, where[id(module.get_submodule(name))]))
+        owner = _expert_owners(blocks)
+        handles = [module.get_submodule(name).register_forward_pre_hook(capture(position, owner[id(module.get_submodule(name))][0]))
                    for position, name in enumerate(names)]
         return handles + [block.register_forward_hook(stop) for block in blocks]
 
@@ -884,6 +882,11 @@ def _expert_hessians_against(layer: nn.Module, original: nn.Module, names: list[
             block.calibrate_all = block.running_tokens = None
     return ([h.result() if h.count else None for h in hessians],
             [d.result() if paired[i] and d.count else None for i, d in enumerate(drifts)])
+
+
+def _expert_owners(blocks: list[ExpertLinears]) -> dict[int, tuple[ExpertLinears, int]]:
+    """{id(module): (its experts block, the expert's index)} for every module inside an expert."""
+    return {id(m): (block, index) for block in blocks for index, expert in enumerate(block) for m in expert.modules()}
 
 
 class _HessianSum:
