@@ -41,7 +41,7 @@ def test_every_schema_constraint_refuses_a_file_naming_the_field(constraint, pat
 
 @pytest.mark.parametrize(("path", "fix"), [
     ("spec.quantization.groupsize", "did you mean groupSize?"),
-    ("spec.quantization.candidates", "the fields here are"),
+    ("spec.quantization.groupSizes", "did you mean groupSize?"),
     ("spec.serving.replica", "did you mean replicas?"),
     ("spec.evaluation.maxKlDivergence", "did you mean maxKLDivergence?"),
     ("spec.unknown", "the fields here are"),

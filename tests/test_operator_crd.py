@@ -29,6 +29,7 @@ def _all_rules(node: dict) -> list[dict]:
     rules = list(node.get("x-kubernetes-validations", []))
     for _, sub in _walk_fields(node):
         rules += sub.get("x-kubernetes-validations", [])
+        rules += (sub.get("items") or {}).get("x-kubernetes-validations", [])  # a list's rules on each item
     return rules
 
 
@@ -39,7 +40,7 @@ def test_crd_shape():
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Bits", "Group", "Baseline PPL", "Quantized PPL", "KL", "Top-1", "Task Drop", "Ready",
+    assert columns == ["Phase", "Bits", "Group", "Baseline PPL", "Quantized PPL", "KL", "Top-1", "Task Drop", "Ready", "Candidate",
                        "Nodes", "Replicas",
                        "Age"]
 
@@ -134,6 +135,21 @@ INVALID = [
     # An integer under a fractional minimum passes the apiserver's schema check (it truncates the bound).
     ("zero dampening", [("spec.quantization.dampPercent", 0)],
      "quantization.dampPercent must be at least 0.001 (1.0 is the usual choice)"),
+    ("a candidate that overrides nothing", [("spec.quantization.candidates", [{"name": "same"}])],
+     "a quantization candidate must override at least one recipe field, such as groupSize"),
+    ("zero dampening in a candidate", [("spec.quantization.candidates", [{"dampPercent": 0}])],
+     "quantization.candidates[].dampPercent must be at least 0.001 (1.0 is the usual choice)"),
+    ("group-aware candidate without act-order", [("spec.quantization.actOrder", False),
+                                                 ("spec.quantization.candidates", [{"groupAwareOrder": True}])],
+     "quantization.candidates[].groupAwareOrder is a kind of act-order: a candidate with groupAwareOrder needs "
+     "actOrder true (its own or the recipe's)"),
+    ("3-bit candidate served", [("spec.quantization.candidates", [{"groupSize": 32}, {"bits": 3}])],
+     "serving.enabled needs recipes vLLM serves: every quantization.candidates entry must make bits 4 or 8, "
+     "symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),
+    ("8-bit candidate served on the CPU", [("spec.serving.device", "cpu"), ("spec.serving.tensorParallelSize", 1),
+                                           ("spec.quantization.candidates", [{"bits": 8}])],
+     "serving.device cpu serves 4-bit only (vLLM's CPU kernel): no quantization.candidates entry may set bits "
+     "other than 4"),
     ("zero GPU memory", [("spec.serving.gpuMemoryUtilization", 0)],
      "serving.gpuMemoryUtilization must be at least 0.1 (0.9 is the default)"),
     ("text from two places", [("spec.evaluation.text.configMap", {"name": "texts", "key": "eval.txt"})],

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from kubequant import candidates
+from kubequant.candidates import CandidateRecipe
 from quantizer.contract import (
     CHECKPOINT_FORMATS,
     CPU,
@@ -151,6 +153,8 @@ class Quantization:
     group_aware_order: bool = False
     source_targets: float = DEFAULT_SOURCE_TARGETS
     expert_calibration: str = DEFAULT_EXPERT_CALIBRATION  # mixtures of experts (quantizer/experts.py)
+    # Recipes tried in order after this one until one passes the gate (kubequant.candidates).
+    candidates: tuple[CandidateRecipe, ...] = ()
     device: str = GPU  # cpu: the CPU image, and `--device cpu`
     image: str = _image("quantizer")
     resources: dict = field(default_factory=dict)
@@ -389,6 +393,34 @@ def _source(raw: dict) -> HuggingFaceSource | PvcSource:
 
 def _quantization(raw: dict) -> Quantization:
     q = _obj(_required(raw, "quantization", "spec"), "spec.quantization")
+    quantization = _recipe(q)
+    entries, problems = candidates.parse(q.get("candidates"))
+    parsed: list[CandidateRecipe] = []
+    for i, overrides, name in entries:
+        try:
+            _recipe({k: v for k, v in q.items() if k != "candidates"} | overrides)
+        except SpecError as exc:
+            problems += [candidates.reword(p, i, overrides) for p in exc.problems]
+            continue
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{candidates.where(i + 1)}: a field has the wrong type ({exc})")
+            continue
+        parsed.append(CandidateRecipe(tuple((k, overrides[k]) for k in candidates.RECIPE_FIELDS if k in overrides),
+                                      name))
+    if problems:
+        raise SpecError(problems)
+    quantization = dataclasses.replace(quantization, candidates=tuple(parsed))
+    names = [c.name for c in candidates.expand_recipes(quantization)]
+    problems += [f"spec.quantization.candidates has the name {n!r} twice: candidate names must be unique "
+                 f"(the spec's own recipe is {names[0]!r})" for n, k in Counter(names).items() if k > 1]
+    problems += candidates.duplicates(quantization)
+    if problems:
+        raise SpecError(problems)
+    return quantization
+
+
+def _recipe(q: dict) -> Quantization:
+    """spec.quantization's own recipe (without its candidates), checked."""
     cal = _obj(_required(q, "calibration", "spec.quantization"), "spec.quantization.calibration")
     quantization = Quantization(
         calibration=Calibration(
@@ -640,10 +672,13 @@ def parse_spec(raw: Any) -> ModelSpec:
 
     source, quantization, evaluation = part(_source), part(_quantization), part(_evaluation)
     serving, storage = part(_serving), part(_storage)
-    if quantization and serving and serving.enabled and not quantization.servable_on(serving.device):
+    for recipe in candidates.expand_recipes(quantization) if quantization and serving and serving.enabled else ():
+        if recipe.quantization.servable_on(serving.device):
+            continue
         bits = CPU_SERVABLE_BITS if serving.device == CPU else SERVABLE_BITS
+        which = "" if recipe.index == 0 else f" ({candidates.where(recipe.index)})"
         problems.append(
-            f"spec.serving.enabled needs a recipe vLLM serves on {serving.device.upper()}s: quantization.bits "
+            f"spec.serving.enabled needs a recipe vLLM serves on {serving.device.upper()}s{which}: quantization.bits "
             f"{_one_of(bits)}, symmetric true and groupSize "
             f"{_one_of(SERVABLE_GROUP_SIZES)} (or set serving.enabled false to only quantize)")
     if evaluation and serving and "image" not in _obj(raw.get("evaluation"), "spec.evaluation"):

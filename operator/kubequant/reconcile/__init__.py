@@ -6,6 +6,8 @@ keep forever (a Pod's termination message) are copied into the status once obser
 
 The flow for the artifact the spec asks for is a table of stages (STAGES), run in order:
     quantize (Job -> artifact record) -> preflight -> gate (evaluate Job -> verdict) -> serve.
+When the spec lists recipe candidates, the stages work on the first whose gate has not failed
+(`search`), so a failed gate moves on to the next candidate and what serves stays until one passes.
 Each returns its conditions, the records it keeps in status and the actions it needs; the phase is
 derived in one place, from the first stage that failed or is not done.
 
@@ -55,6 +57,8 @@ from kubequant.reconcile.outcomes import (  # noqa: F401  (the package's API)
     Observed,
     Update,
 )
+from kubequant.reconcile.search import REJECTED, Search, all_rejected, entries, none_passed, search
+from kubequant.reconcile.search import events as candidate_events
 from kubequant.reconcile.stages import (  # noqa: F401  (the package's API)
     STAGES,
     Context,
@@ -146,8 +150,36 @@ def observed_claim(model: Model) -> str | None:
 
 def decide_model(model: Model, old: dict, observed: Observed, now: str) -> Decision:
     """decide() for a parsed spec; `old` is the status as it was."""
-    ctx = Context(model, observed, old, builders.artifact_hash(model), builders.evaluation_key(model))
-    actions = _housekeeping(model, observed, (builders.quantize_job_name(model), builders.evaluate_job_name(model)))
+    known = old  # the status the search reads: `old`, plus the verdicts this decision reads from Jobs
+    while True:
+        found = search(model, known)  # the recipe candidate the stages work on: the first not rejected
+        ctx, status, actions, phase, message = _run_stages(model, found, known, observed)
+        rows = entries(found, known, status, phase) if found.listed else []
+        # A verdict read just now rejected this candidate and another follows: go on to it at once,
+        # rather than report GateFailed for one reconcile.
+        if found.current + 1 < len(found.candidates) and rows[found.current]["state"] == REJECTED:
+            known = {**known, "candidates": rows}
+            continue
+        break
+    if rows:
+        status["candidate"], status["candidates"] = found.name, rows
+    if all_rejected(rows):
+        message = none_passed(rows)
+        gate = ctx.conditions["GatePassed"]
+        ctx.conditions["GatePassed"] = Stage(gate.status, gate.reason, message)
+    status["phase"] = phase
+    status["message"] = message
+    status["conditions"] = _conditions(old.get("conditions", []), ctx.conditions, model.generation, now)
+    events = _action_events(actions) + candidate_events(old, rows) + _phase_event(old.get("phase"), phase, message)
+    return Decision(status, actions, events)
+
+
+def _run_stages(model: Model, found: Search, old: dict,
+                observed: Observed) -> tuple[Context, dict[str, Any], list[Action], str, str]:
+    """The stages (STAGES) on the candidate `found` points at: (context, status, actions, phase, message)."""
+    ctx = Context(found.model, observed, old, found.hashes[found.current], found.keys[found.current],
+                  recipe_name=found.name if found.listed else None)
+    actions = _housekeeping(model, observed, found.job_names())
     status: dict[str, Any] = {"artifactHash": ctx.a_hash, "observedGeneration": model.generation}
     standing: StageResult | None = None  # the first stage that failed or is not done
     for stage in STAGES:
@@ -174,8 +206,4 @@ def decide_model(model: Model, old: dict, observed: Observed, now: str) -> Decis
         status = {k: v for k, v in status.items() if v is not None}
     if ctx.failure:
         status["failure"] = ctx.failure
-    status["phase"] = phase
-    status["message"] = message
-    status["conditions"] = _conditions(old.get("conditions", []), ctx.conditions, model.generation, now)
-    events = _action_events(actions) + _phase_event(old.get("phase"), phase, message)
-    return Decision(status, actions, events)
+    return ctx, status, actions, phase, message

@@ -56,12 +56,18 @@ class Context:
     artifact: dict | None = None  # the record of the artifact the spec asks for, once quantized
     evaluation: dict | None = None  # its verdict, once evaluated
     candidate: dict | None = None  # {"artifact", "evaluation"} when it passed the gate and the preflight
+    recipe_name: str | None = None  # the recipe candidate's name, when the spec lists candidates
     preflight_error: str | None = None
     failure: dict | None = None  # the first stage's failure
 
     @property
     def served(self) -> dict:
         return self.old.get("serving") or {}
+
+    def known(self, kind: str) -> list[dict | None]:
+        """The records of `kind` ("artifact" or "evaluation") the status holds: the latest, what serves,
+        and each recipe candidate's, so that no candidate measured before is measured again."""
+        return [self.old.get(kind), self.served.get(kind)] + [c.get(kind) for c in self.old.get("candidates") or []]
 
     @property
     def serving_enabled(self) -> bool:
@@ -85,7 +91,7 @@ def _quantize(ctx: Context) -> StageResult:
     """The artifact: recorded, reused from what serves (a reverted spec), or the quantize Job's result."""
     model = ctx.model
     out = StageResult()
-    artifact = _record_for("hash", ctx.a_hash, ctx.old.get("artifact"), ctx.served.get("artifact"))
+    artifact = _record_for("hash", ctx.a_hash, *ctx.known("artifact"))
     if artifact:
         quantized = Stage("True", "Quantized", _artifact_summary(artifact))
     else:
@@ -121,7 +127,7 @@ def _gate(ctx: Context) -> StageResult:
     if ctx.artifact and ctx.preflight_error:
         evaluated = Stage("Unknown", "PreflightFailed", f"not evaluated: {ctx.preflight_error}")
     elif ctx.artifact and ctx.failure is None:
-        evaluation = _record_for("key", ctx.e_key, ctx.old.get("evaluation"), ctx.served.get("evaluation"))
+        evaluation = _record_for("key", ctx.e_key, *ctx.known("evaluation"))
         if evaluation is None:
             name = builders.evaluate_job_name(ctx.model)
             outcome = job_outcome(ctx.observed.jobs.get(name), ctx.observed.pods.get(name, []),
@@ -172,6 +178,8 @@ def _serve(ctx: Context) -> StageResult:
     kind = builders.workload_kind(model)
     if ctx.artifact and ctx.evaluation and ctx.evaluation["passed"] and not ctx.preflight_error:
         ctx.candidate = {"artifact": ctx.artifact, "evaluation": ctx.evaluation}
+        if ctx.recipe_name:
+            ctx.candidate["candidate"] = ctx.recipe_name
     previous = served if served.get("artifact") and _fits(served["artifact"], model.spec.serving) is None else None
     if not ctx.candidate and previous and (previous.get("evaluation") or {}).get("tensorParallelSize") != tp:
         return _serving_unchanged(ctx, f"the artifact is gated again at tensorParallelSize {tp}")
