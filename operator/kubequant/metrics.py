@@ -32,6 +32,15 @@ TOP_TOKEN_AGREEMENT = Gauge("kubequant_top_token_agreement", "Share of tokens wh
                             "source model's.", ["namespace", "model"])
 TASK_SCORE = Gauge("kubequant_task_score", "Score of the served model on an lm-evaluation-harness task (its first "
                    "metric), and of the source model.", ["namespace", "model", "task", "metric", "of"])
+# One series per recipe candidate (spec.quantization.candidates) that was quantized or evaluated.
+CANDIDATE_LABELS = ("namespace", "model", "candidate")
+CANDIDATE_SIZE = Gauge("kubequant_candidate_size_bytes", "Size on disk of a recipe candidate's artifact.",
+                       CANDIDATE_LABELS)
+CANDIDATE_KL = Gauge("kubequant_candidate_kl_divergence", "Mean KL divergence of a recipe candidate from the source "
+                     "model, nats per token, as its gate measured it.", CANDIDATE_LABELS)
+CANDIDATE_PASSED = Gauge("kubequant_candidate_passed", "1 when a recipe candidate passed the gate, 0 when it failed.",
+                         CANDIDATE_LABELS)
+CANDIDATE_GAUGES = tuple((gauge, CANDIDATE_LABELS) for gauge in (CANDIDATE_SIZE, CANDIDATE_KL, CANDIDATE_PASSED))
 GATE_OUTCOMES = Counter("kubequant_gate_outcomes", "Quality gate verdicts.", ["namespace", "model", "outcome"])
 
 _phases: dict[tuple[str, str], str] = {}
@@ -77,11 +86,37 @@ def record(namespace: str, name: str, old: dict, new: dict) -> None:
         KL_DIVERGENCE.labels(namespace=namespace, model=name).set(evaluation["klDivergence"]["mean"])
     if evaluation.get("topTokenAgreement") is not None:
         TOP_TOKEN_AGREEMENT.labels(namespace=namespace, model=name).set(evaluation["topTokenAgreement"])
+    _record_candidates(namespace, name, new.get("candidates") or [])
     for task in evaluation.get("tasks") or []:
         for of in ("quantized", "source"):
             if task.get(of) is not None:
                 TASK_SCORE.labels(namespace=namespace, model=name, task=task.get("task", ""),
                                   metric=task.get("metric", ""), of=of).set(task[of])
+
+
+def _record_candidates(namespace: str, name: str, candidates: list[dict]) -> None:
+    """The candidates' gauges: one series per candidate measured; none left for candidates gone from the spec."""
+    names = {c.get("name") for c in candidates}
+    _remove_series(CANDIDATE_GAUGES, namespace, name, keep=lambda labels: labels.get("candidate") in names)
+    for c in candidates:
+        labels = {"namespace": namespace, "model": name, "candidate": c.get("name", "")}
+        artifact, evaluation = c.get("artifact") or {}, c.get("evaluation") or {}
+        if artifact.get("sizeAfterBytes") is not None:
+            CANDIDATE_SIZE.labels(**labels).set(artifact["sizeAfterBytes"])
+        if (evaluation.get("klDivergence") or {}).get("mean") is not None:
+            CANDIDATE_KL.labels(**labels).set(evaluation["klDivergence"]["mean"])
+        if evaluation.get("passed") is not None:
+            CANDIDATE_PASSED.labels(**labels).set(1 if evaluation["passed"] else 0)
+
+
+def _remove_series(metrics: tuple, namespace: str, name: str, keep=lambda labels: False) -> None:
+    """Remove the series of one model from (metric, its label names) pairs: all of them, or those `keep` refuses."""
+    for metric, label_names in metrics:
+        for labels in [s.labels for m in metric.collect() for s in m.samples]:
+            if labels.get("namespace") == namespace and labels.get("model") == name and not keep(labels) \
+                    and all(n in labels for n in label_names):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*(labels[n] for n in label_names))
 
 
 def forget(namespace: str, name: str) -> None:
@@ -92,9 +127,5 @@ def forget(namespace: str, name: str) -> None:
     for gauge in (BASELINE_PPL, QUANTIZED_PPL, KL_DIVERGENCE, TOP_TOKEN_AGREEMENT):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, name)
-    for metric, label_names in ((GATE_OUTCOMES, ("outcome",)), (TASK_SCORE, ("task", "metric", "of"))):
-        for labels in [s.labels for m in metric.collect() for s in m.samples]:
-            if labels.get("namespace") == namespace and labels.get("model") == name \
-                    and all(n in labels for n in label_names):
-                with contextlib.suppress(KeyError):
-                    metric.remove(namespace, name, *(labels[n] for n in label_names))
+    _remove_series(((GATE_OUTCOMES, ("namespace", "model", "outcome")),
+                    (TASK_SCORE, ("namespace", "model", "task", "metric", "of")), *CANDIDATE_GAUGES), namespace, name)
