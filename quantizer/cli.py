@@ -135,6 +135,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--task-limit", type=int, help="at most this many documents per task (default: all)")
     p.add_argument("--max-accuracy-drop", type=float,
                    help="largest allowed drop of each task's score below the unquantized model's, e.g. 0.02")
+    p.add_argument("--source-scores", type=Path,
+                   help="a folder to keep the source model's scores in (with --baseline-model): measured once per "
+                        "source, engine, windows and request, then read back instead of serving the source again")
     p.add_argument("--top-logprobs", type=int, default=20,
                    help="log-probabilities per token for the KL divergence (default 20)")
     p.add_argument("--engine", choices=("vllm", "torch"), default="vllm", help="torch: for machines without vLLM")
@@ -223,7 +226,7 @@ def _evaluate(args) -> Result:
             top_logprobs=args.top_logprobs, generation_prompts=args.generation_prompts,
             max_new_tokens=args.max_new_tokens,
             engine=args.engine, tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
-            dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+            dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization, source_scores=args.source_scores,
         )
     )
     print("\n".join(summary_lines(result)))

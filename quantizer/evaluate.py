@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from quantizer import source_scores
 from quantizer.agreement import distribution_agreement, generation_agreement
 from quantizer.checkpoint import read_quantization_config
 from quantizer.contract import EvaluateResult
@@ -69,6 +70,7 @@ class EvaluateOptions:
     throughput_tokens: int = 64
     tasks: tuple[Path, ...] = ()  # lm-evaluation-harness task YAMLs, or directories of them
     task_limit: int | None = None  # documents per task (all when None)
+    source_scores: Path | None = None  # a folder keeping the source model's scores (quantizer/source_scores.py)
 
 
 @dataclass
@@ -151,6 +153,10 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         raise InputError("no baseline: pass --baseline-ppl (from the quantize result) or --baseline-model DIR")
     if opts.baseline_model is not None and not (opts.baseline_model / "config.json").exists():
         raise InputError(f"--baseline-model {opts.baseline_model}: no config.json; pass the unquantized model directory")
+    if opts.source_scores is not None and opts.baseline_model is None:
+        raise InputError("--source-scores keeps the source model's scores: it needs --baseline-model DIR")
+    if opts.source_scores is not None and opts.source_scores.exists() and not opts.source_scores.is_dir():
+        raise InputError(f"--source-scores {opts.source_scores}: not a folder; pass a folder to keep the scores in")
     context = _config(opts.model).get("max_position_embeddings")
     if context and opts.seq_len > context:
         raise InputError(f"--seq-len {opts.seq_len} exceeds the model's context {context}; lower it")
@@ -188,8 +194,10 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
     fakequant = opts.fakequant_ppl
     if fakequant is None:
         fakequant = _measure(opts.model, windows, opts, "torch").perplexity.ppl
-    reference = _measure(opts.baseline_model, windows, opts, opts.engine, request) if opts.baseline_model else None
+    reference, source_seconds, reused = _reference(opts, windows, request) if opts.baseline_model else (None, 0.0, False)
+    served_started = time.perf_counter()
     served = _measure(opts.model, windows, opts, opts.engine, request)
+    served_seconds = time.perf_counter() - served_started
     tasks = compare_tasks(reference.tasks, served.tasks) if reference else []
     # The engine's own baseline when it was measured: both perplexities then come from one engine.
     baseline = reference.perplexity.ppl if reference else opts.baseline_ppl
@@ -226,6 +234,9 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         details["top_logprobs"] = request.top_k
     if generations:
         details["generations"] = generations.to_dict()
+    if reference:
+        details["source"] = {"scores": "reused" if reused else "measured", "seconds": round(source_seconds, 2)}
+    details["served_seconds"] = round(served_seconds, 2)
     details["seconds"] = round(time.perf_counter() - started, 2)
     return EvaluateResult(
         passed=decision.passed, reason=decision.reason, message=decision.message, baseline_ppl=baseline,
@@ -238,6 +249,32 @@ def run_evaluate(opts: EvaluateOptions) -> EvaluateResult:
         tasks=[task.to_dict() for task in tasks] or None,
         details=details,
     )
+
+
+def _reference(opts: EvaluateOptions, windows: EvalWindows, request: _Request) -> tuple[EngineScores, float, bool]:
+    """The source model's scores: (scores, seconds spent on them, whether they were kept from before).
+    With --source-scores they are measured once per key and read back after that."""
+    started = time.perf_counter()
+    assert opts.baseline_model is not None
+    path = None
+    if opts.source_scores is not None:
+        settings = {"dtype": opts.dtype, "tensor_parallel_size": opts.tensor_parallel_size,
+                    "max_model_len": opts.max_model_len,
+                    # It sizes the KV cache: throughput, never the numbers, depends on it.
+                    **({"gpu_memory_utilization": opts.gpu_memory_utilization} if request.throughput_batches else {})}
+        # The tasks by their files (a config may hold what has no stable text, such as a function).
+        asked = {**asdict(request), "tasks": [source_scores.files_fingerprint(t) for t in opts.tasks]}
+        key = source_scores.source_key(opts.baseline_model, windows, opts.engine, settings, asked)
+        path = opts.source_scores / f"{key}.safetensors"
+        kept = source_scores.load(path)
+        if kept is not None:
+            log.info("the source model's scores from %s: measured before, not served again", path)
+            return kept, time.perf_counter() - started, True
+    scores = _measure(opts.baseline_model, windows, opts, opts.engine, request)
+    if path is not None:
+        source_scores.save(path, scores)
+        log.info("the source model's scores kept in %s for the next evaluation", path)
+    return scores, time.perf_counter() - started, False
 
 
 def _throughput_table(quantized: list[dict], source: list[dict]) -> list[dict]:

@@ -196,3 +196,23 @@ def test_what_serves_stays_until_a_candidate_passes():
     ready = {c["type"]: c for c in status["conditions"]}["Ready"]
     assert ready["status"] == "True" and ready["reason"] == "ServingPreviousArtifact"
     assert status["serving"]["artifact"]["hash"] == served
+
+
+def test_each_candidate_measured_has_its_metrics_and_none_outlives_it():
+    from kubequant import metrics
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, candidate: str) -> float | None:
+        return REGISTRY.get_sample_value(name, {"namespace": "ml", "model": "m", "candidate": candidate})
+
+    sim = Sim(_body())
+    _all_failed(sim)
+    metrics.record("ml", "m", {}, sim.body["status"])
+    assert [sample("kubequant_candidate_passed", n) for n in ("w4-g128", "w4-g64", "fine")] == [0, 0, 0]
+    assert sample("kubequant_candidate_size_bytes", "fine") == QUANTIZE_RESULT["size_after_bytes"]
+    status = copy.deepcopy(sim.body["status"])
+    status["candidates"] = status["candidates"][:1]  # a spec edit dropped two
+    metrics.record("ml", "m", {}, status)
+    assert sample("kubequant_candidate_passed", "w4-g128") == 0 and sample("kubequant_candidate_passed", "fine") is None
+    metrics.forget("ml", "m")
+    assert sample("kubequant_candidate_passed", "w4-g128") is None

@@ -353,6 +353,7 @@ def _evaluate(run: LocalRun, model: Model, model_path: Path, artifact: Path, qua
         baseline_ppl=quantized.baseline_ppl, fakequant_ppl=quantized.fakequant_ppl,
         source_path=str(model_path), prompts_path=str(prompts) if prompts else None,
         tasks_path=str(tasks) if tasks else None,
+        source_scores=str(run.workdir / "artifacts" / builders.model_dir(model) / builders.SOURCE_SCORES_DIR),
     )
     command += ["--engine", run.engine, "--result-file", str(results / "evaluate.json")]
     gate = _run_step(command, results / "evaluate.json", EvaluateResult, (EXIT_OK, EXIT_GATE_FAILED))

@@ -13,8 +13,10 @@ from kubequant.builders.meta import (
     FETCH_CONTAINER,
     FETCH_TEXTS_CONTAINER,
     LABEL_ARTIFACT,
+    MODEL_DIR_MOUNT,
     POD_SECURITY,
     QUANTIZE_CONTAINER,
+    SOURCE_SCORES_DIR,
     api_version,
     artifact_dir,
     artifact_hash,
@@ -213,12 +215,16 @@ def _number(value: Any) -> str:
 def evaluate_command(
     model: Model, *, artifact_path: str, eval_text: str, baseline_ppl: Any, fakequant_ppl: Any,
     source_path: str, prompts_path: str | None = None, tasks_path: str | None = None, python: str = "python",
+    source_scores: str | None = None,
 ) -> list[str]:
-    """The evaluator's command line for this spec: the Job's container and `kubequant run` share it."""
+    """The evaluator's command line for this spec: the Job's container and `kubequant run` share it.
+    `source_scores`: the folder keeping the source model's scores, measured once for every candidate."""
     e, serving = model.spec.evaluation, model.spec.serving
     against_source: list[str] = []
     if e.compare_with_source:
         against_source = ["--baseline-model", source_path]
+        if source_scores:
+            against_source += ["--source-scores", source_scores]
         if e.max_kl_divergence is not None:
             against_source += ["--max-kl-divergence", repr(float(e.max_kl_divergence))]
         if e.min_top_token_agreement is not None:
@@ -283,10 +289,17 @@ def evaluate_job(model: Model, artifact: dict) -> dict:
         if e.tasks is not None:
             tasks_path, task_volumes, task_mounts = task_files(e.tasks)
             text_volumes, text_mounts = text_volumes + task_volumes, text_mounts + task_mounts
+    scores = None
+    if e.compare_with_source:
+        # The claim writable for this Pod, yet read-only where vLLM reads the artifact: only the model's
+        # own folder (which its quantize Job made) is mounted writable, for the source model's scores.
+        volumes = [artifacts_volume(model, read_only=False) if v["name"] == "artifacts" else v for v in volumes]
+        text_mounts = [*text_mounts, {"name": "artifacts", "mountPath": MODEL_DIR_MOUNT, "subPath": model_dir(model)}]
+        scores = f"{MODEL_DIR_MOUNT}/{SOURCE_SCORES_DIR}"
     args = evaluate_command(
         model, artifact_path=f"{ARTIFACTS_MOUNT}/{artifact['path']}", eval_text=text_path,
         baseline_ppl=artifact.get("baselinePerplexity"), fakequant_ppl=artifact.get("fakequantPerplexity"),
-        source_path=source_path, prompts_path=prompts_path, tasks_path=tasks_path,
+        source_path=source_path, prompts_path=prompts_path, tasks_path=tasks_path, source_scores=scores,
     )
     return _job(
         model, evaluate_job_name(model), "evaluate",

@@ -66,6 +66,12 @@ SOURCE_MOUNT = "/source"
 TEXTS_MOUNT = "/texts"
 
 
+# The evaluate Job's one writable folder of the claim: the model's own (kubequant/<name>), where the
+# source model's scores are kept for the next candidate's evaluation (quantizer/source_scores.py).
+MODEL_DIR_MOUNT = "/model-dir"
+SOURCE_SCORES_DIR = "source-scores"  # in the model's folder
+
+
 VLLM_PORT = 8000
 
 
