@@ -226,6 +226,9 @@ def test_the_tiny_model_quantized_gated_and_served_in_real_containers(cluster: C
     artifact = Path(cluster.get("pv", f"{MODELS_NAMESPACE}-kubequant-data")["spec"]["local"]["path"]) / status[
         "serving"]["artifact"]["path"]
     assert (artifact / "kubequant.json").stat().st_uid == 65532
+    # The evaluate Job kept the source model's scores in the model's folder, its one writable mount.
+    [scores] = (artifact.parent / "source-scores").glob("*.safetensors")
+    assert scores.stat().st_uid == 65532
 
     # The Deployment's vLLM answers through the Service's ClusterIP (kube-proxy), and its metrics from the Pod.
     service = cluster.get("service", "tiny-llama", MODELS_NAMESPACE)["spec"]
