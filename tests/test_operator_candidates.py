@@ -81,6 +81,11 @@ def test_a_bad_candidate_is_refused_naming_it(candidates, problem):
     assert problem in str(refused.value)
 
 
+def test_candidates_need_the_gate():
+    with pytest.raises(SpecError, match="candidates are tried until one passes the gate, which runs only when"):
+        parse_model(with_spec(_body(), "serving.enabled", False))
+
+
 def test_a_candidate_is_checked_with_the_fields_it_does_not_override():
     body = with_spec(_body([{"groupAwareOrder": True}]), "quantization.actOrder", False)
     with pytest.raises(SpecError, match=r"candidates\[0\]\.groupAwareOrder is a kind of act-order"):
@@ -103,6 +108,7 @@ def test_a_failed_gate_moves_on_to_the_next_candidate_and_the_first_that_passes_
     status = decision.status
     assert _states(status) == [("w4-g128", "GateFailed"), ("w4-g64", "Pending"), ("fine", "Untried")]
     assert status["phase"] == "Pending" and status["candidate"] == "w4-g64"
+    assert status["message"].startswith("candidate w4-g64 (2 of 3): ")
     assert status["artifactHash"] == status["candidates"][1]["artifactHash"]
     assert [e.reason for e in decision.events if e.reason.startswith("Candidate")] == ["CandidateRejected"]
     [rejected] = [e for e in decision.events if e.reason == "CandidateRejected"]

@@ -143,6 +143,10 @@ INVALID = [
                                                  ("spec.quantization.candidates", [{"groupAwareOrder": True}])],
      "quantization.candidates[].groupAwareOrder is a kind of act-order: a candidate with groupAwareOrder needs "
      "actOrder true (its own or the recipe's)"),
+    ("candidates without the gate", [("spec.serving.enabled", False),
+                                     ("spec.quantization.candidates", [{"groupSize": 32}])],
+     "quantization.candidates are tried until one passes the gate, which runs only when serving is enabled: "
+     "set serving.enabled true, or drop the candidates"),
     ("3-bit candidate served", [("spec.quantization.candidates", [{"groupSize": 32}, {"bits": 3}])],
      "serving.enabled needs recipes vLLM serves: every quantization.candidates entry must make bits 4 or 8, "
      "symmetric true and groupSize -1, 32, 64 or 128 (or set serving.enabled false to only quantize)"),

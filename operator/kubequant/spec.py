@@ -672,6 +672,9 @@ def parse_spec(raw: Any) -> ModelSpec:
 
     source, quantization, evaluation = part(_source), part(_quantization), part(_evaluation)
     serving, storage = part(_serving), part(_storage)
+    if quantization and quantization.candidates and serving and not serving.enabled:
+        problems.append("spec.quantization.candidates are tried until one passes the gate, which runs only when "
+                        "serving is enabled: set serving.enabled true, or drop the candidates")
     for recipe in candidates.expand_recipes(quantization) if quantization and serving and serving.enabled else ():
         if recipe.quantization.servable_on(serving.device):
             continue

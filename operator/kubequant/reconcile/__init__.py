@@ -167,6 +167,8 @@ def decide_model(model: Model, old: dict, observed: Observed, now: str) -> Decis
         message = none_passed(rows)
         gate = ctx.conditions["GatePassed"]
         ctx.conditions["GatePassed"] = Stage(gate.status, gate.reason, message)
+    elif rows and phase != READY:
+        message = f"candidate {found.name} ({found.current + 1} of {len(rows)}): {message}"
     status["phase"] = phase
     status["message"] = message
     status["conditions"] = _conditions(old.get("conditions", []), ctx.conditions, model.generation, now)
