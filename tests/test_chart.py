@@ -668,7 +668,7 @@ OPERATOR_METRICS = {"kubequant_reconciles_total", "kubequant_models", "kubequant
                     "kubequant_quantization_duration_seconds_sum", "kubequant_quantization_duration_seconds_count",
                     "kubequant_evaluation_duration_seconds_sum", "kubequant_evaluation_duration_seconds_count",
                     "kubequant_baseline_perplexity", "kubequant_quantized_perplexity", "kubequant_kl_divergence",
-                    "kubequant_top_token_agreement", "kubequant_task_score"}
+                    "kubequant_top_token_agreement", "kubequant_task_score", "kubequant_candidate_kl_divergence"}
 VLLM_METRICS = {"vllm:e2e_request_latency_seconds_bucket", "vllm:time_to_first_token_seconds_bucket",
                 "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:generation_tokens_total",
                 "vllm:prompt_tokens_total"}
