@@ -111,8 +111,13 @@ def test_printer_columns(control_plane: ControlPlane):
                           "-p", json.dumps({"status": status}))
     header, row = control_plane.kubectl("get", "qm", "-n", ns).stdout.splitlines()
     assert header.split() == ["NAME", "PHASE", "BITS", "GROUP", "BASELINE", "PPL", "QUANTIZED", "PPL", "KL", "TOP-1", "READY",
-                              "AGE"]
+                              "CANDIDATE", "AGE"]
     assert row.split()[:7] == ["tiny-llama", "Ready", "4", "32", "30.19", "30.33", "True"]
+    # The recipe candidate serving (spec.quantization.candidates), from the serving record.
+    control_plane.kubectl("patch", "qm", "tiny-llama", "-n", ns, "--subresource=status", "--type=merge",
+                          "-p", json.dumps({"status": {"serving": {"candidate": "finer"}}}))
+    header, row = control_plane.kubectl("get", "qm", "-n", ns).stdout.splitlines()
+    assert row[header.index("CANDIDATE"):].split()[0] == "finer"
     # -o wide adds the first task's drop, from the evaluation the operator records.
     evaluation = {"evaluation": {"klDivergence": {"mean": 0.0117}, "topTokenAgreement": 0.9134,
                                  "tasks": [{"task": "python_identifier", "metric": "acc", "source": 0.2,
