@@ -372,15 +372,18 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
     qconfig = read_quantization_config(model_dir)
     fmt = format_of(qconfig)
     try:
-        scheme = fmt.scheme(qconfig)
+        schemes = fmt.schemes(qconfig)
+        fmt.scheme(qconfig)  # every layer the config does not name has one
     except InputError as exc:
         raise CheckpointError(f"{model_dir}: {exc}") from None
     problems: list[str] = []
-    if scheme.desc_act:
-        problems.append("dynamic act-order (desc_act, or actorder group): vLLM 0.32 refuses it with groups; "
-                        "write static act-order")
-    if not allow_unservable:
-        problems.extend(unservable_reasons(scheme.bits, scheme.group_size, scheme.sym))
+    for scheme in schemes:
+        if scheme.desc_act:
+            problems.append("dynamic act-order (desc_act, or actorder group): vLLM 0.32 refuses it with groups; "
+                            "write static act-order")
+        if not allow_unservable:
+            problems.extend(r for r in unservable_reasons(scheme.bits, scheme.group_size, scheme.sym)
+                            if r not in problems)
 
     index_path = model_dir / INDEX_FILE
     if index_path.exists():
@@ -400,6 +403,7 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
         if missing:
             problems.append(f"{layer}: missing {sorted(missing)}")
             continue
+        scheme = fmt.scheme_for(qconfig, layer)
         layer_problems = fmt.check_layer(layer, parts, scheme)
         problems += layer_problems
         if not layer_problems:

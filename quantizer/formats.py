@@ -17,6 +17,7 @@ GPTQModel, AutoGPTQ's successors).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -73,7 +74,16 @@ class CheckpointFormat:
         raise NotImplementedError
 
     def scheme(self, qconfig: dict) -> Scheme:
+        """The scheme every quantized Linear has unless the config names it in another one."""
         raise NotImplementedError
+
+    def schemes(self, qconfig: dict) -> list[Scheme]:
+        """Every scheme of the checkpoint (mixed precision: several)."""
+        return [self.scheme(qconfig)]
+
+    def scheme_for(self, qconfig: dict, layer: str) -> Scheme:
+        """The scheme of one quantized Linear, by its checkpoint name."""
+        return self.scheme(qconfig)
 
     def dequantize(self, parts: dict[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
         """Weight [out, in] float32 from the stored tensors, read as written."""
@@ -244,18 +254,46 @@ class CompressedTensorsFormat(CheckpointFormat):
             raise RuntimeError("compressed-tensors packed other codes than the quantizer chose; not writing it")
         return {name: tensor.cpu().contiguous() for name, tensor in compressed.items()}
 
-    def scheme(self, qconfig: dict) -> Scheme:
+    def _groups(self, qconfig: dict) -> list[tuple[list[str], Scheme]]:
+        """Each config group's targets and scheme, in the config's order."""
         groups = qconfig.get("config_groups") or {}
-        if len(groups) != 1:
-            raise InputError(f"compressed-tensors quantization_config has {len(groups)} config groups; "
-                             "kubequant reads checkpoints with one")
-        weights = next(iter(groups.values())).get("weights") or {}
-        if qconfig.get("format") != "pack-quantized" or weights.get("type", "int") != "int":
+        if not groups:
+            raise InputError("compressed-tensors quantization_config has no config groups")
+        if qconfig.get("format") != "pack-quantized":
             raise InputError(f"compressed-tensors format {qconfig.get('format')!r}: kubequant reads int "
                              "weight-only pack-quantized checkpoints")
-        group_size = -1 if weights.get("strategy") == "channel" else int(weights.get("group_size") or -1)
-        return Scheme(int(weights["num_bits"]), group_size, bool(weights.get("symmetric", True)),
-                      weights.get("actorder") in ("group", "dynamic"))
+        out = []
+        for name, group in groups.items():
+            weights = group.get("weights") or {}
+            if weights.get("type", "int") != "int" or "num_bits" not in weights:
+                raise InputError(f"compressed-tensors config group {name}: kubequant reads int weight-only groups")
+            group_size = -1 if weights.get("strategy") == "channel" else int(weights.get("group_size") or -1)
+            out.append((list(group.get("targets") or []), Scheme(
+                int(weights["num_bits"]), group_size, bool(weights.get("symmetric", True)),
+                weights.get("actorder") in ("group", "dynamic"))))
+        return out
+
+    def scheme(self, qconfig: dict) -> Scheme:
+        groups = self._groups(qconfig)
+        default = [scheme for targets, scheme in groups if "Linear" in targets]
+        if len(groups) == 1 or len(default) == 1:
+            return groups[0][1] if len(groups) == 1 else default[0]
+        raise InputError(f"compressed-tensors quantization_config has {len(groups)} config groups and "
+                         f"{len(default)} of them target every Linear; kubequant reads one default group")
+
+    def schemes(self, qconfig: dict) -> list[Scheme]:
+        return [scheme for _, scheme in self._groups(qconfig)]
+
+    def scheme_for(self, qconfig: dict, layer: str) -> Scheme:
+        """vLLM's order (compressed_tensors.utils.find_matched_target): a target naming the layer, exactly
+        or as a `re:` regex, in the config's order; else the group that targets every Linear. A layer of
+        a fused module (q/k/v, gate/up) is named by its own Linear's name here, as the checkpoint has it:
+        vLLM matches a fused module only when every part is named by the same target."""
+        groups = self._groups(qconfig)
+        for targets, scheme in groups:
+            if any(_names(target, layer) for target in targets):
+                return scheme
+        return self.scheme(qconfig)
 
     def dequantize(self, parts: dict[str, torch.Tensor], scheme: Scheme) -> torch.Tensor:
         self._library()
@@ -295,6 +333,13 @@ class CompressedTensorsFormat(CheckpointFormat):
         if not scheme.sym and "weight_zero_point" not in parts:
             problems.append(f"{layer}: an asymmetric scheme needs weight_zero_point")
         return problems + _finite(layer, scale)
+
+
+def _names(target: str, layer: str) -> bool:
+    """Whether a compressed-tensors target names a layer: exactly, or as a `re:` regex matched from its start."""
+    if target.startswith("re:"):
+        return re.match(target[3:], layer) is not None
+    return target == layer
 
 
 def _provenance(recipe: QuantRecipe, version: str) -> dict:

@@ -212,7 +212,6 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
 
     qconfig = read_quantization_config(model_dir)
     fmt = format_of(qconfig)
-    scheme = fmt.scheme(qconfig)
     config_dict = json.loads((model_dir / "config.json").read_text())
     config_dict.pop("quantization_config")
     config = AutoConfig.for_model(**config_dict)
@@ -228,11 +227,11 @@ def load_dequantized_model(model_dir: Path, dtype: torch.dtype = torch.float32, 
     quantized: dict[str, dict[str, torch.Tensor]] = {}
     for name, handle in iter_checkpoint_tensors(model_dir):
         if part := fmt.part(name):
-            quantized.setdefault(name_of(part[0]), {})[part[1]] = handle.get_tensor(name)
+            quantized.setdefault(part[0], {})[part[1]] = handle.get_tensor(name)
         else:
             state[name_of(name)] = handle.get_tensor(name).to(dtype)
-    for layer, parts in quantized.items():
-        state[f"{layer}.weight"] = fmt.dequantize(parts, scheme).to(dtype)
+    for layer, parts in quantized.items():  # each Linear by its own scheme (mixed precision: several)
+        state[f"{name_of(layer)}.weight"] = fmt.dequantize(parts, fmt.scheme_for(qconfig, layer)).to(dtype)
     if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=False, assign=True)
