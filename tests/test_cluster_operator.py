@@ -10,6 +10,7 @@ terminated state a command would leave.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -201,50 +202,55 @@ def test_the_first_candidate_that_passes_serves_and_a_restart_measures_nothing_a
     ns = "kq-search"
     models = _models(control_plane, ns, tmp_path)
     data_volume(control_plane, ns, "kubequant-data", tmp_path / "claim", with_fixtures=True)
-    process = OperatorProcess(operator_kubeconfig, WATCHED, tmp_path / "operator.log").start()
-    models.apply(example("tiny.yaml", "search", quantization__groupSize=128, evaluation__maxKLDivergence=0.0084,
-                         quantization__candidates=[{"groupSize": 32, "name": "finer"}]))
+    # Every operator started here is stopped at the end, also when an assertion fails: a stray one would
+    # reconcile the next tests' namespaces beside theirs.
+    with contextlib.ExitStack() as operators:
+        process = operators.enter_context(OperatorProcess(operator_kubeconfig, WATCHED, tmp_path / "operator.log"))
+        models.apply(example("tiny.yaml", "search", quantization__groupSize=128, evaluation__maxKLDivergence=0.0084,
+                             quantization__candidates=[{"groupSize": 32, "name": "finer"}]))
 
-    def run(job: str, exit_code: int) -> dict:
-        terminated = models.kubelet.run(models.kubelet.running_pod(job), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-        assert terminated["exitCode"] == exit_code, Path(terminated["log"]).read_text()[-3000:]
-        return json.loads(terminated["message"])
+        def run(job: str, exit_code: int) -> dict:
+            terminated = models.kubelet.run(models.kubelet.running_pod(job), env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+            assert terminated["exitCode"] == exit_code, Path(terminated["log"]).read_text()[-3000:]
+            return json.loads(terminated["message"])
 
-    first_quantize = models.wait_job("search", "quantize")
-    run(first_quantize, 0)
-    first_evaluate = models.wait_job("search", "evaluate")
-    rejected = run(first_evaluate, 3)
-    assert rejected["reason"] == "KLDivergence" and rejected["kl_divergence"]["mean"] > 0.0084
-    # The verdict lands; the operator moves on to the candidate, then is killed and started again.
-    finer_quantize = models.wait_job("search", "quantize", exclude={first_quantize})
-    process.kill()
-    process = OperatorProcess(operator_kubeconfig, WATCHED, tmp_path / "operator.log").start()
-    status = models.wait_phase("search", "Quantizing")
-    assert [(c["name"], c["state"]) for c in status["candidates"]] == [("w4-g128", "GateFailed"),
-                                                                       ("finer", "Quantizing")]
-    assert status["candidates"][0]["evaluation"]["klDivergence"]["mean"] == \
-        pytest.approx(rejected["kl_divergence"]["mean"])
-    run(finer_quantize, 0)
-    finer_evaluate = models.wait_job("search", "evaluate", exclude={first_evaluate})
-    passed = run(finer_evaluate, 0)
-    assert passed["reason"] == "Passed" and passed["kl_divergence"]["mean"] <= 0.0084
+        first_quantize = models.wait_job("search", "quantize")
+        run(first_quantize, 0)
+        first_evaluate = models.wait_job("search", "evaluate")
+        rejected = run(first_evaluate, 3)
+        assert rejected["reason"] == "KLDivergence" and rejected["kl_divergence"]["mean"] > 0.0084
+        # The verdict lands; the operator moves on to the candidate (its Event posted: Events are best
+        # effort, an operator killed before posting one does not post it again), then is killed and
+        # started again.
+        finer_quantize = models.wait_job("search", "quantize", exclude={first_quantize})
+        wait_for("the CandidateRejected Event", lambda: ("Warning", "CandidateRejected") in models.events("search"))
+        process.kill()
+        process = operators.enter_context(OperatorProcess(operator_kubeconfig, WATCHED, tmp_path / "operator.log"))
+        status = models.wait_phase("search", "Quantizing")
+        assert [(c["name"], c["state"]) for c in status["candidates"]] == [("w4-g128", "GateFailed"),
+                                                                           ("finer", "Quantizing")]
+        assert status["candidates"][0]["evaluation"]["klDivergence"]["mean"] == \
+            pytest.approx(rejected["kl_divergence"]["mean"])
+        run(finer_quantize, 0)
+        finer_evaluate = models.wait_job("search", "evaluate", exclude={first_evaluate})
+        passed = run(finer_evaluate, 0)
+        assert passed["reason"] == "Passed" and passed["kl_divergence"]["mean"] <= 0.0084
 
-    status = models.wait_phase("search", "Ready", timeout=120)
-    assert [(c["name"], c["state"]) for c in status["candidates"]] == [("w4-g128", "GateFailed"), ("finer", "Passed")]
-    assert status["serving"]["candidate"] == status["candidate"] == "finer"
-    assert status["serving"]["artifact"]["groupSize"] == 32 and status["candidates"][0]["artifact"]["groupSize"] == 128
-    # Each recipe was quantized and evaluated once, across the restart.
-    assert sorted(j["metadata"]["name"] for j in models.jobs("search")) == \
-        sorted([first_quantize, first_evaluate, finer_quantize, finer_evaluate])
-    header, row = control_plane.kubectl("get", "qm", "search", "-n", ns).stdout.splitlines()
-    assert row[header.index("CANDIDATE"):].split()[0] == "finer"  # kubectl aligns the columns
-    events = models.events("search")
-    assert ("Warning", "CandidateRejected") in events and ("Normal", "CandidatePassed") in events
-    labels = {"namespace": ns, "model": "search"}
-    assert process.sample("kubequant_candidate_passed", {**labels, "candidate": "finer"}) == 1
-    assert process.sample("kubequant_candidate_kl_divergence", {**labels, "candidate": "finer"}) == \
-        pytest.approx(passed["kl_divergence"]["mean"])
-    process.stop()
+        status = models.wait_phase("search", "Ready", timeout=120)
+        assert [(c["name"], c["state"]) for c in status["candidates"]] == [("w4-g128", "GateFailed"), ("finer", "Passed")]
+        assert status["serving"]["candidate"] == status["candidate"] == "finer"
+        assert status["serving"]["artifact"]["groupSize"] == 32 and status["candidates"][0]["artifact"]["groupSize"] == 128
+        # Each recipe was quantized and evaluated once, across the restart.
+        assert sorted(j["metadata"]["name"] for j in models.jobs("search")) == \
+            sorted([first_quantize, first_evaluate, finer_quantize, finer_evaluate])
+        header, row = control_plane.kubectl("get", "qm", "search", "-n", ns).stdout.splitlines()
+        assert row[header.index("CANDIDATE"):].split()[0] == "finer"  # kubectl aligns the columns
+        events = models.events("search")
+        assert ("Warning", "CandidateRejected") in events and ("Normal", "CandidatePassed") in events
+        labels = {"namespace": ns, "model": "search"}
+        assert process.sample("kubequant_candidate_passed", {**labels, "candidate": "finer"}) == 1
+        assert process.sample("kubequant_candidate_kl_divergence", {**labels, "candidate": "finer"}) == \
+            pytest.approx(passed["kl_divergence"]["mean"])
 
 
 def test_tensor_parallel_pods_land_where_two_gpus_fit(control_plane: ControlPlane, operator, tmp_path: Path):
