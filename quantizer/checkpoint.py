@@ -377,13 +377,12 @@ def verify_checkpoint(model_dir: Path, allow_unservable: bool = False) -> dict:
     except InputError as exc:
         raise CheckpointError(f"{model_dir}: {exc}") from None
     problems: list[str] = []
-    for scheme in schemes:
-        if scheme.desc_act:
-            problems.append("dynamic act-order (desc_act, or actorder group): vLLM 0.32 refuses it with groups; "
-                            "write static act-order")
+    for scheme in schemes:  # each config group's (mixed precision: several), each problem said once
+        reasons = ["dynamic act-order (desc_act, or actorder group): vLLM 0.32 refuses it with groups; "
+                   "write static act-order"] if scheme.desc_act else []
         if not allow_unservable:
-            problems.extend(r for r in unservable_reasons(scheme.bits, scheme.group_size, scheme.sym)
-                            if r not in problems)
+            reasons += unservable_reasons(scheme.bits, scheme.group_size, scheme.sym)
+        problems += [r for r in reasons if r not in problems]
 
     index_path = model_dir / INDEX_FILE
     if index_path.exists():

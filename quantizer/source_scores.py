@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from quantizer.files import written_whole
 from quantizer.perplexity import EngineScores, EvalWindows, Perplexity
 from quantizer.tasks import TaskScore
 
@@ -99,14 +99,8 @@ def save(path: Path, scores: EngineScores) -> None:
     """Write `scores` to `path` whole or not at all."""
     rest = {"perplexity": scores.perplexity.to_dict(), "generations": scores.generations,
             "throughput": scores.throughput, "tasks": [asdict(t) for t in scores.tasks]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file(_to_tensors(scores.top), tmp, metadata={"format": FORMAT, "scores": json.dumps(rest)})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with written_whole(path) as tmp:
+        save_file(_to_tensors(scores.top), str(tmp), metadata={"format": FORMAT, "scores": json.dumps(rest)})
 
 
 def load(path: Path) -> EngineScores | None:

@@ -36,6 +36,7 @@ from quantizer.contract import (
     QuantizeResult,
     decode,
 )
+from quantizer.files import written_whole
 
 
 class LocalRunError(RuntimeError):
@@ -364,10 +365,8 @@ def _evaluate(run: LocalRun, model: Model, model_path: Path, artifact: Path, qua
 
 def _write_atomically(path: Path, text: str) -> None:
     """Write `path` whole or not at all: a stopped run leaves no half-written file to be read back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    with written_whole(path) as tmp:
+        tmp.write_text(text)
 
 
 def _candidate_row(tried: Tried | None) -> dict:

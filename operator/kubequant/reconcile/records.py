@@ -9,6 +9,19 @@ from quantizer.contract import EvaluateResult, QuantizeResult
 
 # ---- records kept in status ---------------------------------------------------------------------
 
+def status_records(status: dict, kind: str) -> list[dict]:
+    """The records of `kind` ("artifact" or "evaluation") a status holds: the latest, what serves, and
+    each recipe candidate's, so that nothing measured before is measured again."""
+    serving = status.get("serving") or {}
+    found = [status.get(kind), serving.get(kind), *(c.get(kind) for c in status.get("candidates") or [])]
+    return [r for r in found if r]
+
+
+def record_for(key_name: str, key: str, records: list[dict]) -> dict | None:
+    """The first of `records` whose `key_name` is `key`."""
+    return next((r for r in records if r.get(key_name) == key), None)
+
+
 def artifact_record(model: Model, a_hash: str, result: QuantizeResult) -> dict:
     record = {
         "hash": a_hash,

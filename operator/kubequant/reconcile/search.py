@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from kubequant import builders
 from kubequant.candidates import Candidate, expand
 from kubequant.reconcile.outcomes import FAILED, PENDING, QUANTIZING, Event
+from kubequant.reconcile.records import record_for, status_records
 from kubequant.spec import Model
 
 PASSED, REJECTED, UNTRIED = "Passed", "GateFailed", "Untried"
@@ -47,40 +48,29 @@ class Search:
                      for name in (builders.quantize_job_name(c.model), builders.evaluate_job_name(c.model)))
 
 
-def _records(old: dict, kind: str) -> list[dict]:
-    serving = old.get("serving") or {}
-    found = [old.get(kind), serving.get(kind)] + [c.get(kind) for c in old.get("candidates") or []]
-    return [r for r in found if r]
-
-
 def search(model: Model, old: dict) -> Search:
     """The candidates in order, and the first whose gate has not failed (the last when all have)."""
     candidates = expand(model)
     hashes = [builders.artifact_hash(c.model) for c in candidates]
     keys = [builders.evaluation_key(c.model) for c in candidates]
-    rejected = {r["key"] for r in _records(old, "evaluation") if r.get("key") and r.get("passed") is False}
+    rejected = {r["key"] for r in status_records(old, "evaluation") if r.get("key") and r.get("passed") is False}
     current = next((i for i, key in enumerate(keys) if key not in rejected), len(candidates) - 1)
     return Search(candidates, hashes, keys, current)
 
 
-def _find(records: list[dict], field: str, value: str) -> dict | None:
-    return next((r for r in records if r.get(field) == value), None)
-
-
 def entries(s: Search, old: dict, status: dict, phase: str) -> list[dict]:
     """status.candidates: each candidate with its records and state; the current one's from this decision."""
-    artifacts = [status.get("artifact") or {}, *_records(old, "artifact")]
-    evaluations = [status.get("evaluation") or {}, *_records(old, "evaluation")]
+    artifacts = [status.get("artifact") or {}, *status_records(old, "artifact")]
+    evaluations = [status.get("evaluation") or {}, *status_records(old, "evaluation")]
     out = []
     for i, c in enumerate(s.candidates):
         entry: dict = {"name": c.name, "recipe": dict(c.overrides), "artifactHash": s.hashes[i],
                        "evaluationKey": s.keys[i]}
-        artifact, evaluation = _find(artifacts, "hash", s.hashes[i]), _find(evaluations, "key", s.keys[i])
+        artifact, evaluation = record_for("hash", s.hashes[i], artifacts), record_for("key", s.keys[i], evaluations)
         if artifact:
             entry["artifact"] = artifact
         if evaluation:
             entry["evaluation"] = evaluation
-        if evaluation:
             entry["state"] = PASSED if evaluation.get("passed") else REJECTED
         elif i == s.current:
             entry["state"] = phase if phase in (PENDING, QUANTIZING, FAILED) or not artifact else "Evaluating"

@@ -21,7 +21,7 @@ from kubequant.reconcile.outcomes import (
     Observed,
     Update,
 )
-from kubequant.reconcile.records import artifact_record, evaluation_record
+from kubequant.reconcile.records import artifact_record, evaluation_record, record_for, status_records
 from kubequant.spec import AUTOSCALING_METRICS, Model
 from quantizer.contract import GATE_VERDICTS, EvaluateResult, QuantizeResult
 
@@ -34,13 +34,6 @@ class Stage:
     status: str
     reason: str
     message: str
-
-
-def _record_for(key_name: str, key: str, *records: dict | None) -> dict | None:
-    for record in records:
-        if record and record.get(key_name) == key:
-            return record
-    return None
 
 
 @dataclass
@@ -64,11 +57,6 @@ class Context:
     def served(self) -> dict:
         return self.old.get("serving") or {}
 
-    def known(self, kind: str) -> list[dict | None]:
-        """The records of `kind` ("artifact" or "evaluation") the status holds: the latest, what serves,
-        and each recipe candidate's, so that no candidate measured before is measured again."""
-        return [self.old.get(kind), self.served.get(kind)] + [c.get(kind) for c in self.old.get("candidates") or []]
-
     @property
     def serving_enabled(self) -> bool:
         return self.model.spec.serving.enabled
@@ -91,7 +79,7 @@ def _quantize(ctx: Context) -> StageResult:
     """The artifact: recorded, reused from what serves (a reverted spec), or the quantize Job's result."""
     model = ctx.model
     out = StageResult()
-    artifact = _record_for("hash", ctx.a_hash, *ctx.known("artifact"))
+    artifact = record_for("hash", ctx.a_hash, status_records(ctx.old, "artifact"))
     if artifact:
         quantized = Stage("True", "Quantized", _artifact_summary(artifact))
     else:
@@ -127,7 +115,7 @@ def _gate(ctx: Context) -> StageResult:
     if ctx.artifact and ctx.preflight_error:
         evaluated = Stage("Unknown", "PreflightFailed", f"not evaluated: {ctx.preflight_error}")
     elif ctx.artifact and ctx.failure is None:
-        evaluation = _record_for("key", ctx.e_key, *ctx.known("evaluation"))
+        evaluation = record_for("key", ctx.e_key, status_records(ctx.old, "evaluation"))
         if evaluation is None:
             name = builders.evaluate_job_name(ctx.model)
             outcome = job_outcome(ctx.observed.jobs.get(name), ctx.observed.pods.get(name, []),
