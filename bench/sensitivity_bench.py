@@ -17,6 +17,9 @@ the exact KL over the whole vocabulary. Per unit:
            own effect on the output, measured alone (one forward pass per unit and setting)
   error    the sum over its Linears of the relative output error, coarse minus fine, as the quantize
            pass measures it on the calibration activations (free)
+  solo     the unit quantized alone: KL(source but this unit at coarse) - KL(source but this unit at fine),
+           each solved by GPTQ with Hessians from the source model's own activations (no other unit
+           quantized, so no weights solved for another model's stream)
   bytes    the scales the fine setting adds (2 bytes each)
 Spearman's rank correlation of `alone` and `error` with `gain` says which predicts; then, at budgets of
 extra bytes (shares of what the whole fine setting adds), units are kept fine greedily by each
@@ -50,14 +53,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 from quantizer.calibration import load_calibration  # noqa: E402
 from quantizer.experts import unfuse_experts  # noqa: E402
 from quantizer.families import Family, family_of, matches  # noqa: E402
-from quantizer.gptq import QuantRecipe, gptq_quantize  # noqa: E402
+from quantizer.gptq import QuantRecipe, gptq_quantize, rtn_quantize  # noqa: E402
 from quantizer.perplexity import Comparison, load_evaluation_windows, window_comparison  # noqa: E402
-from quantizer.pipeline import SourceModel, find_decoder_layers, quantize_model  # noqa: E402
+from quantizer.pipeline import SourceModel, _HessianSum, find_decoder_layers, quantize_model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = {"tiny-llama": FIXTURES / "tiny-llama", "tiny-qwen3-moe": FIXTURES / "tiny-qwen3-moe"}
 BUDGETS = (0.125, 0.25, 1 / 3, 0.5)
 SCALE_BYTES = 2
+PREDICTORS = ("alone", "error", "solo")
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -163,6 +167,39 @@ class Scorer:
         return {"kl": c.kl, "top1": c.top1, "dppl": c.quantized_ppl - c.baseline_ppl}
 
 
+@torch.no_grad()
+def source_hessians(model: nn.Module, names: list[str], calibration: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
+    """Each Linear's GPTQ Hessian from the source model's own activations on the calibration windows (an
+    expert's from the tokens its router sends it)."""
+    modules = dict(model.named_modules())
+    sums: dict[str, _HessianSum] = {}
+    hooks = []
+    for name in names:
+        linear = modules[name]
+        sums[name] = _HessianSum(linear.in_features, torch.device("cpu"))
+        hooks.append(linear.register_forward_pre_hook(lambda _m, args, s=sums[name]: s.add(args[0])))
+    try:
+        for start in range(0, len(calibration), batch):
+            model(calibration[start: start + batch], use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: s.result() for name, s in sums.items()}
+
+
+def solo_weights(model: nn.Module, hessians: dict[str, torch.Tensor], names: list[str], text: str) -> dict[str, torch.Tensor]:
+    """`names` quantized at setting `text` by GPTQ against the source's Hessians (no tokens: round to nearest)."""
+    bits, group = setting(text)
+    recipe = replace(QuantRecipe(), bits=bits, group_size=group)
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        weight, hessian = modules[name].weight.detach(), hessians[name]
+        qw = gptq_quantize(weight, hessian, recipe, name=name) if hessian.abs().sum() else rtn_quantize(weight, recipe, name)
+        out[name] = qw.dequantized.float()
+    return out
+
+
 def extra_bytes(shapes: dict[str, tuple[int, ...]], names: list[str], coarse: int, fine: int) -> int:
     """The scales `names` gain at group size `fine` over `coarse` (the packed codes are the same size)."""
     def groups(k: int, g: int) -> int:
@@ -189,6 +226,7 @@ def run_model(model: Path, args) -> dict[str, Any]:
     if missing:
         raise SystemExit(f"{model}: Linears in no unit of the family: {missing[:3]}")
 
+    hessians = source_hessians(scorer.model, sorted(shapes), q.calibration)
     rows = []
     for unit, names in by_unit.items():
         mixed, _ = q.run(args.coarse, args.fine, frozenset(names))
@@ -197,9 +235,11 @@ def run_model(model: Path, args) -> dict[str, Any]:
             "gain": coarse.fakequant_kl - mixed.fakequant_kl,
             "alone": scorer.score({n: coarse_w[n] for n in names})["kl"] - scorer.score({n: fine_w[n] for n in names})["kl"],
             "error": sum(errors["coarse"][n] - errors["fine"][n] for n in names),
+            "solo": scorer.score(solo_weights(scorer.model, hessians, names, args.coarse))["kl"]
+            - scorer.score(solo_weights(scorer.model, hessians, names, args.fine))["kl"],
         })
     gains = [r["gain"] for r in rows]
-    correlation = {p: spearman([r[p] for r in rows], gains) for p in ("alone", "error")}
+    correlation = {p: spearman([r[p] for r in rows], gains) for p in PREDICTORS}
     total = sum(r["bytes"] for r in rows)
 
     def point(recipe: str, extra: int, result, units_: list[str] | None = None) -> dict[str, Any]:
@@ -213,7 +253,7 @@ def run_model(model: Path, args) -> dict[str, Any]:
         frontier.append(point(f"uniform {args.between}", sum(
             extra_bytes(shapes, names, g_coarse, setting(args.between)[1]) for names in by_unit.values()), between))
     for budget in args.budgets:
-        for predictor in ("alone", "error", "gain"):
+        for predictor in (*PREDICTORS, "gain"):
             chosen, spent = [], 0
             for r in sorted(rows, key=lambda r: r[predictor] / max(r["bytes"], 1), reverse=True):
                 if spent + r["bytes"] <= budget * total and r[predictor] > 0:
@@ -229,13 +269,13 @@ def run_model(model: Path, args) -> dict[str, Any]:
 
 def print_model(result: dict[str, Any]) -> None:
     print(f"\n## {result['model']}: {result['coarse']} -> {result['fine']}")
-    print("| unit | Linears | extra KiB | gain (KL) | alone (KL) | error (rel.) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| unit | Linears | extra KiB | gain (KL) | alone (KL) | error (rel.) | solo (KL) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in sorted(result["units"], key=lambda r: -r["gain"]):
         print(f"| {r['unit']} | {r['linears']} | {r['bytes'] / 1024:.1f} | {r['gain']:.5f} | {r['alone']:.5f} | "
-              f"{r['error']:.5f} |")
+              f"{r['error']:.5f} | {r['solo']:.5f} |")
     rho = result["spearman_with_gain"]
-    print(f"\nSpearman with the gain: alone {rho['alone']:.2f}, error {rho['error']:.2f}")
+    print("\nSpearman with the gain: " + ", ".join(f"{p} {rho[p]:.2f}" for p in PREDICTORS))
     print("\n| recipe | extra KiB | KL | top-1 | ppl increase |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for f in result["frontier"]:

@@ -19,17 +19,29 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantizer.contract import DEFAULT_FORMAT, unservable_reasons
+from quantizer.contract import COMPRESSED_TENSORS_FORMAT, DEFAULT_FORMAT, unservable_reasons
 from quantizer.errors import InputError
-from quantizer.formats import CheckpointFormat, Header, Scheme, checkpoint_format, format_of, write_json
+from quantizer.formats import (
+    MIXED_NEEDS_COMPRESSED_TENSORS,
+    CheckpointFormat,
+    Header,
+    Scheme,
+    checkpoint_format,
+    format_of,
+    write_json,
+)
 from quantizer.gptq import QuantizedWeight, QuantRecipe
 from quantizer.termination import Terminated
 from quantizer.termination import check as check_termination
+
+if TYPE_CHECKING:
+    from quantizer.mixed import Plan
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +92,14 @@ class CheckpointWriter:
 
     def __init__(
         self, output: Path, recipe: QuantRecipe, max_shard_bytes: int | None = None, overwrite: bool = False,
-        format_name: str = DEFAULT_FORMAT, resume_key: str | None = None,
+        format_name: str = DEFAULT_FORMAT, resume_key: str | None = None, plan: Plan | None = None,
     ):
         self.output = output
         self.recipe = recipe
+        self.plan = plan  # mixed precision: each Linear's own recipe (quantizer/mixed.py)
         self.format: CheckpointFormat = checkpoint_format(format_name)
+        if plan is not None and self.format.name != COMPRESSED_TENSORS_FORMAT:
+            raise InputError(MIXED_NEEDS_COMPRESSED_TENSORS)
         self.max_shard_bytes = max_shard_bytes or MAX_SHARD_BYTES
         self.overwrite = overwrite
         if output.exists() and not overwrite:
@@ -160,7 +175,7 @@ class CheckpointWriter:
         first_shard = len(self._shards)
         for name, qw in quantized.items():
             self.quantized_shapes[prefix + name] = list(qw.codes.shape)
-            for suffix, tensor in self.format.layer_tensors(qw, self.recipe).items():
+            for suffix, tensor in self.format.layer_tensors(qw, self._recipe_of(prefix + name)).items():
                 self.add(f"{prefix}{name}.{suffix}", tensor)
         for name, tensor in others.items():
             self.add(name, tensor)
@@ -182,14 +197,24 @@ class CheckpointWriter:
     def stored_layer(self, index: int) -> dict[str, torch.Tensor]:
         """{linear name: dequantized weight [out, in] float32} of a resumed layer, read from its shards."""
         record = self.resumed[index]
-        scheme = Scheme(self.recipe.bits, self.recipe.group_size, self.recipe.sym)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for shard in record["shards"]:
             with safe_open(self.tmp / shard["file"], framework="pt") as handle:
                 for name in shard["names"]:
                     if name.startswith(record["prefix"]) and (part := self.format.part(name)):
                         parts.setdefault(part[0][len(record["prefix"]):], {})[part[1]] = handle.get_tensor(name)
-        return {name: self.format.dequantize(tensors, scheme) for name, tensors in parts.items()}
+        out = {}
+        for name, tensors in parts.items():
+            recipe = self._recipe_of(record["prefix"] + name)
+            out[name] = self.format.dequantize(tensors, Scheme(recipe.bits, recipe.group_size, recipe.sym))
+        return out
+
+    def _recipe_of(self, linear: str) -> QuantRecipe:
+        """The recipe a quantized Linear (checkpoint name) was written with."""
+        own = self.plan.recipe_for(linear) if self.plan is not None else self.recipe
+        if own is None:
+            raise RuntimeError(f"{linear}: the plan keeps it unquantized, yet it was quantized")
+        return own
 
     def _flush(self) -> None:
         if not self._pending:
@@ -213,7 +238,7 @@ class CheckpointWriter:
         write_json(self.tmp / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
 
         config = json.loads((source_dir / "config.json").read_text())
-        self.format.write_config(self.tmp, config, self.recipe, version)
+        self.format.write_config(self.tmp, config, self.recipe, version, self.plan)
         for name in COPIED_FILES:
             if (source_dir / name).is_file():
                 shutil.copy2(source_dir / name, self.tmp / name)

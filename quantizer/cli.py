@@ -18,9 +18,11 @@ from quantizer.contract import (
     CHECKPOINT_FORMATS,
     DEFAULT_EXPERT_CALIBRATION,
     DEFAULT_FORMAT,
+    DEFAULT_MIXED_SENSITIVITY,
     EVALUATION_FAILED,
     EXPERT_CALIBRATIONS,
     INVALID_INPUT,
+    MIXED_SENSITIVITIES,
     SCALE_SEARCHES,
     DoneResult,
     FailedResult,
@@ -61,6 +63,14 @@ def _add_quantize(sub) -> None:
     p.add_argument("--source-targets", type=float, default=DEFAULT_RECIPE.source_targets,
                    help="how far each Linear's target follows the unquantized model's inputs (GPTAQ): "
                         "0 is plain GPTQ, 1 the whole correction")
+    p.add_argument("--mixed-finer", metavar="BITS:GROUP|unquantized",
+                   help="mixed precision: the units that matter most at this finer setting (4:32, 8:128, "
+                        "unquantized), chosen by a sensitivity pass; needs --mixed-budget and compressed-tensors")
+    p.add_argument("--mixed-budget", type=float, metavar="PERCENT",
+                   help="mixed precision: the checkpoint may grow by at most this share of the uniform "
+                        "recipe's size, in percent (for example 5)")
+    p.add_argument("--mixed-sensitivity", choices=MIXED_SENSITIVITIES, default=DEFAULT_MIXED_SENSITIVITY,
+                   help="how a unit's gain from the finer setting is measured (quantizer/mixed.py)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="rtn is the baseline")
     p.add_argument("--expert-calibration", choices=EXPERT_CALIBRATIONS, default=DEFAULT_EXPERT_CALIBRATION,
                    help="mixture-of-experts models: each expert's Hessians from the tokens routed to it, or "
@@ -200,10 +210,22 @@ def _quantize(args) -> Result:
             eval_stride=args.eval_stride,
             batch_size=args.batch_size, offload_activations=args.offload_activations,
             source_repo=args.source_repo, source_revision=args.source_revision, progress=not args.no_progress,
+            mixed=_mixed_precision(args),
         )
     )
     print("\n".join(summary_lines(result)))
     return result
+
+
+def _mixed_precision(args):
+    from quantizer.mixed import MixedPrecision
+
+    if args.mixed_finer is None and args.mixed_budget is None:
+        return None
+    if args.mixed_finer is None or args.mixed_budget is None:
+        raise InputError("mixed precision needs both --mixed-finer (the finer setting) and --mixed-budget "
+                         "(the size it may add, in percent)")
+    return MixedPrecision(args.mixed_finer, args.mixed_budget, args.mixed_sensitivity)
 
 
 def _evaluate(args) -> Result:

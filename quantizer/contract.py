@@ -69,6 +69,12 @@ DEFAULT_SOURCE_TARGETS = 1.0
 # routed where the expert saw at least as many tokens as it has inputs and all where fewer ("auto").
 EXPERT_CALIBRATIONS = ("routed", "all", "auto")
 DEFAULT_EXPERT_CALIBRATION = "all"
+# Mixed precision (quantizer/mixed.py): the finer setting of the units that matter most is "bits:group"
+# or UNQUANTIZED (the source dtype); a unit's gain is measured as MIXED_SENSITIVITIES say ("error": the
+# relative output error the finer setting removes, from a first quantize pass).
+UNQUANTIZED = "unquantized"
+MIXED_SENSITIVITIES = ("error",)
+DEFAULT_MIXED_SENSITIVITY = "error"
 # vLLM's GPU kernels: uint4b8 and uint8b128, weight = (q - 2^(bits-1)) * scale, so symmetric only.
 # (Its CPU kernel, CPUWNA16, which `kubequant run` and the tests serve with, takes 4-bit only.)
 SERVABLE_BITS = (4, 8)

@@ -20,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from safetensors import safe_open
@@ -30,6 +30,13 @@ from quantizer.errors import InputError, require
 from quantizer.families import family_of
 from quantizer.gptq import QuantizedWeight, QuantRecipe
 from quantizer.packing import dequantize_gptq, gptq_tensors
+
+if TYPE_CHECKING:
+    from quantizer.mixed import Plan
+
+MIXED_NEEDS_COMPRESSED_TENSORS = (
+    "mixed precision needs --format compressed-tensors: the GPTQ layout holds one scheme for the whole "
+    "checkpoint (quantize_config.json), compressed-tensors one per config group")
 
 
 @dataclass(frozen=True)
@@ -64,9 +71,11 @@ class CheckpointFormat:
     suffixes: ClassVar[tuple[str, ...]]  # the tensors of one quantized Linear, by name suffix
     required: ClassVar[tuple[str, ...]]
 
-    def write_config(self, directory: Path, config: dict, recipe: QuantRecipe, version: str) -> dict:
+    def write_config(self, directory: Path, config: dict, recipe: QuantRecipe, version: str,
+                     plan: Plan | None = None) -> dict:
         """Write config.json (the source model's `config` with its `quantization_config`) and whatever
-        else the format's loaders read; return the `quantization_config` written."""
+        else the format's loaders read; return the `quantization_config` written. `plan`: mixed
+        precision (quantizer/mixed.py), the units it keeps finer or unquantized."""
         raise NotImplementedError
 
     def layer_tensors(self, qw: QuantizedWeight, recipe: QuantRecipe) -> dict[str, torch.Tensor]:
@@ -119,7 +128,10 @@ class GptqFormat(CheckpointFormat):
 
     QUANTIZE_CONFIG_FILE = "quantize_config.json"
 
-    def write_config(self, directory: Path, config: dict, recipe: QuantRecipe, version: str) -> dict:
+    def write_config(self, directory: Path, config: dict, recipe: QuantRecipe, version: str,
+                     plan: Plan | None = None) -> dict:
+        if plan is not None:
+            raise InputError(MIXED_NEEDS_COMPRESSED_TENSORS)
         qconfig = self.config(recipe, version)
         # Both: vLLM detects the format from config.json, AutoGPTQ's successors read quantize_config.json.
         write_json(directory / "config.json", {**config, "quantization_config": qconfig})
@@ -197,13 +209,14 @@ class CompressedTensorsFormat(CheckpointFormat):
     suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
     required = ("weight_packed", "weight_scale", "weight_shape")
     GROUP = "group_0"
+    FINER_GROUP = "group_1"  # mixed precision: the units kept at the finer setting
 
     @staticmethod
     def _library() -> Any:
         return require("compressed_tensors", "--format compressed-tensors",
                        "pip install compressed-tensors; vLLM depends on it")
 
-    def _scheme_object(self, recipe: QuantRecipe) -> Any:
+    def _scheme_object(self, recipe: QuantRecipe, targets: list[str] | None = None) -> Any:
         self._library()
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -216,22 +229,29 @@ class CompressedTensorsFormat(CheckpointFormat):
             actorder="weight" if recipe.act_order else None,
             observer=None,
         )
-        return QuantizationScheme(targets=["Linear"], weights=weights)
+        return QuantizationScheme(targets=targets or ["Linear"], weights=weights)
 
-    def write_config(self, directory: Path, config: dict, recipe: QuantRecipe, version: str) -> dict:
+    def write_config(self, directory: Path, config: dict, recipe: QuantRecipe, version: str,
+                     plan: Plan | None = None) -> dict:
         self._library()
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig
 
+        groups = {self.GROUP: self._scheme_object(recipe)}
+        ignore = ["lm_head", *unquantized_linears(config)]
+        if plan is not None and plan.finer_units:
+            if plan.finer is None:  # kept in the source dtype: named one by one, as vLLM's ignore matches
+                ignore += [name for unit in plan.finer_units for name in unit.linears]
+            else:  # listed after the default group; vLLM takes a target naming the layer first
+                groups[self.FINER_GROUP] = self._scheme_object(plan.finer, [u.target for u in plan.finer_units])
         qconfig = QuantizationConfig(
-            config_groups={self.GROUP: self._scheme_object(recipe)}, format="pack-quantized",
-            quantization_status="compressed", ignore=["lm_head", *unquantized_linears(config)],
+            config_groups=groups, format="pack-quantized", quantization_status="compressed", ignore=ignore,
         )
         write_json(directory / "config.json", {k: v for k, v in config.items() if k != "quantization_config"})
         # The library's own writer, as llm-compressor calls it after saving a model.
         ModelCompressor(quantization_config=qconfig).update_config(str(directory))
         written = json.loads((directory / "config.json").read_text())
-        written["quantization_config"]["kubequant"] = _provenance(recipe, version)  # ignored by loaders
+        written["quantization_config"]["kubequant"] = _provenance(recipe, version, plan)  # ignored by loaders
         write_json(directory / "config.json", written)
         return written["quantization_config"]
 
@@ -342,10 +362,13 @@ def _names(target: str, layer: str) -> bool:
     return target == layer
 
 
-def _provenance(recipe: QuantRecipe, version: str) -> dict:
-    return {"quantizer": [f"kubequant:{version}"], "act_order": recipe.order,
-            "scales": recipe.scale_search + (", full-range" if recipe.full_range and recipe.sym else ""),
-            "refine_sweeps": recipe.refine_sweeps, "source_targets": recipe.source_targets}
+def _provenance(recipe: QuantRecipe, version: str, plan: Plan | None = None) -> dict:
+    out = {"quantizer": [f"kubequant:{version}"], "act_order": recipe.order,
+           "scales": recipe.scale_search + (", full-range" if recipe.full_range and recipe.sym else ""),
+           "refine_sweeps": recipe.refine_sweeps, "source_targets": recipe.source_targets}
+    if plan is not None:
+        out["mixed_precision"] = {**plan.mixed.to_dict(), "finer_units": [u.name for u in plan.finer_units]}
+    return out
 
 
 def _finite(layer: str, scales: Header) -> list[str]:

@@ -308,6 +308,7 @@ def peak_host_bytes() -> int:
 
 # Called with (layer prefix, {linear name: QuantizedWeight}, {other tensor name: tensor}) per layer.
 LayerSink = Callable[[str, dict[str, QuantizedWeight], dict[str, torch.Tensor]], None]
+RecipeFor = Callable[[str], QuantRecipe | None]  # a Linear's checkpoint name -> its recipe (None: unquantized)
 
 
 @dataclass(frozen=True)
@@ -459,6 +460,8 @@ def quantize_model(
     quantize_matrix: MatrixQuantizer = gptq_quantize,
     resumed: Resumed | None = None,
     expert_calibration: str = DEFAULT_EXPERT_CALIBRATION,
+    recipe_for: RecipeFor | None = None,
+    stage: str = "quantize",
 ) -> PipelineResult:
     """Quantize every decoder Linear of the source model; hand each finished layer to sink. With
     `resumed`, its layers are not quantized again: their stored weights replace the originals and the
@@ -466,7 +469,9 @@ def quantize_model(
     sees the inputs an uninterrupted run would have given it. `expert_calibration` (mixture-of-experts
     models): "routed" takes each expert's Hessians from the tokens its router sends it (an expert that
     sees none is rounded to nearest), "all" from every calibration token, "auto" routed where enough
-    tokens reached the expert (_expert_hessians, quantizer/experts.py)."""
+    tokens reached the expert (_expert_hessians, quantizer/experts.py). `recipe_for` gives a Linear (by its
+    checkpoint name) its own recipe, None keeping it in the source dtype (mixed precision, quantizer/mixed.py);
+    without it every Linear has `recipe`. `stage` names the pass in the progress bar."""
     from transformers import AutoModelForCausalLM
 
     if expert_calibration not in EXPERT_CALIBRATIONS:
@@ -518,7 +523,7 @@ def quantize_model(
         if eval_windows is not None:
             evaluation = EvalStreams(model, layers, eval_windows, device, store_device, batch_size)
 
-    bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress)
+    bar = tqdm(range(len(layers)), desc=stage, unit="layer", disable=not progress)
     prefetcher = LayerPrefetcher(layers, layers_name, checkpoint, family.checkpoint_name)
     try:
         for index in bar:
@@ -542,7 +547,7 @@ def quantize_model(
                 with targets.unquantized_copy(layer, runner) if targets is not None else nullcontext() as original:
                     quantized, outputs = _quantize_layer(
                         layer, prefix, family, recipe, method, block_solver, hidden, runner, device, result,
-                        quantize_matrix, expert_calibration, targets, original,
+                        quantize_matrix, expert_calibration, targets, original, recipe_for,
                     )
                 if outputs is None:
                     with _timed(result, "forward", device):
@@ -562,8 +567,9 @@ def quantize_model(
                 sink(prefix, quantized, others)
             seconds = time.perf_counter() - layer_start
             result.layer_seconds.append(seconds)
-            worst = max(s.relative_error for s in result.linears[-len(quantized) :])
-            bar.set_postfix(seconds=f"{seconds:.1f}", worst_rel_err=f"{worst:.2e}")
+            if quantized:
+                worst = max(s.relative_error for s in result.linears[-len(quantized) :])
+                bar.set_postfix(seconds=f"{seconds:.1f}", worst_rel_err=f"{worst:.2e}")
             # Let this layer's results and source tensors go before the next layer's arrive: held until
             # the names are bound again, they would double the peak (a Qwen3-30B-A3B layer's codes and
             # dequantized weights alone are about 5 GB on the CPU).
@@ -652,6 +658,7 @@ def _quantize_layer(
     expert_calibration: str = DEFAULT_EXPERT_CALIBRATION,
     targets: SourceTargets | None = None,
     original: nn.Module | None = None,
+    recipe_for: RecipeFor | None = None,
 ) -> tuple[dict[str, QuantizedWeight], torch.Tensor | None]:
     """The layer's Linears quantized group by group (true-sequential: each group's Hessian comes from
     inputs through the groups already quantized). Returns them (by checkpoint name) and, when the
@@ -667,15 +674,18 @@ def _quantize_layer(
         for name in group:
             linear = modules[name]
             checkpoint_name = family.checkpoint_name(name)
+            own = recipe if recipe_for is None else recipe_for(prefix + checkpoint_name)
+            if own is None:  # kept in the source dtype: its weight goes to the sink with the layer's others
+                continue
             start = time.perf_counter()
             with _timed(result, "solve", device):
                 if method == "rtn" or hessian is None:
-                    qw = rtn_quantize(linear.weight.data, recipe, name=prefix + checkpoint_name)
+                    qw = rtn_quantize(linear.weight.data, own, name=prefix + checkpoint_name)
                 else:
                     weight = linear.weight.data
                     if drift is not None:
-                        weight = targets.target(weight, hessian, drift, recipe.damp)
-                    qw = quantize_matrix(weight, hessian, recipe, name=prefix + checkpoint_name,
+                        weight = targets.target(weight, hessian, drift, own.damp)
+                    qw = quantize_matrix(weight, hessian, own, name=prefix + checkpoint_name,
                                          block_solver=block_solver)
                 linear.weight.data = qw.dequantized.to(linear.weight.dtype)
             quantized[checkpoint_name] = qw

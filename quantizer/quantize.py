@@ -27,7 +27,9 @@ from quantizer.contract import (
 )
 from quantizer.errors import InputError, UnservableRecipeError
 from quantizer.families import is_row_parallel, linear_kind
+from quantizer.formats import MIXED_NEEDS_COMPRESSED_TENSORS
 from quantizer.gptq import QuantRecipe
+from quantizer.mixed import MixedPrecision, Plan, choose, linear_bytes, measure_gains, scheme_units
 from quantizer.perplexity import load_evaluation_windows
 from quantizer.pipeline import (
     PipelineResult,
@@ -67,6 +69,7 @@ class QuantizeOptions:
     source_repo: str | None = None
     source_revision: str | None = None
     progress: bool = True
+    mixed: MixedPrecision | None = None  # the units that matter most at a finer setting (quantizer/mixed.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,6 +116,7 @@ class QuantizeReport:
     size_after_bytes: int
     seconds: float
     peak_host_bytes: int  # sampled after the checkpoint was written and verified
+    plan: Plan | None = None
 
     def _row_parallel_in_features(self, experts: bool) -> list[int]:
         return sorted({s.shape[1] for s in self.pipeline.linears
@@ -155,6 +159,7 @@ class QuantizeReport:
             },
             "peak_memory": {"host_bytes": self.peak_host_bytes, "device_bytes": p.peak_device_bytes},
             "perplexity": self._perplexity(),
+            "mixed_precision": self.plan.to_dict() if self.plan is not None else None,
             # Per mixture-of-experts block, the calibration tokens its router sent to each expert.
             "experts": {"calibration": p.expert_calibration, "routed_tokens": p.expert_tokens} if p.expert_tokens else None,
             "linears": [
@@ -203,6 +208,7 @@ class QuantizeReport:
                                 "digest": self.calibration.digest},
                 "quantized_linears": len(p.linears),
                 **self._experts_summary(),
+                **({"mixed_precision": self.plan.to_dict()} if self.plan is not None else {}),
                 "mean_relative_error": sum(errors) / len(errors),
                 "worst_linear": {"name": worst.name, "relative_error": worst.relative_error},
                 **{k: v for k, v in perplexity.items() if k.startswith("eval_")},
@@ -264,6 +270,16 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
             f"--format {COMPRESSED_TENSORS_FORMAT}"
         )
     check_linear_shapes(source.config, source.weights, recipe.group_size)
+    finer = None
+    if opts.mixed is not None:
+        opts.mixed.validate(recipe)
+        if opts.format != COMPRESSED_TENSORS_FORMAT:
+            raise InputError(MIXED_NEEDS_COMPRESSED_TENSORS)
+        if opts.method != "gptq":
+            raise InputError("--mixed-finer: the sensitivity is measured by GPTQ's solves; use --method gptq")
+        finer = opts.mixed.finer_recipe(recipe)
+        if finer is not None:
+            check_linear_shapes(source.config, source.weights, finer.group_size)
     # Pre-tokenized calibration without evaluation text needs no tokenizer (synthetic models have none).
     needs_tokenizer = opts.eval_text is not None or not is_token_file(opts.calibration)
     tokenizer = source.tokenizer() if needs_tokenizer else None
@@ -279,9 +295,21 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
             opts.eval_text, tokenizer, eval_seq_len, opts.eval_max_windows, opts.jsonl_field, opts.eval_stride
         )
 
-    _check_free_space(opts.output, expected_checkpoint_bytes(source, recipe))
+    uniform_bytes = expected_checkpoint_bytes(source, recipe)
+    _check_free_space(opts.output, uniform_bytes * (1 + (opts.mixed.budget_percent / 100 if opts.mixed else 0)))
+    plan = None
+    if opts.mixed is not None:
+        gains, shapes, seconds = measure_gains(
+            source, recipe, finer, calibration.windows, device, batch_size=opts.batch_size,
+            offload_activations=opts.offload_activations, progress=opts.progress, solver=opts.solver,
+            expert_calibration=opts.expert_calibration)
+        plan = choose(opts.mixed, recipe, scheme_units(source.family, list(shapes)), shapes, gains, uniform_bytes,
+                      source_bytes=_source_bytes_per_value(source))
+        plan.seconds = seconds
+        log.info("mixed precision: %d of %d units at %s, %s of the %s budget", len(plan.finer_units),
+                 len(plan.scores), opts.mixed.finer, _size(plan.extra_bytes), _size(plan.budget_bytes))
     with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite, format_name=opts.format,
-                          resume_key=resume_key(opts, source, calibration, device)) as writer:
+                          resume_key=resume_key(opts, source, calibration, device, plan), plan=plan) as writer:
         resumed = None
         if writer.resumed:
             resumed = Resumed(layers=len(writer.resumed), weights=writer.stored_layer,
@@ -300,6 +328,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
             solver=opts.solver,
             resumed=resumed,
             expert_calibration=opts.expert_calibration,
+            recipe_for=plan.recipe_for if plan is not None else None,
         )
         # Embeddings, final norm and lm_head stay in the source dtype, copied as they are.
         layers_prefix = _layers_prefix(writer.quantized_shapes)
@@ -312,38 +341,43 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             size_before_bytes=source.weights.size_bytes(), size_after_bytes=size_after,
             seconds=round(time.perf_counter() - started, 2),
-            peak_host_bytes=max(pipeline.peak_host_bytes, peak_host_bytes()),
+            peak_host_bytes=max(pipeline.peak_host_bytes, peak_host_bytes()), plan=plan,
         )
         writer.commit(report.manifest())
     return report.result(sha256_file(opts.output / MANIFEST_FILE))
 
 
-def resume_key(opts: QuantizeOptions, source: SourceModel, calibration: Calibration, device: torch.device) -> str:
+def resume_key(opts: QuantizeOptions, source: SourceModel, calibration: Calibration, device: torch.device,
+               plan: Plan | None = None) -> str:
     """What a run's output depends on, bit for bit: a partial output made with the same key is resumed.
     The source is named by its files' names and sizes (hashing a 70B model's weights would take longer
-    than resuming saves); the libraries by their versions; the device by its type."""
+    than resuming saves); the libraries by their versions; the device by its type; mixed precision by
+    the units its sensitivity pass chose (a pass that chose others starts afresh)."""
     files = sorted({(f.name, f.stat().st_size) for f in source.weights.file_of.values()})
     key = {"source": files, "config": source.config.to_dict(), "recipe": opts.recipe.to_dict(),
            "method": opts.method, "format": opts.format, "calibration": calibration.digest, "seed": opts.seed,
-           "solver": opts.solver, "expert_calibration": opts.expert_calibration, "device": device.type, "batch_size": opts.batch_size, "versions": library_versions()}
+           "solver": opts.solver, "expert_calibration": opts.expert_calibration, "device": device.type, "batch_size": opts.batch_size, "versions": library_versions(),
+           **(plan.key() if plan is not None else {})}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def expected_checkpoint_bytes(source: SourceModel, recipe: QuantRecipe) -> int:
     """About what the checkpoint takes: each decoder Linear's codes and 16-bit scales, the rest as it is
     in the source (from the safetensors headers; nothing is read)."""
-    shapes = {name: source.weights.shape(name) for name in source.weights.names()}
-    bytes_per_value = source.weights.size_bytes() / (sum(math.prod(shape) for shape in shapes.values()) or 1)
-    scale_bytes = 2 if recipe.sym else 4  # 16-bit scales, and packed zero points on an asymmetric grid
+    bytes_per_value = _source_bytes_per_value(source)
     total = 0.0
-    for name, shape in shapes.items():
+    for name in source.weights.names():
+        shape = source.weights.shape(name)
         if len(shape) == 2 and name.endswith(".weight") and any(p.isdigit() for p in name.split(".")):
-            rows, columns = shape
-            groups = 1 if recipe.group_size == -1 else -(-columns // recipe.group_size)
-            total += rows * columns * recipe.bits / 8 + rows * groups * scale_bytes
+            total += linear_bytes(shape, recipe)
         else:
             total += math.prod(shape) * bytes_per_value
     return int(total)
+
+
+def _source_bytes_per_value(source: SourceModel) -> float:
+    values = sum(math.prod(source.weights.shape(name)) for name in source.weights.names())
+    return source.weights.size_bytes() / (values or 1)
 
 
 def _check_free_space(output: Path, needed: int) -> None:
@@ -356,6 +390,8 @@ def _check_free_space(output: Path, needed: int) -> None:
 
 
 def _size(count: float) -> str:
+    if count < 2**20:
+        return f"{count / 2**10:.1f} KiB"
     return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
