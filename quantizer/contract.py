@@ -70,11 +70,12 @@ DEFAULT_SOURCE_TARGETS = 1.0
 EXPERT_CALIBRATIONS = ("routed", "all", "auto")
 DEFAULT_EXPERT_CALIBRATION = "all"
 # Mixed precision (quantizer/mixed.py): the finer setting of the units that matter most is "bits:group"
-# or UNQUANTIZED (the source dtype); a unit's gain is measured as MIXED_SENSITIVITIES say ("error": the
-# relative output error the finer setting removes, from a first quantize pass).
+# or UNQUANTIZED (the source dtype); a unit's gain is measured as MIXED_SENSITIVITIES say
+# (quantizer/sensitivity.py): "solo", its own effect on the KL to the source when it alone is quantized;
+# "error", the relative output error the finer setting removes, from a first quantize pass.
 UNQUANTIZED = "unquantized"
-MIXED_SENSITIVITIES = ("error",)
-DEFAULT_MIXED_SENSITIVITY = "error"
+MIXED_SENSITIVITIES = ("solo", "error")
+DEFAULT_MIXED_SENSITIVITY = "solo"
 # vLLM's GPU kernels: uint4b8 and uint8b128, weight = (q - 2^(bits-1)) * scale, so symmetric only.
 # (Its CPU kernel, CPUWNA16, which `kubequant run` and the tests serve with, takes 4-bit only.)
 SERVABLE_BITS = (4, 8)
@@ -204,6 +205,9 @@ class QuantizeResult(Result):
     # Mixtures of experts: the experts' down projections' input sizes (their intermediate size), split
     # over tensor-parallel GPUs unless experts are placed whole (EXPERT_PARALLEL_FLAGS). None: dense.
     expert_in_features: list | None = None
+    # Mixed precision: every group size a quantized Linear has (the preflight checks each). None: one,
+    # `group_size`.
+    group_sizes: list | None = None
 
 
 @dataclass(frozen=True)

@@ -159,16 +159,22 @@ class Plan:
         """What the checkpoint depends on: the request and the units chosen."""
         return {"mixed_precision": self.mixed.to_dict(), "finer": sorted(u.name for u in self.finer_units)}
 
-    def to_dict(self) -> dict:
+    def summary(self) -> dict:
+        """For the result (a termination message of at most 4 KiB): what was chosen, not each unit."""
         return {**self.mixed.to_dict(), "budget_bytes": int(self.budget_bytes), "extra_bytes": int(self.extra_bytes),
-                "finer_units": len(self.finer_units), "sensitivity_seconds": round(self.seconds, 2),
-                "units": [s.to_dict() for s in self.scores]}
+                "finer_units": len(self.finer_units), "unit_count": len(self.scores),
+                "sensitivity_seconds": round(self.seconds, 2)}
+
+    def to_dict(self) -> dict:
+        """For the manifest: the summary and every unit's bytes, gain and choice."""
+        return {**self.summary(), "units": [s.to_dict() for s in self.scores]}
 
 
 def choose(mixed: MixedPrecision, base: QuantRecipe, units: list[Unit], shapes: dict[str, tuple[int, int]],
            gains: dict[str, float], uniform_bytes: float, source_bytes: float = 2.0) -> Plan:
-    """Keep units finer by gain per extra byte, greedily, while the extra bytes fit the budget
-    (`budget_percent` of `uniform_bytes`, the checkpoint at the base recipe). A unit the sensitivity
+    """Keep units finer by gain (`gains`, by unit name: quantizer.sensitivity) per extra byte, greedily,
+    while the extra bytes fit the budget (`budget_percent` of `uniform_bytes`, the checkpoint at the base
+    recipe). A unit the sensitivity
     says gains nothing stays at the base recipe. Unquantized experts are not offered: vLLM runs a
     layer's experts as one fused module, quantized or not as a whole, and its CPU path serves them only
     quantized."""
@@ -177,7 +183,7 @@ def choose(mixed: MixedPrecision, base: QuantRecipe, units: list[Unit], shapes: 
     for unit in units:
         extra = sum(linear_bytes(shapes[n], finer, source_bytes) - linear_bytes(shapes[n], base, source_bytes)
                     for n in unit.linears)
-        scores.append(UnitScore(unit, extra, sum(gains.get(n, 0.0) for n in unit.linears)))
+        scores.append(UnitScore(unit, extra, gains.get(unit.name, 0.0)))
     budget = mixed.budget_percent / 100 * uniform_bytes
     spent = 0.0
     for score in sorted(scores, key=lambda s: s.gain / max(s.extra_bytes, 1.0), reverse=True):
@@ -188,24 +194,3 @@ def choose(mixed: MixedPrecision, base: QuantRecipe, units: list[Unit], shapes: 
             spent += score.extra_bytes
     return Plan(mixed, base, scores, budget)
 
-
-def measure_gains(source, base: QuantRecipe, finer: QuantRecipe | None, calibration_windows, device,
-                  **pipeline_options) -> tuple[dict[str, float], dict[str, tuple[int, int]], float]:
-    """The sensitivity pass: the model quantized at `base` by the layer pipeline (nothing written), each
-    Linear solved at `finer` as well on the same Hessian and target, its gain the relative output error
-    the finer setting removes (all of it when unquantized). Returns the gains and the shapes by Linear
-    (checkpoint names) and the pass's seconds."""
-    from quantizer.gptq import gptq_quantize
-    from quantizer.pipeline import quantize_model
-
-    gains: dict[str, float] = {}
-
-    def both(weight, hessian, recipe, name, **kwargs):
-        quantized = gptq_quantize(weight, hessian, recipe, name=name, **kwargs)
-        fine = 0.0 if finer is None else gptq_quantize(weight, hessian, finer, name=name, **kwargs).relative_error
-        gains[name] = quantized.relative_error - fine
-        return quantized
-
-    result = quantize_model(source, base, calibration_windows, lambda *_: None, device, quantize_matrix=both,
-                            stage="sensitivity", **pipeline_options)
-    return gains, {s.name: tuple(s.shape) for s in result.linears}, sum(result.layer_seconds)

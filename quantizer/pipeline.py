@@ -445,6 +445,65 @@ class EvalStreams:
         return Comparison.of(batches, self.windows.tokens_scored)
 
 
+@dataclass
+class OpenModel:
+    """The source model built on the meta device with everything outside its decoder layers loaded (the
+    layers are materialized one at a time: LayerPrefetcher, materialized)."""
+
+    model: nn.Module
+    layers_name: str
+    layers: nn.ModuleList
+    base: nn.Module  # the decoder: embed_tokens, layers, norm
+    lm_head: nn.Module
+    experts: bool  # its fused experts were replaced by one Linear per expert
+
+
+def open_model(source: SourceModel, device: torch.device, compute_dtype: torch.dtype) -> OpenModel:
+    from transformers import AutoModelForCausalLM
+
+    config, checkpoint = source.config, source.weights
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    model.eval()
+    layers_name, layers = find_decoder_layers(model, config.num_hidden_layers)
+    experts = unfuse_experts(layers, source.family.experts)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    base_prefix = layers_name.rsplit(".", 1)[0] + "." if "." in layers_name else ""
+
+    # Everything outside the decoder layers is small: load it once. Buffers the checkpoint does not hold
+    # (rotary frequencies, Gemma's embedding scale) are set by the model's own initialisation, as
+    # Transformers does for a model built on the meta device.
+    for module_name in ("embed_tokens", "norm"):
+        module = getattr(base, module_name)
+        module.load_state_dict(
+            {n: checkpoint.get(f"{base_prefix}{module_name}.{n}").to(device, compute_dtype) for n, _ in module.named_parameters()},
+            assign=True,
+        )
+    for module_name in ("embed_tokens", "norm", "rotary_emb"):
+        if hasattr(base, module_name):
+            initialize_buffers(model, getattr(base, module_name), device)
+    lm_head = model.get_output_embeddings()
+    lm_head_key = "lm_head.weight" if "lm_head.weight" in checkpoint.file_of else f"{base_prefix}embed_tokens.weight"
+    lm_head.to_empty(device=device)
+    lm_head.load_state_dict({"weight": checkpoint.get(lm_head_key).to(device, compute_dtype)}, assign=True)
+    return OpenModel(model, layers_name, layers, base, lm_head, bool(experts))
+
+
+def decoder_linears(source: SourceModel) -> dict[str, tuple[int, int]]:
+    """The quantized Linears of the decoder layers (checkpoint names) and their [out, in] shapes, from the
+    model built on the meta device (nothing is read): what the layer pipeline will quantize."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(source.config)
+    layers_name, layers = find_decoder_layers(model, source.config.num_hidden_layers)
+    unfuse_experts(layers, source.family.experts)
+    family = source.family
+    return {family.checkpoint_name(f"{layers_name}.{index}.{name}"): tuple(module.weight.shape)
+            for index, layer in enumerate(layers) for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear) and any(matches(name, p) for p in family.linears)}
+
+
 def quantize_model(
     source: SourceModel,
     recipe: QuantRecipe,
@@ -472,7 +531,6 @@ def quantize_model(
     tokens reached the expert (_expert_hessians, quantizer/experts.py). `recipe_for` gives a Linear (by its
     checkpoint name) its own recipe, None keeping it in the source dtype (mixed precision, quantizer/mixed.py);
     without it every Linear has `recipe`. `stage` names the pass in the progress bar."""
-    from transformers import AutoModelForCausalLM
 
     if expert_calibration not in EXPERT_CALIBRATIONS:
         raise InputError(f"expert calibration {expert_calibration!r}: use one of {', '.join(EXPERT_CALIBRATIONS)}")
@@ -487,32 +545,12 @@ def quantize_model(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    model.eval()
-    layers_name, layers = find_decoder_layers(model, config.num_hidden_layers)
+    opened = open_model(source, device, compute_dtype)
+    model, layers_name, layers, base, lm_head = (opened.model, opened.layers_name, opened.layers, opened.base,
+                                                 opened.lm_head)
     family = source.family
-    if unfuse_experts(layers, family.experts):
+    if opened.experts:
         result.expert_calibration = expert_calibration
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    base_prefix = layers_name.rsplit(".", 1)[0] + "." if "." in layers_name else ""
-
-    # Everything outside the decoder layers is small: load it once. Buffers the checkpoint does not hold
-    # (rotary frequencies, Gemma's embedding scale) are set by the model's own initialisation, as
-    # Transformers does for a model built on the meta device.
-    for module_name in ("embed_tokens", "norm"):
-        module = getattr(base, module_name)
-        module.load_state_dict(
-            {n: checkpoint.get(f"{base_prefix}{module_name}.{n}").to(device, compute_dtype) for n, _ in module.named_parameters()},
-            assign=True,
-        )
-    for module_name in ("embed_tokens", "norm", "rotary_emb"):
-        if hasattr(base, module_name):
-            initialize_buffers(model, getattr(base, module_name), device)
-    lm_head = model.get_output_embeddings()
-    lm_head_key = "lm_head.weight" if "lm_head.weight" in checkpoint.file_of else f"{base_prefix}embed_tokens.weight"
-    lm_head.to_empty(device=device)
-    lm_head.load_state_dict({"weight": checkpoint.get(lm_head_key).to(device, compute_dtype)}, assign=True)
 
     evaluation: EvalStreams | None = None
     with torch.no_grad(), _timed(result, "forward", device):

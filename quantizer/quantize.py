@@ -29,16 +29,18 @@ from quantizer.errors import InputError, UnservableRecipeError
 from quantizer.families import is_row_parallel, linear_kind
 from quantizer.formats import MIXED_NEEDS_COMPRESSED_TENSORS
 from quantizer.gptq import QuantRecipe
-from quantizer.mixed import MixedPrecision, Plan, choose, linear_bytes, measure_gains, scheme_units
-from quantizer.perplexity import load_evaluation_windows
+from quantizer.mixed import MixedPrecision, Plan, choose, linear_bytes, scheme_units
+from quantizer.perplexity import EvalWindows, load_evaluation_windows
 from quantizer.pipeline import (
     PipelineResult,
     Resumed,
     SourceModel,
     check_linear_shapes,
+    decoder_linears,
     peak_host_bytes,
     quantize_model,
 )
+from quantizer.sensitivity import error_gains, solo_gains
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,12 @@ class QuantizeReport:
             ],
         }
 
+    def _group_sizes(self) -> list[int] | None:
+        plan = self.plan
+        if plan is None or not plan.finer_units or plan.finer is None:
+            return None
+        return sorted({self.opts.recipe.group_size, plan.finer.group_size})
+
     def _experts_summary(self) -> dict:
         tokens = [n for counts in self.pipeline.expert_tokens.values() for n in counts]
         if not tokens:
@@ -193,6 +201,7 @@ class QuantizeReport:
             group_size=self.opts.recipe.group_size,
             row_parallel_in_features=self._row_parallel_in_features(experts=False),
             expert_in_features=self._row_parallel_in_features(experts=True) or None,
+            group_sizes=self._group_sizes(),
             decoder_layers=len(self.pipeline.layer_seconds),
             baseline_ppl=perplexity.get("baseline_ppl"),
             fakequant_ppl=perplexity.get("fakequant_ppl"),
@@ -208,7 +217,7 @@ class QuantizeReport:
                                 "digest": self.calibration.digest},
                 "quantized_linears": len(p.linears),
                 **self._experts_summary(),
-                **({"mixed_precision": self.plan.to_dict()} if self.plan is not None else {}),
+                **({"mixed_precision": self.plan.summary()} if self.plan is not None else {}),
                 "mean_relative_error": sum(errors) / len(errors),
                 "worst_linear": {"name": worst.name, "relative_error": worst.relative_error},
                 **{k: v for k, v in perplexity.items() if k.startswith("eval_")},
@@ -251,6 +260,15 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
     unservable = recipe.unservable_reasons()
     if opts.method not in ("gptq", "rtn"):
         raise InputError(f"--method {opts.method}: use gptq or rtn")
+    finer = None
+    if opts.mixed is not None:
+        opts.mixed.validate(recipe)
+        if opts.format != COMPRESSED_TENSORS_FORMAT:
+            raise InputError(MIXED_NEEDS_COMPRESSED_TENSORS)
+        if opts.method != "gptq":
+            raise InputError("--mixed-finer: the sensitivity is measured by GPTQ's solves; use --method gptq")
+        finer = opts.mixed.finer_recipe(recipe)
+        unservable += [f"--mixed-finer {opts.mixed.finer}: {r}" for r in (finer.unservable_reasons() if finer else [])]
     if unservable and not opts.allow_unservable:
         raise UnservableRecipeError(
             "vLLM 0.32 cannot serve this recipe: " + "; ".join(unservable)
@@ -270,16 +288,8 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
             f"--format {COMPRESSED_TENSORS_FORMAT}"
         )
     check_linear_shapes(source.config, source.weights, recipe.group_size)
-    finer = None
-    if opts.mixed is not None:
-        opts.mixed.validate(recipe)
-        if opts.format != COMPRESSED_TENSORS_FORMAT:
-            raise InputError(MIXED_NEEDS_COMPRESSED_TENSORS)
-        if opts.method != "gptq":
-            raise InputError("--mixed-finer: the sensitivity is measured by GPTQ's solves; use --method gptq")
-        finer = opts.mixed.finer_recipe(recipe)
-        if finer is not None:
-            check_linear_shapes(source.config, source.weights, finer.group_size)
+    if finer is not None:
+        check_linear_shapes(source.config, source.weights, finer.group_size)
     # Pre-tokenized calibration without evaluation text needs no tokenizer (synthetic models have none).
     needs_tokenizer = opts.eval_text is not None or not is_token_file(opts.calibration)
     tokenizer = source.tokenizer() if needs_tokenizer else None
@@ -299,13 +309,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
     _check_free_space(opts.output, uniform_bytes * (1 + (opts.mixed.budget_percent / 100 if opts.mixed else 0)))
     plan = None
     if opts.mixed is not None:
-        gains, shapes, seconds = measure_gains(
-            source, recipe, finer, calibration.windows, device, batch_size=opts.batch_size,
-            offload_activations=opts.offload_activations, progress=opts.progress, solver=opts.solver,
-            expert_calibration=opts.expert_calibration)
-        plan = choose(opts.mixed, recipe, scheme_units(source.family, list(shapes)), shapes, gains, uniform_bytes,
-                      source_bytes=_source_bytes_per_value(source))
-        plan.seconds = seconds
+        plan = _plan(opts, source, recipe, finer, calibration, eval_windows, device, uniform_bytes)
         log.info("mixed precision: %d of %d units at %s, %s of the %s budget", len(plan.finer_units),
                  len(plan.scores), opts.mixed.finer, _size(plan.extra_bytes), _size(plan.budget_bytes))
     with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite, format_name=opts.format,
@@ -345,6 +349,30 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
         )
         writer.commit(report.manifest())
     return report.result(sha256_file(opts.output / MANIFEST_FILE))
+
+
+def _plan(opts: QuantizeOptions, source: SourceModel, recipe: QuantRecipe, finer: QuantRecipe | None,
+          calibration: Calibration, eval_windows: EvalWindows | None, device: torch.device, uniform_bytes: int) -> Plan:
+    """Mixed precision's plan: the sensitivity measured (quantizer/sensitivity.py), the units chosen."""
+    started = time.perf_counter()
+
+    def units(names: list[str]):
+        return scheme_units(source.family, names)
+
+    common = {"batch_size": opts.batch_size, "offload_activations": opts.offload_activations,
+              "progress": opts.progress, "solver": opts.solver}
+    if opts.mixed.sensitivity == "solo":
+        # Without evaluation text, the calibration windows stand in (every token scored).
+        windows = eval_windows or EvalWindows(calibration.windows, [1] * len(calibration.windows))
+        gains = solo_gains(source, recipe, finer, units, calibration.windows, windows, device, **common)
+    else:
+        gains = error_gains(source, recipe, finer, units, calibration.windows, device,
+                            expert_calibration=opts.expert_calibration, **common)
+    shapes = decoder_linears(source)
+    plan = choose(opts.mixed, recipe, units(list(shapes)), shapes, gains, uniform_bytes,
+                  source_bytes=_source_bytes_per_value(source))
+    plan.seconds = time.perf_counter() - started
+    return plan
 
 
 def resume_key(opts: QuantizeOptions, source: SourceModel, calibration: Calibration, device: torch.device,

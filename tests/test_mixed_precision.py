@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quantizer.checkpoint import verify_checkpoint
+from quantizer.checkpoint import MANIFEST_FILE, verify_checkpoint
 from quantizer.contract import EXIT_BAD_INPUT
 from quantizer.errors import InputError
 from quantizer.families import LLAMA, MIXTRAL, QWEN3_MOE
@@ -63,7 +63,8 @@ def test_the_plan_keeps_the_best_gains_per_byte_within_the_budget():
                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
     shapes = {n: (64, 256) for n in names} | {names[-1]: (256, 1024)}
     units = scheme_units(LLAMA, names)
-    gains = dict.fromkeys(names, 0.001) | {names[3]: 0.01, names[-1]: 0.02, names[4]: 0.0, names[5]: -0.001}
+    # By unit: q/k/v, o, gate/up (nothing to gain), down.
+    gains = dict(zip([u.name for u in units], [0.003, 0.01, -0.001, 0.02], strict=True))
     mixed = MixedPrecision("4:32", budget_percent=10)
     extra = {u.name: sum(linear_bytes(shapes[n], QuantRecipe(group_size=32)) - linear_bytes(shapes[n], BASE)
                          for n in u.linears) for u in units}
@@ -78,8 +79,9 @@ def test_the_plan_keeps_the_best_gains_per_byte_within_the_budget():
     # Unquantized experts are never offered (vLLM serves a layer's experts quantized or not as a whole,
     # and its CPU path only quantized).
     experts = [f"model.layers.1.mlp.experts.{e}.{p}" for e in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
-    plan = choose(MixedPrecision("unquantized", 100), BASE, scheme_units(QWEN3_MOE, experts),
-                  dict.fromkeys(experts, (64, 64)), dict.fromkeys(experts, 1.0), 10**9)
+    moe_units = scheme_units(QWEN3_MOE, experts)
+    plan = choose(MixedPrecision("unquantized", 100), BASE, moe_units, dict.fromkeys(experts, (64, 64)),
+                  {u.name: 1.0 for u in moe_units}, 10**9)
     assert plan.finer_units == [] and plan.finer is None
 
 
@@ -119,7 +121,8 @@ def written(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     root = tmp_path_factory.mktemp("mixed")
     made = {}
     for name, args in {"finer-g32": ["--mixed-finer", "4:32", "--mixed-budget", "1"],
-                       "unquantized": ["--mixed-finer", "unquantized", "--mixed-budget", "3"]}.items():
+                       "unquantized": ["--mixed-finer", "unquantized", "--mixed-budget", "3"],
+                       "by-error": ["--mixed-finer", "4:32", "--mixed-budget", "1", "--mixed-sensitivity", "error"]}.items():
         code, result = quantize(root / name, *args)
         assert code == 0, result
         made[name] = (root / name, result)
@@ -128,9 +131,10 @@ def written(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 
 def test_the_checkpoint_holds_each_unit_at_its_planned_scheme(written, checkpoints):
     path, result = written["finer-g32"]
-    plan = result["mixed_precision"]
+    plan = json.loads((path / MANIFEST_FILE).read_text())["mixed_precision"]
+    assert {k: v for k, v in plan.items() if k != "units"} == result["mixed_precision"]  # the result's summary
     finer = {u["unit"] for u in plan["units"] if u["finer"]}
-    assert 0 < len(finer) < len(plan["units"]) and plan["extra_bytes"] <= plan["budget_bytes"]
+    assert 0 < len(finer) == plan["finer_units"] < len(plan["units"]) and plan["extra_bytes"] <= plan["budget_bytes"]
     qconfig = json.loads((path / "config.json").read_text())["quantization_config"]
     assert set(qconfig["kubequant"]["mixed_precision"]["finer_units"]) == finer
     shapes = scales(path)
@@ -150,10 +154,17 @@ def test_the_checkpoint_holds_each_unit_at_its_planned_scheme(written, checkpoin
     assert torch_perplexity(load_dequantized_model(path), windows).ppl == pytest.approx(result["fakequant_ppl"], rel=1e-3)
 
 
+def test_the_output_error_sensitivity_plans_too(written):
+    path, result = written["by-error"]
+    assert result["mixed_precision"]["sensitivity"] == "error" and result["mixed_precision"]["finer_units"] > 0
+    units = json.loads((path / MANIFEST_FILE).read_text())["mixed_precision"]["units"]
+    assert all(u["gain"] > 0 for u in units if u["finer"]) and verify_checkpoint(path)
+
+
 def test_unquantized_units_are_kept_in_the_source_dtype_and_ignored(written):
     path, result = written["unquantized"]
     qconfig = json.loads((path / "config.json").read_text())["quantization_config"]
-    kept = {u["unit"] for u in result["mixed_precision"]["units"] if u["finer"]}
+    kept = {u["unit"] for u in json.loads((path / MANIFEST_FILE).read_text())["mixed_precision"]["units"] if u["finer"]}
     assert kept and list(qconfig["config_groups"]) == ["group_0"]
     ignored = [n for n in qconfig["ignore"] if n != "lm_head"]
     assert {u.name for u in scheme_units(LLAMA, ignored)} == kept
@@ -188,3 +199,51 @@ def test_vllm_serves_the_written_mixed_checkpoint_as_our_reference_reads_it(writ
                                          "--fakequant-ppl", repr(result["fakequant_ppl"]))
     assert code == 0, evaluated
     assert abs(evaluated["served_ppl"] / result["fakequant_ppl"] - 1) < 0.001, evaluated
+
+
+def test_the_streamed_solo_gain_is_the_units_own_effect_on_the_kl():
+    """solo_gains streams the layers once; its number for a unit must be what the whole source model gives
+    with that unit alone quantized against the source's own Hessians, at each setting."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantizer.calibration import load_calibration
+    from quantizer.gptq import gptq_quantize
+    from quantizer.perplexity import Comparison, window_comparison
+    from quantizer.pipeline import SourceModel
+    from quantizer.sensitivity import solo_gains
+    from tests.conftest import CALIBRATION, TINY_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    calibration = load_calibration(CALIBRATION, tokenizer, 8, 128, 0).windows
+    windows = load_evaluation_windows(EVALUATION, tokenizer, 128, 6)
+    finer = replace(BASE, group_size=32)
+    gains = solo_gains(SourceModel.open(TINY_MODEL), BASE, finer, lambda names: scheme_units(LLAMA, names),
+                       calibration, windows, torch.device("cpu"), batch_size=4, progress=False)
+    assert len(gains) == 16
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32).eval()
+    modules = dict(model.named_modules())
+    unit = "model.layers.1.mlp.down_proj"
+    down = modules[unit]
+    inputs = []
+    hook = down.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].reshape(-1, down.in_features)))
+    with torch.no_grad():
+        model(calibration, use_cache=False)
+        hook.remove()
+        x = torch.cat(inputs).float()
+        hessian = 2 * x.T @ x / x.shape[0]
+        reference = model(windows.ids, use_cache=False).logits
+        source_weight = down.weight.detach().clone()
+
+        def kl(recipe) -> float:
+            down.weight.copy_(gptq_quantize(source_weight, hessian, recipe, name=unit).dequantized)
+            logits = model(windows.ids, use_cache=False).logits
+            down.weight.copy_(source_weight)
+            return Comparison.of([window_comparison(reference, logits, windows.ids, windows.score_from)],
+                                 windows.tokens_scored).kl
+
+        expected = kl(BASE) - kl(finer)
+    assert expected > 0
+    assert gains[unit] == pytest.approx(expected, rel=1e-3, abs=1e-7)

@@ -90,6 +90,7 @@ def _set(obj: dict, path: str, value) -> dict:
 
 
 DELETE = object()
+MIXED = {"finer": {"groupSize": 32}, "maxSizeIncreasePercent": 5}
 
 # (what is wrong, [(path, value), ...], the message the apiserver must answer with)
 INVALID = [
@@ -154,6 +155,26 @@ INVALID = [
                                            ("spec.quantization.candidates", [{"bits": 8}])],
      "serving.device cpu serves 4-bit only (vLLM's CPU kernel): no quantization.candidates entry may set bits "
      "other than 4"),
+    ("mixed precision in the gptq layout", [("spec.quantization.format", "gptq"),
+                                            ("spec.quantization.mixedPrecision", MIXED)],
+     "quantization.mixedPrecision needs format compressed-tensors: the gptq layout holds one scheme for the whole "
+     "checkpoint"),
+    ("mixed precision no finer than the recipe", [("spec.quantization.mixedPrecision",
+                                                   {**MIXED, "finer": {"groupSize": 128}})],
+     "quantization.mixedPrecision.finer must be finer than the recipe: more bits, or the same bits and a smaller "
+     "groupSize"),
+    ("mixed precision unquantized and 8-bit", [("spec.quantization.mixedPrecision",
+                                                {**MIXED, "finer": {"unquantized": True, "bits": 8}})],
+     "mixedPrecision.finer sets bits or groupSize, or unquantized true alone"),
+    ("mixed precision with no room", [("spec.quantization.mixedPrecision", {**MIXED, "maxSizeIncreasePercent": 0})],
+     "mixedPrecision.maxSizeIncreasePercent must be above 0 (5 lets the checkpoint grow by 5%)"),
+    ("a mixed candidate in the gptq layout", [("spec.quantization.candidates", [{"format": "gptq",
+                                                                                "mixedPrecision": MIXED}])],
+     "quantization.candidates[].mixedPrecision needs format compressed-tensors (the candidate's or the recipe's)"),
+    ("8-bit finer units served on the CPU", [("spec.serving.device", "cpu"), ("spec.serving.tensorParallelSize", 1),
+                                             ("spec.quantization.mixedPrecision", {**MIXED, "finer": {"bits": 8}})],
+     "serving.device cpu serves 4-bit only (vLLM's CPU kernel): quantization.mixedPrecision.finer.bits must be 4 "
+     "(or use a smaller groupSize, or unquantized)"),
     ("zero GPU memory", [("spec.serving.gpuMemoryUtilization", 0)],
      "serving.gpuMemoryUtilization must be at least 0.1 (0.9 is the default)"),
     ("text from two places", [("spec.evaluation.text.configMap", {"name": "texts", "key": "eval.txt"})],
@@ -242,6 +263,11 @@ def test_recipe_choices_are_the_contracts():
     serving = crd.schema()["properties"]["spec"]["properties"]["serving"]["properties"]
     assert tuple(quantization["device"]["enum"]) == tuple(serving["device"]["enum"]) == contract.DEVICES
     assert quantization["format"]["default"] == contract.DEFAULT_FORMAT
+    mixed = quantization["mixedPrecision"]["properties"]
+    assert tuple(mixed["sensitivity"]["enum"]) == contract.MIXED_SENSITIVITIES
+    assert mixed["sensitivity"]["default"] == contract.DEFAULT_MIXED_SENSITIVITY
+    assert tuple(mixed["finer"]["properties"]["bits"]["enum"]) == contract.SERVABLE_BITS
+    assert tuple(mixed["finer"]["properties"]["groupSize"]["enum"]) == contract.SERVABLE_GROUP_SIZES
 
 
 @pytest.mark.parametrize("device", contract.DEVICES)

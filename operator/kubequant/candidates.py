@@ -14,13 +14,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from kubequant import mixed_precision
+
 # The recipe fields a candidate may override: spec name -> Quantization's field.
 RECIPE_FIELDS = {
     "bits": "bits", "groupSize": "group_size", "actOrder": "act_order", "symmetric": "symmetric",
     "dampPercent": "damp_percent", "scaleSearch": "scale_search", "format": "format", "fullRange": "full_range",
     "refineSweeps": "refine_sweeps", "groupAwareOrder": "group_aware_order", "sourceTargets": "source_targets",
-    "expertCalibration": "expert_calibration",
+    "expertCalibration": "expert_calibration", "mixedPrecision": "mixed_precision",
 }
+# Fields whose spec form is an object: how a candidate's override becomes Quantization's value.
+FROM_SPEC = {"mixedPrecision": mixed_precision.from_spec}
 MAX_CANDIDATES = 8  # the CRD's maxItems: each candidate may cost a quantization and an evaluation
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_NAME_LENGTH = 30
@@ -47,9 +51,9 @@ class Candidate:
     model: Any  # kubequant.spec.Model, whose quantization is this recipe (and has no candidates)
 
 
-def label(bits: int, group_size: int) -> str:
-    """The default name of a recipe: w4-g128, w8-channel."""
-    return f"w{bits}-" + ("channel" if group_size == -1 else f"g{group_size}")
+def label(bits: int, group_size: int, mixed: bool = False) -> str:
+    """The default name of a recipe: w4-g128, w8-channel, w4-g128-mixed (with mixed precision)."""
+    return f"w{bits}-" + ("channel" if group_size == -1 else f"g{group_size}") + ("-mixed" if mixed else "")
 
 
 @dataclass(frozen=True)
@@ -69,9 +73,10 @@ def expand_recipes(q: Any) -> list[Recipe]:
     out: list[Recipe] = []
     taken: set[str] = {r.name for r in recipes if r.name}
     for index, recipe in enumerate(recipes):
-        fields = {RECIPE_FIELDS[k]: v for k, v in recipe.overrides}
+        fields = {RECIPE_FIELDS[k]: FROM_SPEC.get(k, lambda v: v)(v) for k, v in recipe.overrides}
         quantization = dataclasses.replace(q, candidates=(), **fields)
-        name = recipe.name or label(quantization.bits, quantization.group_size)
+        name = recipe.name or label(quantization.bits, quantization.group_size,
+                                    quantization.mixed_precision is not None)
         if not recipe.name and name in taken:
             name = f"{name}-{index}"
         taken.add(name)

@@ -217,7 +217,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, timeout: float) -> None:
     raise LocalRunError(f"vLLM was not healthy within {timeout:.0f} s (serving.startupTimeoutSeconds)")
 
 
-def _recipe_line(recipe: dict) -> str:
+def _recipe_line(recipe: dict, mixed: dict | None = None) -> str:
     order = ("group-aware" if recipe.get("group_aware_order") else "static") if recipe["act_order"] else "off"
     parts = [f"{recipe['bits']}-bit", f"group {recipe['group_size']}", f"act-order {order}",
              f"scales {recipe.get('scale_search', 'minmax')}{', full-range' if recipe.get('full_range') else ''}"]
@@ -225,6 +225,9 @@ def _recipe_line(recipe: dict) -> str:
         parts.append(f"targets from the unquantized model x{recipe['source_targets']:g}")
     if recipe.get("refine_sweeps"):
         parts.append(f"{recipe['refine_sweeps']} refinement sweep(s)")
+    if mixed:
+        parts.append(f"mixed precision: {mixed['finer_units']} of {mixed['unit_count']} units at {mixed['finer']} "
+                     f"(+{mixed['extra_bytes'] / 2**10:.1f} KiB of {mixed['budget_bytes'] / 2**10:.1f} KiB allowed)")
     return ", ".join(parts)
 
 
@@ -234,7 +237,7 @@ def _summary(tried: Tried, endpoint: str | None, listed: bool = False) -> str:
     rows = [
         ("model", f"{model.namespace}/{model.name}"),
         *([("candidate", tried.candidate.name)] if listed else []),
-        ("recipe", _recipe_line(quantized.recipe)),
+        ("recipe", _recipe_line(quantized.recipe, quantized.details.get("mixed_precision"))),
         ("format", quantized.details.get("format", "?")),
         ("size", f"{quantized.size_before_bytes * mib:.1f} MiB -> {quantized.size_after_bytes * mib:.1f} MiB"),
         ("baseline perplexity", f"{gate.baseline_ppl:.4f}"),

@@ -18,8 +18,9 @@ from typing import Any
 
 import yaml
 
-from kubequant import candidates
+from kubequant import candidates, mixed_precision
 from kubequant.candidates import CandidateRecipe
+from kubequant.mixed_precision import MixedPrecision
 from quantizer.contract import (
     CHECKPOINT_FORMATS,
     CPU,
@@ -153,6 +154,8 @@ class Quantization:
     group_aware_order: bool = False
     source_targets: float = DEFAULT_SOURCE_TARGETS
     expert_calibration: str = DEFAULT_EXPERT_CALIBRATION  # mixtures of experts (quantizer/experts.py)
+    # The units that matter most at a finer setting, within a budget on size (kubequant.mixed_precision).
+    mixed_precision: MixedPrecision | None = None
     # Recipes tried in order after this one until one passes the gate (kubequant.candidates).
     candidates: tuple[CandidateRecipe, ...] = ()
     device: str = GPU  # cpu: the CPU image, and `--device cpu`
@@ -164,7 +167,11 @@ class Quantization:
     active_deadline_seconds: int | None = None
 
     def servable_on(self, device: str) -> bool:
-        return not unservable_reasons(self.bits, self.group_size, self.symmetric, device)
+        """Whether vLLM serves this recipe's checkpoint on `device`, its mixed precision's finer units too."""
+        mixed = self.mixed_precision
+        finer = mixed is None or mixed.unquantized or not unservable_reasons(
+            mixed.finer_bits or self.bits, mixed.finer_group_size or self.group_size, self.symmetric, device)
+        return finer and not unservable_reasons(self.bits, self.group_size, self.symmetric, device)
 
 
 @dataclass(frozen=True)
@@ -438,7 +445,13 @@ def _recipe(q: dict) -> Quantization:
         }),
         image=q.get("image") or default_image("quantizer", q.get("device", GPU)),
     )
+    # Checked whole before it is read, so that a missing or mistyped field is said once, with its fix.
+    mixed = mixed_precision.problems(q.get("mixedPrecision"), "spec.quantization.mixedPrecision",
+                                     quantization.bits, quantization.group_size, quantization.format)
+    if not mixed:
+        quantization = dataclasses.replace(quantization, mixed_precision=mixed_precision.from_spec(q.get("mixedPrecision")))
     return _checked(quantization, "spec.quantization", lambda: [
+        *((True, problem) for problem in mixed),
         (quantization.bits not in QUANTIZABLE_BITS,
          f"spec.quantization.bits must be {_one_of(QUANTIZABLE_BITS)}"),
         (quantization.group_size not in GROUP_SIZES,
@@ -683,7 +696,7 @@ def parse_spec(raw: Any) -> ModelSpec:
         problems.append(
             f"spec.serving.enabled needs a recipe vLLM serves on {serving.device.upper()}s{which}: quantization.bits "
             f"{_one_of(bits)}, symmetric true and groupSize "
-            f"{_one_of(SERVABLE_GROUP_SIZES)} (or set serving.enabled false to only quantize)")
+            f"{_one_of(SERVABLE_GROUP_SIZES)}, mixedPrecision.finer too (or set serving.enabled false to only quantize)")
     if evaluation and serving and "image" not in _obj(raw.get("evaluation"), "spec.evaluation"):
         # The gate measures in the serving engine: vLLM for GPUs, or its CPU build.
         evaluation = dataclasses.replace(evaluation, image=default_image("evaluator", serving.device))

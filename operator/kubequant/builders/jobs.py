@@ -76,6 +76,7 @@ def quantize_command(
         "--group-aware-order" if q.group_aware_order else "--no-group-aware-order",
         "--expert-calibration", q.expert_calibration,
         "--source-targets", repr(q.source_targets),
+        *(q.mixed_precision.cli_args(q.bits, q.group_size) if q.mixed_precision else []),
         "--samples", str(q.calibration.samples),
         "--seq-len", str(q.calibration.seq_len),
         "--eval-text", evaluation,

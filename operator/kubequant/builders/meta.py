@@ -135,7 +135,9 @@ def artifact_hash(model: Model) -> str:
                    # Only when not the default, so that the hashes of existing models stay as they were.
                    **({"expertCalibration": q.expert_calibration}
                       if q.expert_calibration != DEFAULT_EXPERT_CALIBRATION else {}),
-                   **({"sourceTargets": q.source_targets} if q.source_targets != DEFAULT_SOURCE_TARGETS else {})},
+                   **({"sourceTargets": q.source_targets} if q.source_targets != DEFAULT_SOURCE_TARGETS else {}),
+                   **({"mixedPrecision": q.mixed_precision.identity(q.bits, q.group_size)}
+                      if q.mixed_precision else {})},
         "calibration": {"text": _text_id(q.calibration.text), "field": q.calibration.jsonl_field,
                         "samples": q.calibration.samples, "seqLen": q.calibration.seq_len},
         "evaluation": {"text": _text_id(e.text), "field": e.jsonl_field, "seqLen": e.seq_len,

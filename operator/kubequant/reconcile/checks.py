@@ -35,13 +35,16 @@ def preflight(artifact: dict, tp: int, nodes: int = 1, extra_args: tuple[str, ..
                 f"path reads weight scales as unsigned (vLLM issue 48905), and this checkpoint's scales are "
                 f"full-range (negative where a group's extreme weight is): remove the variable, or quantize "
                 f"with spec.quantization.fullRange false")
-    group = artifact.get("groupSize")
+    # Mixed precision: every group size of the checkpoint, each checked against every row-parallel input
+    # (a unit at the finer setting may be any of them).
+    groups = [g for g in artifact.get("groupSizes") or [artifact.get("groupSize")] if g not in (None, -1)]
+    group = max(groups, default=None)
     experts_whole = any(a == f or a.startswith(f + "=") for a in extra_args for f in EXPERT_PARALLEL_FLAGS)
     features = (artifact.get("rowParallelInFeatures") or []) + \
         ([] if experts_whole else artifact.get("expertInFeatures") or [])
 
     def fits(k: int, t: int) -> bool:
-        return k % t == 0 and (group in (None, -1) or (k // t) % group == 0)
+        return k % t == 0 and all((k // t) % g == 0 for g in groups)
 
     bad = sorted({k for k in features if not fits(k, tp)})
     if not bad:
@@ -50,8 +53,9 @@ def preflight(artifact: dict, tp: int, nodes: int = 1, extra_args: tuple[str, ..
         if all(fits(k, 1) for k in features) else None
     shards = ", ".join(f"{k} -> {k / tp:g}" for k in bad)
     advice = f"use tensorParallelSize {best} or a smaller groupSize" if best else "use a smaller groupSize"
+    sizes = " and ".join(str(g) for g in sorted(groups)) if len(groups) > 1 else str(group)
     return (f"tensorParallelSize {tp} splits row-parallel inputs into shards that are not whole groups of "
-            f"{group} ({shards} columns per GPU), which vLLM rejects; {advice}")
+            f"{sizes} ({shards} columns per GPU), which vLLM rejects; {advice}")
 
 
 def rollout(workload: dict | None, desired_hash: str, replicas: int, kind: str = "Deployment") -> tuple[str, str]:

@@ -32,6 +32,7 @@ def artifact_record(model: Model, a_hash: str, result: QuantizeResult) -> dict:
         "sizeAfterBytes": result.size_after_bytes,
         "seconds": result.seconds,
         "groupSize": result.group_size,
+        "groupSizes": result.group_sizes,
         "rowParallelInFeatures": result.row_parallel_in_features,
         "expertInFeatures": result.expert_in_features,
         "decoderLayers": result.decoder_layers,
