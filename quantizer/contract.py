@@ -76,6 +76,15 @@ DEFAULT_EXPERT_CALIBRATION = "all"
 UNQUANTIZED = "unquantized"
 MIXED_SENSITIVITIES = ("solo", "error")
 DEFAULT_MIXED_SENSITIVITY = "solo"
+
+
+def mixed_group_sizes(base_group: int, summary: dict | None) -> list[int] | None:
+    """Every group size of a checkpoint's quantized Linears (QuantizeResult.group_sizes), from its base
+    group and its mixed-precision summary ({"finer": "4:32", "finer_units": n, ...}); None: one, the base's."""
+    if not summary or not summary.get("finer_units") or summary.get("finer") == UNQUANTIZED:
+        return None
+    return sorted({base_group, int(str(summary["finer"]).split(":")[1])})
+
 # vLLM's GPU kernels: uint4b8 and uint8b128, weight = (q - 2^(bits-1)) * scale, so symmetric only.
 # (Its CPU kernel, CPUWNA16, which `kubequant run` and the tests serve with, takes 4-bit only.)
 SERVABLE_BITS = (4, 8)

@@ -24,6 +24,7 @@ from quantizer.contract import (
     DEFAULT_EXPERT_CALIBRATION,
     DEFAULT_FORMAT,
     QuantizeResult,
+    mixed_group_sizes,
 )
 from quantizer.errors import InputError, UnservableRecipeError
 from quantizer.families import is_row_parallel, linear_kind
@@ -171,12 +172,6 @@ class QuantizeReport:
             ],
         }
 
-    def _group_sizes(self) -> list[int] | None:
-        plan = self.plan
-        if plan is None or not plan.finer_units or plan.finer is None:
-            return None
-        return sorted({self.opts.recipe.group_size, plan.finer.group_size})
-
     def _experts_summary(self) -> dict:
         tokens = [n for counts in self.pipeline.expert_tokens.values() for n in counts]
         if not tokens:
@@ -201,7 +196,7 @@ class QuantizeReport:
             group_size=self.opts.recipe.group_size,
             row_parallel_in_features=self._row_parallel_in_features(experts=False),
             expert_in_features=self._row_parallel_in_features(experts=True) or None,
-            group_sizes=self._group_sizes(),
+            group_sizes=mixed_group_sizes(self.opts.recipe.group_size, self.plan and self.plan.summary()),
             decoder_layers=len(self.pipeline.layer_seconds),
             baseline_ppl=perplexity.get("baseline_ppl"),
             fakequant_ppl=perplexity.get("fakequant_ppl"),

@@ -1,8 +1,9 @@
 """Checkpoints with several compressed-tensors config groups (mixed precision): each Linear read by its own
-scheme, as vLLM reads it; the first step of mixed precision (issue 27), before the quantizer writes them.
+scheme, as vLLM reads it.
 
-The mixed checkpoint here is put together from two whole checkpoints of the tiny model (4:128, and some
-units' tensors from 4:32 with a config group naming them), the layout the quantizer will write.
+The mixed checkpoint here is put together by hand from two whole checkpoints of the tiny model (4:128,
+and some units' tensors from 4:32 with a config group naming them), independently of the quantizer's
+writer (tests/test_mixed_precision.py tests what the quantizer writes, and vLLM serving it).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ from safetensors.torch import load_file, save_file
 from quantizer.checkpoint import verify_checkpoint
 from quantizer.errors import InputError
 from quantizer.formats import FORMATS
-from quantizer.perplexity import load_dequantized_model, load_evaluation_windows, torch_perplexity
-from tests.conftest import EVALUATION
-from tests.test_evaluate import evaluate_with_vllm
+from quantizer.perplexity import load_dequantized_model
 
 # Units vLLM gives one scheme: q/k/v of a layer (fused into qkv_proj), and a down projection.
 FINE_UNITS = ("model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj", "model.layers.3.self_attn.v_proj",
@@ -96,19 +95,3 @@ def test_each_linear_is_read_by_its_own_scheme(checkpoints, mixed):
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(Exception, match=r"model.layers.0.mlp.down_proj: weight_scale shape"):
         verify_checkpoint(broken)
-
-
-@pytest.mark.vllm
-@pytest.mark.slow
-def test_vllm_serves_a_mixed_checkpoint_as_our_reference_reads_it(checkpoints, mixed, tmp_path):
-    from transformers import AutoTokenizer
-
-    windows = load_evaluation_windows(EVALUATION, AutoTokenizer.from_pretrained(mixed), 256, 24)
-    reference = torch_perplexity(load_dequantized_model(mixed), windows).ppl
-    quantized = checkpoints["gptq-g128"][1]
-    code, result = evaluate_with_vllm(mixed, tmp_path, "--baseline-ppl", repr(quantized["baseline_ppl"]),
-                                      "--fakequant-ppl", repr(reference))
-    assert code == 0, result
-    assert abs(result["served_ppl"] / reference - 1) < 0.001, result
-    # Not the coarse model's number: the fine units are served as written.
-    assert abs(result["served_ppl"] - checkpoints["gptq-g128"][1]["fakequant_ppl"]) > 1e-3

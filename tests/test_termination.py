@@ -193,7 +193,7 @@ def test_a_volume_too_small_is_refused_before_any_work(tmp_path, monkeypatch):
     output.parent.mkdir()
     code, result = quantize(output)
     assert code == contract.EXIT_BAD_INPUT
-    assert "0.1 MiB free" in result["message"] and "needs about 1.4 MiB" in result["message"]
+    assert "97.7 KiB free" in result["message"] and "needs about 1.4 MiB" in result["message"]
     assert not output.exists() and _partials(output) == []
 
 

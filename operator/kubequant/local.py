@@ -29,12 +29,14 @@ from kubequant.candidates import Candidate
 from kubequant.spec import Model, PvcSource, SpecError, TextSource, load_documents, parse_manifest
 from quantizer.contract import (
     CPU_KVCACHE_SPACE_GIB,
+    DEFAULT_MIXED_SENSITIVITY,
     EXIT_GATE_FAILED,
     EXIT_OK,
     EvaluateResult,
     FailedResult,
     QuantizeResult,
     decode,
+    mixed_group_sizes,
 )
 from quantizer.files import written_whole
 
@@ -390,17 +392,28 @@ def _write_candidates(run: LocalRun, model: Model, recipes: list[Candidate], tri
     return path
 
 
+def _override_text(key: str, value: object) -> str:
+    """One override as the candidates' table says it: `groupSize 32`, `mixedPrecision g32 +1.5% (solo)`."""
+    if key != "mixedPrecision" or not isinstance(value, dict):
+        return f"{key} {value}"
+    finer = value.get("finer") or {}
+    setting = "unquantized" if finer.get("unquantized") else " ".join(
+        f"{'w' if k == 'bits' else 'g'}{finer[k]}" for k in ("bits", "groupSize") if k in finer)
+    return (f"mixedPrecision {setting} +{value.get('maxSizeIncreasePercent')}% "
+            f"({value.get('sensitivity', DEFAULT_MIXED_SENSITIVITY)})")
+
+
 def _candidates_table(recipes: list[Candidate], tried: list[Tried]) -> str:
     """The candidates in order, with the size and gate numbers of each one tried."""
     header = ("candidate", "recipe", "size", "KL (nats/token)", "top-1", "served ppl", "verdict")
     rows = [header]
     for i, c in enumerate(recipes):
-        recipe = ", ".join(f"{k} {v}" for k, v in c.overrides.items()) or "the spec's"
+        recipe = ", ".join(_override_text(k, v) for k, v in c.overrides.items()) or "the spec's"
         if i >= len(tried):
             rows.append((c.name, recipe, "", "", "", "", "not tried (an earlier candidate passed)"))
             continue
         gate, kl = tried[i].gate, tried[i].gate.kl_divergence or {}
-        rows.append((c.name, recipe, f"{tried[i].quantized.size_after_bytes / 2**20:.2f} MiB",
+        rows.append((c.name, recipe, f"{tried[i].quantized.size_after_bytes / 2**20:.3f} MiB",
                      f"{kl['mean']:.4f}" if kl.get("mean") is not None else "-",
                      f"{gate.top_token_agreement:.2%}" if gate.top_token_agreement is not None else "-",
                      f"{gate.served_ppl:.4f}", gate.reason))
@@ -413,6 +426,7 @@ def _result_from_manifest(manifest: dict, output: str) -> QuantizeResult:
     perplexity = manifest.get("perplexity") or {}
     if "baseline_ppl" not in perplexity:
         raise LocalRunError(f"{output} has no perplexities in kubequant.json; remove it to quantize again")
+    summary = {k: v for k, v in (manifest.get("mixed_precision") or {}).items() if k != "units"}
     shapes = manifest.get("row_parallel_shapes") or {}
     row_parallel = [shape[1] for kind, kinds in shapes.items() if "*" not in kind for shape in kinds]
     experts = sorted({shape[1] for kind, kinds in shapes.items() if "*" in kind for shape in kinds})
@@ -422,7 +436,9 @@ def _result_from_manifest(manifest: dict, output: str) -> QuantizeResult:
         group_size=manifest["group_size"], row_parallel_in_features=sorted(set(row_parallel)),
         expert_in_features=experts or None,
         baseline_ppl=perplexity["baseline_ppl"], fakequant_ppl=perplexity["fakequant_ppl"],
-        details={"format": manifest.get("format", "gptq")},  # manifests before formats were GPTQ's
+        group_sizes=mixed_group_sizes(manifest["group_size"], summary),
+        details={"format": manifest.get("format", "gptq"),  # manifests before formats were GPTQ's
+                 **({"mixed_precision": summary} if summary else {})},
     )
 
 
