@@ -24,11 +24,11 @@ from tests.families import mixtral_from_tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _start(output: Path, model: Path = TINY_MODEL) -> subprocess.Popen:
+def _start(output: Path, model: Path = TINY_MODEL, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "quantizer", "quantize", "--model", str(model), "--output", str(output),
          "--calibration", str(CALIBRATION), "--eval-text", str(EVALUATION), "--no-progress", *CALIBRATION_ARGS,
-         "--result-file", str(output.parent / "result.json")],
+         "--result-file", str(output.parent / "result.json"), *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
 
@@ -155,6 +155,27 @@ def test_a_killed_mixture_of_experts_run_resumes_bit_for_bit(tmp_path):
     assert code == 0, result
     assert json.loads((output / "kubequant.json").read_text())["resumed_layers"] >= 2
     assert _tensor_files(output) == _tensor_files(reference)
+
+
+@pytest.mark.slow
+def test_a_killed_mixed_precision_run_resumes_with_its_plan_bit_for_bit(tmp_path):
+    """The retry measures the sensitivity again, finds the same plan (it is part of the resume key: a
+    plan that differed would start afresh) and reads each stored Linear back by its own scheme."""
+    mixed = ("--mixed-finer", "4:32", "--mixed-budget", "1")
+    reference = tmp_path / "reference" / "ckpt"
+    code, result = quantize(reference, *mixed)
+    assert code == 0 and result["mixed_precision"]["finer_units"] > 0, result
+    output = tmp_path / "out" / "ckpt"
+    output.parent.mkdir()
+    process = _start(output, extra=mixed)
+    _wait_for_layers(process, output, 2)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=300)
+    code, result = quantize(output, *mixed)
+    assert code == 0, result
+    assert json.loads((output / "kubequant.json").read_text())["resumed_layers"] >= 2
+    assert _tensor_files(output) == _tensor_files(reference)
+    assert (output / "config.json").read_text() == (reference / "config.json").read_text()
 
 
 def _fake_partial(output: Path, name: str, writer: dict | None, age: float = 0.0) -> Path:
