@@ -9,7 +9,8 @@ Two measures, each by unit (the Linears vLLM gives one scheme):
   through the layers one at a time, as in the quantize pass; at each layer every unit is quantized both
   ways and a copy of the evaluation stream goes on from there with that unit changed, through every later
   layer (each layer is read once; the copies live on the activations' device, `offload_activations`
-  puts them in host memory). On the bundled tiny Llama it ranks the units about as well as the truth
+  puts them in host memory; at most SOLO_WINDOWS windows, fewer when the copies would pass
+  SOLO_STREAM_BYTES). On the bundled tiny Llama it ranks the units about as well as the truth
   allows (bench/sensitivity_bench.py, docs/benchmarks.md) and its plans beat uniform settings of the
   same size.
 - `error`: the relative output error the finer setting removes, summed over the unit's Linears, from a
@@ -36,14 +37,18 @@ from quantizer.pipeline import (
     _capture_layer0_inputs,
     _HessianSum,
     _LayerRunner,
+    decoder_linears,
     materialized,
     open_model,
     quantize_model,
     source_dtype,
 )
 
-# At most this many evaluation windows measure the solo gains: every unit keeps one copy of them per setting.
+# At most this many evaluation windows measure the solo gains, and fewer when every unit's copies of their
+# hidden states (one per setting, all alive until the last layer) would pass SOLO_STREAM_BYTES: an 8B
+# model's 128 units at 2048 tokens per window hold 4 GiB per window in bfloat16.
 SOLO_WINDOWS = 16
+SOLO_STREAM_BYTES = 8 << 30
 
 
 def error_gains(source: SourceModel, base: QuantRecipe, finer: QuantRecipe | None, units: Callable[[list[str]], list[Unit]],
@@ -73,13 +78,16 @@ def solo_gains(source: SourceModel, base: QuantRecipe, finer: QuantRecipe | None
     opened = open_model(source, device, compute_dtype)
     layers, family = opened.layers, source.family
     _, block_solver = default_block_solver(device, solver)
-    windows = EvalWindows(eval_windows.ids[:SOLO_WINDOWS], eval_windows.score_from[:SOLO_WINDOWS])
+    settings = {"base": base} | ({"finer": finer} if finer is not None else {})
+    streams = len(units(list(decoder_linears(source)))) * len(settings)
+    per_window = eval_windows.ids.shape[1] * source.config.hidden_size * torch.tensor([], dtype=compute_dtype).element_size()
+    count = max(1, min(SOLO_WINDOWS, SOLO_STREAM_BYTES // max(streams * per_window, 1)))
+    windows = EvalWindows(eval_windows.ids[:count], eval_windows.score_from[:count])
     calibration, kwargs = _capture_layer0_inputs(opened.model, layers, calibration_windows, device, store)
     runner = _LayerRunner(kwargs, batch_size)
     evaluation, eval_kwargs = _capture_layer0_inputs(opened.model, layers, windows.ids, device, store)
     eval_runner = _LayerRunner(eval_kwargs, batch_size)
     changed: dict[tuple[str, str], torch.Tensor] = {}  # (unit, setting): the evaluation stream with it changed
-    settings = {"base": base} | ({"finer": finer} if finer is not None else {})
     prefetcher = LayerPrefetcher(layers, opened.layers_name, source.weights, family.checkpoint_name)
     try:
         for index in tqdm(range(len(layers)), desc="sensitivity", unit="layer", disable=not progress):
