@@ -6,13 +6,12 @@ block of a layer (vLLM builds it as one fused module whose gate/up and down proj
 scheme: compressed_tensors_moe.get_moe_method). Units come from the model's family (quantizer.families),
 so a new family brings its units with it.
 
-The plan is chosen from a measured sensitivity (`Sensitivity`): a first pass quantizes the model at the
-base recipe and solves each Linear at the finer setting as well, on the same inputs; a unit's gain is the
-sum over its Linears of the relative output error the finer setting removes, its cost the bytes the finer
+The plan is chosen from each unit's measured gain (quantizer/sensitivity.py: by default its own effect on
+the KL to the source when it alone is quantized at each setting) and its cost, the bytes the finer
 setting adds. Units are kept finer greedily by gain per byte until the budget (a share of the uniform
-checkpoint's size) is spent; a second pass quantizes the model as planned, in one pass, so that every
-Linear is solved against the layers before it as they really are (bench/sensitivity_bench.py measured
-that weights moved between separately quantized models make the output worse).
+checkpoint's size) is spent; then the model is quantized as planned, in one pass, so that every Linear is
+solved against the layers before it as they really are (bench/sensitivity_bench.py measured that weights
+moved between separately quantized models make the output worse).
 
 The checkpoint keeps the base scheme in its default config group (targets every Linear) and one group
 for the finer units, targeted by a `re:` pattern per unit; unquantized units go in `ignore`.

@@ -304,7 +304,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
     _check_free_space(opts.output, uniform_bytes * (1 + (opts.mixed.budget_percent / 100 if opts.mixed else 0)))
     plan = None
     if opts.mixed is not None:
-        plan = _plan(opts, source, recipe, finer, calibration, eval_windows, device, uniform_bytes)
+        plan = _plan(opts, source, recipe, finer, calibration, device, uniform_bytes)
         log.info("mixed precision: %d of %d units at %s, %s of the %s budget", len(plan.finer_units),
                  len(plan.scores), opts.mixed.finer, _size(plan.extra_bytes), _size(plan.budget_bytes))
     with CheckpointWriter(opts.output, recipe, overwrite=opts.overwrite, format_name=opts.format,
@@ -347,7 +347,7 @@ def run_quantize(opts: QuantizeOptions) -> QuantizeResult:
 
 
 def _plan(opts: QuantizeOptions, source: SourceModel, recipe: QuantRecipe, finer: QuantRecipe | None,
-          calibration: Calibration, eval_windows: EvalWindows | None, device: torch.device, uniform_bytes: int) -> Plan:
+          calibration: Calibration, device: torch.device, uniform_bytes: int) -> Plan:
     """Mixed precision's plan: the sensitivity measured (quantizer/sensitivity.py), the units chosen."""
     started = time.perf_counter()
 
@@ -357,9 +357,13 @@ def _plan(opts: QuantizeOptions, source: SourceModel, recipe: QuantRecipe, finer
     common = {"batch_size": opts.batch_size, "offload_activations": opts.offload_activations,
               "progress": opts.progress, "solver": opts.solver}
     if opts.mixed.sensitivity == "solo":
-        # Without evaluation text, the calibration windows stand in (every token scored).
-        windows = eval_windows or EvalWindows(calibration.windows, [1] * len(calibration.windows))
-        gains = solo_gains(source, recipe, finer, units, calibration.windows, windows, device, **common)
+        # Scored on calibration windows its Hessians do not see, never on the evaluation text: the gate
+        # measures there, and a plan chosen on it would pass the gate more easily than it deserves.
+        windows = calibration.windows
+        held = max(1, len(windows) // 8) if len(windows) > 1 else 0
+        fit, scored = (windows[:-held], windows[-held:]) if held else (windows, windows)
+        gains = solo_gains(source, recipe, finer, units, fit, EvalWindows(scored, [1] * len(scored)), device,
+                           **common)
     else:
         gains = error_gains(source, recipe, finer, units, calibration.windows, device,
                             expert_calibration=opts.expert_calibration, **common)

@@ -4,11 +4,12 @@ Two measures, each by unit (the Linears vLLM gives one scheme):
 
 - `solo` (the default): the unit's own effect on the model's output. The source model with only this unit
   quantized, by GPTQ against the Hessians of the source's own activations, at the base setting and at the
-  finer one; the gain is KL(source || base) - KL(source || finer) over the whole vocabulary on the
-  evaluation windows. Measured in one streamed pass: the source's calibration and evaluation streams go
-  through the layers one at a time, as in the quantize pass; at each layer every unit is quantized both
-  ways and a copy of the evaluation stream goes on from there with that unit changed, through every later
-  layer (each layer is read once; the copies live on the activations' device, `offload_activations`
+  finer one; the gain is KL(source || base) - KL(source || finer) over the whole vocabulary on scored
+  windows (the quantize Job holds an eighth of its calibration windows out of the Hessians for them;
+  never the evaluation text, on which the gate measures). Measured in one streamed pass: the source's
+  calibration and scored streams go through the layers one at a time, as in the quantize pass; at each
+  layer every unit is quantized both ways and a copy of the scored stream goes on from there with that
+  unit changed, through every later layer (each layer is read once; the copies live on the activations' device, `offload_activations`
   puts them in host memory; at most SOLO_WINDOWS windows, fewer when the copies would pass
   SOLO_STREAM_BYTES). On the bundled tiny Llama it ranks the units about as well as the truth
   allows (bench/sensitivity_bench.py, docs/benchmarks.md) and its plans beat uniform settings of the
@@ -69,10 +70,11 @@ def error_gains(source: SourceModel, base: QuantRecipe, finer: QuantRecipe | Non
 
 @torch.no_grad()
 def solo_gains(source: SourceModel, base: QuantRecipe, finer: QuantRecipe | None, units: Callable[[list[str]], list[Unit]],
-               calibration_windows: torch.Tensor, eval_windows: EvalWindows, device: torch.device,
+               calibration_windows: torch.Tensor, scored_windows: EvalWindows, device: torch.device,
                batch_size: int = 1, offload_activations: bool = False, progress: bool = True,
                solver: str = "auto") -> dict[str, float]:
-    """The `solo` measure: gain by unit name (see the module's docstring)."""
+    """The `solo` measure: gain by unit name (see the module's docstring), its Hessians from
+    `calibration_windows`, its KL over (at most SOLO_WINDOWS of) `scored_windows`."""
     compute_dtype = source_dtype_on(source, device)
     store = torch.device("cpu") if offload_activations else device
     opened = open_model(source, device, compute_dtype)
@@ -80,9 +82,9 @@ def solo_gains(source: SourceModel, base: QuantRecipe, finer: QuantRecipe | None
     _, block_solver = default_block_solver(device, solver)
     settings = {"base": base} | ({"finer": finer} if finer is not None else {})
     streams = len(units(list(decoder_linears(source)))) * len(settings)
-    per_window = eval_windows.ids.shape[1] * source.config.hidden_size * torch.tensor([], dtype=compute_dtype).element_size()
+    per_window = scored_windows.ids.shape[1] * source.config.hidden_size * torch.tensor([], dtype=compute_dtype).element_size()
     count = max(1, min(SOLO_WINDOWS, SOLO_STREAM_BYTES // max(streams * per_window, 1)))
-    windows = EvalWindows(eval_windows.ids[:count], eval_windows.score_from[:count])
+    windows = EvalWindows(scored_windows.ids[:count], scored_windows.score_from[:count])
     calibration, kwargs = _capture_layer0_inputs(opened.model, layers, calibration_windows, device, store)
     runner = _LayerRunner(kwargs, batch_size)
     evaluation, eval_kwargs = _capture_layer0_inputs(opened.model, layers, windows.ids, device, store)

