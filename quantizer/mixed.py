@@ -173,10 +173,9 @@ def choose(mixed: MixedPrecision, base: QuantRecipe, units: list[Unit], shapes: 
            gains: dict[str, float], uniform_bytes: float, source_bytes: float = 2.0) -> Plan:
     """Keep units finer by gain (`gains`, by unit name: quantizer.sensitivity) per extra byte, greedily,
     while the extra bytes fit the budget (`budget_percent` of `uniform_bytes`, the checkpoint at the base
-    recipe). A unit the sensitivity
-    says gains nothing stays at the base recipe. Unquantized experts are not offered: vLLM runs a
-    layer's experts as one fused module, quantized or not as a whole, and its CPU path serves them only
-    quantized."""
+    recipe). A unit the sensitivity says gains nothing stays at the base recipe. Unquantized experts are
+    not offered: vLLM runs a layer's experts as one fused module, quantized or not as a whole, and its
+    CPU path serves them only quantized."""
     finer = mixed.finer_recipe(base)
     scores = []
     for unit in units:

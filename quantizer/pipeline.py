@@ -489,19 +489,28 @@ def open_model(source: SourceModel, device: torch.device, compute_dtype: torch.d
     return OpenModel(model, layers_name, layers, base, lm_head, bool(experts))
 
 
+def layer_linears(layer: nn.Module, family: Family) -> dict[str, nn.Linear]:
+    """A decoder layer's Linears that the family quantizes (not its router), by module path in the layer."""
+    return {name: module for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear) and any(matches(name, p) for p in family.linears)}
+
+
+def linear_shapes(layers_name: str, layers: nn.ModuleList, family: Family) -> dict[str, tuple[int, int]]:
+    """Every quantized Linear of the decoder layers (checkpoint names) and its [out, in] shape."""
+    return {family.checkpoint_name(f"{layers_name}.{index}.{name}"): tuple(module.weight.shape)
+            for index, layer in enumerate(layers) for name, module in layer_linears(layer, family).items()}
+
+
 def decoder_linears(source: SourceModel) -> dict[str, tuple[int, int]]:
-    """The quantized Linears of the decoder layers (checkpoint names) and their [out, in] shapes, from the
-    model built on the meta device (nothing is read): what the layer pipeline will quantize."""
+    """linear_shapes() of the model built on the meta device (nothing is read): what the layer pipeline
+    will quantize."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(source.config)
     layers_name, layers = find_decoder_layers(model, source.config.num_hidden_layers)
     unfuse_experts(layers, source.family.experts)
-    family = source.family
-    return {family.checkpoint_name(f"{layers_name}.{index}.{name}"): tuple(module.weight.shape)
-            for index, layer in enumerate(layers) for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and any(matches(name, p) for p in family.linears)}
+    return linear_shapes(layers_name, layers, source.family)
 
 
 def quantize_model(

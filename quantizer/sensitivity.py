@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantizer.families import matches
 from quantizer.gptq import QuantRecipe, default_block_solver, gptq_quantize, rtn_quantize
 from quantizer.mixed import Unit
 from quantizer.perplexity import Comparison, EvalWindows, window_comparison
@@ -38,7 +37,8 @@ from quantizer.pipeline import (
     _capture_layer0_inputs,
     _HessianSum,
     _LayerRunner,
-    decoder_linears,
+    layer_linears,
+    linear_shapes,
     materialized,
     open_model,
     quantize_model,
@@ -81,7 +81,7 @@ def solo_gains(source: SourceModel, base: QuantRecipe, finer: QuantRecipe | None
     layers, family = opened.layers, source.family
     _, block_solver = default_block_solver(device, solver)
     settings = {"base": base} | ({"finer": finer} if finer is not None else {})
-    streams = len(units(list(decoder_linears(source)))) * len(settings)
+    streams = len(units(list(linear_shapes(opened.layers_name, layers, family)))) * len(settings)
     per_window = scored_windows.ids.shape[1] * source.config.hidden_size * torch.tensor([], dtype=compute_dtype).element_size()
     count = max(1, min(SOLO_WINDOWS, SOLO_STREAM_BYTES // max(streams * per_window, 1)))
     windows = EvalWindows(scored_windows.ids[:count], scored_windows.score_from[:count])
@@ -96,8 +96,8 @@ def solo_gains(source: SourceModel, base: QuantRecipe, finer: QuantRecipe | None
             prefix = f"{opened.layers_name}.{index}."
             layer = layers[index]
             with materialized(layer, prefetcher.take(index), device, compute_dtype):
-                linears = {family.checkpoint_name(prefix + name): module for name, module in layer.named_modules()
-                           if isinstance(module, nn.Linear) and any(matches(name, p) for p in family.linears)}
+                linears = {family.checkpoint_name(prefix + name): module
+                           for name, module in layer_linears(layer, family).items()}
                 hessians, calibration_out = _hessians(layer, linears, calibration, runner, device)
                 for unit in units(sorted(linears)):
                     for setting, recipe in settings.items():

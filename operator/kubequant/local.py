@@ -24,12 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubequant import builders, candidates
+from kubequant import builders, candidates, mixed_precision
 from kubequant.candidates import Candidate
 from kubequant.spec import Model, PvcSource, SpecError, TextSource, load_documents, parse_manifest
 from quantizer.contract import (
     CPU_KVCACHE_SPACE_GIB,
-    DEFAULT_MIXED_SENSITIVITY,
     EXIT_GATE_FAILED,
     EXIT_OK,
     EvaluateResult,
@@ -396,11 +395,10 @@ def _override_text(key: str, value: object) -> str:
     """One override as the candidates' table says it: `groupSize 32`, `mixedPrecision g32 +1.5% (solo)`."""
     if key != "mixedPrecision" or not isinstance(value, dict):
         return f"{key} {value}"
-    finer = value.get("finer") or {}
-    setting = "unquantized" if finer.get("unquantized") else " ".join(
-        f"{'w' if k == 'bits' else 'g'}{finer[k]}" for k in ("bits", "groupSize") if k in finer)
-    return (f"mixedPrecision {setting} +{value.get('maxSizeIncreasePercent')}% "
-            f"({value.get('sensitivity', DEFAULT_MIXED_SENSITIVITY)})")
+    mixed = mixed_precision.from_spec(value)
+    setting = "unquantized" if mixed.unquantized else " ".join(
+        f"{letter}{v}" for letter, v in (("w", mixed.finer_bits), ("g", mixed.finer_group_size)) if v is not None)
+    return f"mixedPrecision {setting} +{mixed.max_size_increase_percent}% ({mixed.sensitivity})"
 
 
 def _candidates_table(recipes: list[Candidate], tried: list[Tried]) -> str:
