@@ -42,6 +42,12 @@ bench/install_peers.sh; its GPTQ-format checkpoint read back and scored as above
   gptqmodel-e2e       static act-order (desc_act), min-max scales
   gptqmodel-e2e-best  its defaults at their best: group-aware act-order and its MSE grid search (mse=2.4)
 These count as peer paths too (mixtures of experts included).
+Any layer-pipeline path above may end in a rotation (bench/rotation.py), applied to the source before it
+is quantized; the rotated model computes the source's function (its own KL to the source, stored in
+float32, is below 1e-8), so the path is scored against the same source logits:
+  PATH+hadamard     QuaRot/SpinQuant's R1 (residual stream) and R2 (each head's values), randomized
+                    Hadamard matrices drawn by the calibration seed, merged into the weights
+  PATH+hadamard-r1  R1 alone
 Held-out text: a model's own evaluation text (tests/fixtures/text/evaluation.txt for the fixtures, or
 --eval-text), never seen in its training nor in calibration.
 """
@@ -68,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
+import rotation  # noqa: E402
 from layer_quality_bench import OURS, PEERS, PLAIN, quantizer_for  # noqa: E402
 
 import quantizer.gptq as gptq_module  # noqa: E402
@@ -152,6 +159,27 @@ def path_quantizer(path: str) -> tuple[MatrixQuantizer, dict[str, Any]]:
         return quantize, PLAIN | fields
     raise SystemExit(f"unknown path {path!r}: one of rtn, {', '.join(PEERS)}, {', '.join(OURS)}, ours, "
                      "ours+shrinkA, ours+dampD, ours+normP, ours+refineN, ours+awqA, ours+gptaqA")
+
+
+ROTATIONS = {"+hadamard": {"r1": True, "r2": True}, "+hadamard-r1": {"r1": True, "r2": False}}
+
+
+def rotation_of(path: str) -> tuple[str, dict[str, bool] | None]:
+    """A path's base path and its rotation's settings (None: not rotated)."""
+    for suffix, settings in ROTATIONS.items():
+        if path.endswith(suffix):
+            return path.removesuffix(suffix), settings
+    return path, None
+
+
+def run_rotated(model: Path, setting: str, path: str, seed: int, args, windows, tokenizer) -> dict[str, Any]:
+    """The base path run on a rotated copy of the model (float32, so that the rotation itself costs
+    nothing measurable), reported under the model's name and the whole path."""
+    base, settings = rotation_of(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        rotated = rotation.write_rotated(model, Path(tmp) / model.name, seed=seed, **settings)
+        run = run_once(rotated, setting, base, seed, args, windows, tokenizer)
+    return run | {"path": path}
 
 
 def run_once(model: Path, setting: str, path: str, seed: int, args, windows, tokenizer) -> dict[str, Any]:
@@ -393,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = [p for p in args.paths.split(",") if p]
     for path in paths:
-        path_quantizer(path)  # an unknown path fails before any work
+        path_quantizer(rotation_of(path)[0])  # an unknown path fails before any work
     missing = peers.available()
     if missing:
         print(f"# {missing}: the lc-* paths are skipped")
@@ -426,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in paths:
                 for seed in seeds[:1] if path == "rtn" else seeds:  # RTN reads no calibration
                     runner = run_end_to_end if path in E2E_PATHS else \
-                        run_gptqmodel_end_to_end if path in GPTQMODEL_PATHS else run_once
+                        run_gptqmodel_end_to_end if path in GPTQMODEL_PATHS else \
+                        run_rotated if rotation_of(path)[1] else run_once
                     run = runner(model, setting, path, seed, args, windows, tokenizer)
                     runs.append(run)
                     write_json(args.json, env, args, runs)  # a run stopped early keeps what it measured

@@ -27,6 +27,11 @@ predictor's value per byte, the mixed model quantized in one pass and scored, be
 (the coarse, the fine and the one between them, 4:64 for 4:128 -> 4:32) and the measured gains' own
 choice (hindsight: the best these units allow greedily).
 
+With --predictor-windows N, the first N evaluation windows score the predictors (alone, solo) and the
+rest measure the gains and the frontier: a predictor is then judged on text it was not measured on,
+as the product's (scored on calibration windows held out of its Hessians) is; without it, both share
+the windows, which flatters alone and solo.
+
 Learned on the way: swapping one unit's weights from the fine model into the coarse one makes the KL
 worse for every unit of the tiny Llama, because GPTQ with targets from the unquantized model solves
 each unit for the inputs its own model's earlier layers give; a mixed model must be quantized as one.
@@ -54,7 +59,7 @@ from quantizer.calibration import load_calibration  # noqa: E402
 from quantizer.experts import unfuse_experts  # noqa: E402
 from quantizer.families import Family, family_of, matches  # noqa: E402
 from quantizer.gptq import QuantRecipe, gptq_quantize, rtn_quantize  # noqa: E402
-from quantizer.perplexity import Comparison, load_evaluation_windows, window_comparison  # noqa: E402
+from quantizer.perplexity import Comparison, EvalWindows, load_evaluation_windows, window_comparison  # noqa: E402
 from quantizer.pipeline import SourceModel, _HessianSum, find_decoder_layers, quantize_model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -93,7 +98,13 @@ class Quantizer:
         self.model, self.args = model, args
         self.calibration = load_calibration(args.calibration, tokenizer, args.samples, args.seq_len,
                                             seed=args.seed).windows
-        self.windows = load_evaluation_windows(args.eval_text, tokenizer, args.seq_len, args.max_windows)
+        windows = load_evaluation_windows(args.eval_text, tokenizer, args.seq_len, args.max_windows)
+        split = args.predictor_windows
+        if split and not 0 < split < len(windows):
+            raise SystemExit(f"--predictor-windows {split}: use fewer than the {len(windows)} evaluation windows")
+        # The predictors' windows and the measured ones: the same windows unless split.
+        self.predictor_windows = EvalWindows(windows.ids[:split], windows.score_from[:split]) if split else windows
+        self.windows = EvalWindows(windows.ids[split:], windows.score_from[split:]) if split else windows
         self.runs = 0
 
     def run(self, coarse: str, fine: str | None = None, fine_linears: frozenset[str] = frozenset()):
@@ -220,7 +231,7 @@ def run_model(model: Path, args) -> dict[str, Any]:
     errors = {role: {s.name: s.relative_error for s in r.linears} for role, r in (("coarse", coarse), ("fine", fine))}
     shapes = {s.name: s.shape for s in coarse.linears}
     g_coarse, g_fine = setting(args.coarse)[1], setting(args.fine)[1]
-    scorer = Scorer(source_model(model, family), q.windows)
+    scorer = Scorer(source_model(model, family), q.predictor_windows)
     by_unit = units(sorted(shapes), family)
     missing = sorted(set(shapes) - {n for names in by_unit.values() for n in names})
     if missing:
@@ -264,6 +275,7 @@ def run_model(model: Path, args) -> dict[str, Any]:
             frontier.append(point(f"mixed {budget:.0%} by {label}", spent, mixed, chosen))
     frontier.append(point(f"uniform {args.fine}", total, fine))
     return {"model": model.name, "seed": args.seed, "coarse": args.coarse, "fine": args.fine, "units": rows,
+            "predictor_windows": len(q.predictor_windows), "measured_windows": len(q.windows),
             "spearman_with_gain": correlation, "frontier": frontier, "pipeline_runs": q.runs}
 
 
@@ -291,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-windows", type=int, default=90)
+    parser.add_argument("--predictor-windows", type=int, default=0,
+                        help="score the predictors on this many of the evaluation windows, measure on the rest")
     parser.add_argument("--seed", type=int, default=0, help="draws the calibration windows (quantizer.calibration)")
     parser.add_argument("--coarse", default="4:128")
     parser.add_argument("--fine", default="4:32")

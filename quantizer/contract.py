@@ -78,6 +78,17 @@ MIXED_SENSITIVITIES = ("solo", "error")
 DEFAULT_MIXED_SENSITIVITY = "solo"
 
 
+def finer_than(bits: int, group_size: int, base_bits: int, base_group_size: int) -> bool:
+    """Whether a setting is finer than a base: more bits, or as many and a smaller group (-1, one group
+    per row, the coarsest). The one ordering the spec, the CRD's rule and the quantizer's --mixed-finer
+    check share."""
+
+    def coarseness(b: int, g: int) -> tuple[int, float]:
+        return (-b, float("inf") if g == -1 else g)
+
+    return coarseness(bits, group_size) < coarseness(base_bits, base_group_size)
+
+
 def mixed_group_sizes(base_group: int, summary: dict | None) -> list[int] | None:
     """Every group size of a checkpoint's quantized Linears (QuantizeResult.group_sizes), from its base
     group and its mixed-precision summary ({"finer": "4:32", "finer_units": n, ...}); None: one, the base's."""

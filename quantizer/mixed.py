@@ -23,7 +23,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
-from quantizer.contract import DEFAULT_MIXED_SENSITIVITY, MIXED_SENSITIVITIES, UNQUANTIZED
+from quantizer.contract import DEFAULT_MIXED_SENSITIVITY, MIXED_SENSITIVITIES, UNQUANTIZED, finer_than
 from quantizer.errors import InputError
 from quantizer.families import Family, matches
 from quantizer.gptq import QuantRecipe
@@ -56,7 +56,7 @@ class MixedPrecision:
                              "size in (0, 1000], for example 5")
         if self.sensitivity not in MIXED_SENSITIVITIES:
             raise InputError(f"--mixed-sensitivity {self.sensitivity!r}: use one of {', '.join(MIXED_SENSITIVITIES)}")
-        if finer is not None and linear_bytes((256, 256), finer) <= linear_bytes((256, 256), base):
+        if finer is not None and not finer_than(finer.bits, finer.group_size, base.bits, base.group_size):
             raise InputError(f"--mixed-finer {self.finer}: not finer than the base recipe "
                              f"({base.bits}:{base.group_size}); choose more bits or a smaller group")
 

@@ -96,12 +96,15 @@ def truncate_at_line(text: str, max_bytes: int) -> str:
     return cut.decode("utf-8", errors="ignore")
 
 
-def split_stdlib() -> TextSplit:
+def split_stdlib(subpackages: bool = False) -> TextSplit:
     """Collect the stdlib's top-level ``*.py`` files and split them deterministically by file.
 
     Files are ordered by the SHA-256 of their name (a fixed pseudo-random order that does not depend
     on the file contents); the first ones go to evaluation until it holds ``EVAL_BYTES``, the next
-    ones to calibration until ``CALIB_BYTES``; the rest is training text.
+    ones to calibration until ``CALIB_BYTES``; the rest is training text. With ``subpackages``, the
+    packages' ``*.py`` files (asyncio, email, json, ...; their test suites left out, since tests quote
+    the modules they test) are training text too: about three times the text, for models too large to
+    train on the top-level files alone. Evaluation and calibration text are the same either way.
     """
     stdlib_dir = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib_dir.glob("*.py") if p.is_file())
@@ -125,11 +128,15 @@ def split_stdlib() -> TextSplit:
     eval_files.sort()
     calib_files.sort()
     train_files.sort()
+    if subpackages:
+        excluded = {"site-packages", "test", "tests", "idle_test"}
+        train_files += sorted(p for p in stdlib_dir.rglob("*.py")
+                              if p.parent != stdlib_dir and not excluded & set(p.relative_to(stdlib_dir).parts))
     evaluation = truncate_at_line("\n\n".join(read_source(p) for p in eval_files), EVAL_BYTES)
     calibration = truncate_at_line("\n\n".join(read_source(p) for p in calib_files), CALIB_BYTES)
     return TextSplit(
         stdlib_dir=stdlib_dir,
-        train_files=[p.name for p in train_files],
+        train_files=[str(p.relative_to(stdlib_dir)) for p in train_files],
         calib_files=[p.name for p in calib_files],
         eval_files=[p.name for p in eval_files],
         train_texts=[read_source(p) for p in train_files],
@@ -233,8 +240,11 @@ def train(
     batch_size: int,
     lr: float,
     seed: int,
+    bf16_autocast: bool = False,
 ) -> None:
-    """Train on random 256-token windows of the stream with AdamW."""
+    """Train on random 256-token windows of the stream with AdamW (float32 weights and optimizer state;
+    with bf16_autocast the matmuls run in bfloat16, which CPUs with AMX or AVX-512 BF16 do several times
+    faster: what makes a model of tens of millions of parameters trainable on two cores)."""
     gen = torch.Generator().manual_seed(seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
@@ -253,7 +263,8 @@ def train(
             group["lr"] = lr_at(step, steps, lr, warmup)
         starts = torch.randint(0, n_windows, (batch_size,), generator=gen)
         batch = torch.stack([stream[s : s + SEQ_LEN] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+            loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -305,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--architecture", choices=ARCHITECTURES, default="llama")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size, a multiple of 64 (default 128)")
+    parser.add_argument("--subpackages", action="store_true",
+                        help="train on the standard library's packages too (same held-out text; larger models)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--bf16-autocast", action="store_true",
+                        help="run the training matmuls in bfloat16 (float32 weights); the fixtures train without it")
     args = parser.parse_args(argv)
     # Before any work or output: the sizes make_config can build.
     if args.hidden < 64 or args.hidden % 64:
@@ -312,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers < 1:
         parser.error(f"--layers {args.layers}: use 1 or more")
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
 
-    split = split_stdlib()
+    split = split_stdlib(args.subpackages)
     args.text_output.mkdir(parents=True, exist_ok=True)
     (args.text_output / "evaluation.txt").write_text(split.evaluation, encoding="utf-8")
     (args.text_output / "calibration.txt").write_text(split.calibration, encoding="utf-8")
@@ -341,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {n_params} parameters")
 
     t_train = time.perf_counter()
-    train(model, stream, args.steps, args.batch_size, args.lr, args.seed)
+    train(model, stream, args.steps, args.batch_size, args.lr, args.seed, args.bf16_autocast)
     train_s = time.perf_counter() - t_train
     tokens_seen = args.steps * args.batch_size * SEQ_LEN
     print(f"training: {train_s:.0f} s, {tokens_seen} tokens ({tokens_seen / stream.numel():.2f} epochs)")
@@ -386,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             "--seed",
             str(args.seed),
             *(["--layers", str(args.layers), "--hidden", str(args.hidden)] if (args.layers, args.hidden) != (4, 128) else []),
+            *(["--subpackages"] if args.subpackages else []),
+            *(["--threads", str(args.threads)] if args.threads != 2 else []),
+            *(["--bf16-autocast"] if args.bf16_autocast else []),
             *(["--architecture", args.architecture, "--output", _shown(out), "--text-output", _shown(args.text_output)]
               if args.architecture != "llama" or (args.layers, args.hidden) != (4, 128) else []),
         ]
@@ -412,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"coefficient {config.router_aux_loss_coef}), q/k RMSNorm")
     else:
         shape = f"intermediate {config.intermediate_size}"
+    precision = "float32 weights, bfloat16 autocast" if args.bf16_autocast else "float32 training"
     readme = f"""# {out.name} test fixture
 
 A tiny {architecture.removesuffix("ForCausalLM")} ({n_params:,} parameters) with its own byte-level BPE tokenizer, trained from scratch on
@@ -424,7 +444,7 @@ Do not edit by hand: regenerate it with `scripts/train_tiny_model.py`.
 - Command: `{cmd}` (from the repository root{where})
 - Seed {args.seed}, {args.steps} AdamW steps (peak lr {args.lr}, warmup + cosine decay, weight decay 0.1,
   grad clip 1.0), batch {args.batch_size} random windows x {SEQ_LEN} tokens, {tokens_seen:,} tokens seen
-  ({tokens_seen / stream.numel():.2f} epochs), `torch.set_num_threads(2)`, float32 training
+  ({tokens_seen / stream.numel():.2f} epochs), `torch.set_num_threads({args.threads})`, {precision}
 - Training wall time {train_s:.0f} s, whole script {total_s:.0f} s ({platform.machine()}, torch {torch.__version__},
   Python {platform.python_version()})
 - Text, split by file (files ordered by SHA-256 of their name): {len(split.eval_files)} files -> evaluation,

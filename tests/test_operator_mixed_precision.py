@@ -4,12 +4,14 @@ artifact's identity, candidates that add it, and the preflight over every group 
 from __future__ import annotations
 
 import pytest
-from kubequant import builders
+from kubequant import builders, mixed_precision
 from kubequant.candidates import expand
 from kubequant.mixed_precision import MixedPrecision
 from kubequant.reconcile.checks import preflight
 from kubequant.spec import SpecError, parse_model
 
+from quantizer.contract import COMPRESSED_TENSORS_FORMAT, SERVABLE_BITS, SERVABLE_GROUP_SIZES, finer_than
+from quantizer.errors import InputError
 from tests.operator_support.objects import example, with_spec
 
 MIXED = {"finer": {"groupSize": 32}, "maxSizeIncreasePercent": 5}
@@ -96,3 +98,33 @@ def test_the_preflight_checks_every_group_size_of_a_mixed_artifact():
     # The larger group decides: 96 columns per GPU are whole groups of 32, not of 64.
     refused = preflight({"groupSize": 32, "groupSizes": [32, 64], "rowParallelInFeatures": [192]}, 2)
     assert refused is not None and "use tensorParallelSize 1 or a smaller groupSize" in refused
+
+
+@pytest.mark.parametrize("base", [(b, g) for b in SERVABLE_BITS for g in SERVABLE_GROUP_SIZES])
+def test_the_spec_and_the_quantizer_agree_on_what_is_finer(base):
+    """One ordering (contract.finer_than) decides on both sides: every servable finer setting the spec
+    refuses as not finer, the quantizer's --mixed-finer refuses too, and the other way round."""
+    from quantizer.gptq import QuantRecipe
+    from quantizer.mixed import MixedPrecision as QuantizerMixedPrecision
+
+    bits, group = base
+    for fine_bits in SERVABLE_BITS:
+        for fine_group in SERVABLE_GROUP_SIZES:
+            raw = {"finer": {"bits": fine_bits, "groupSize": fine_group}, "maxSizeIncreasePercent": 5}
+            spec_refuses = any("is not finer" in p for p in mixed_precision.problems(raw, "m", bits, group,
+                                                                                     COMPRESSED_TENSORS_FORMAT))
+            try:
+                QuantizerMixedPrecision(f"{fine_bits}:{fine_group}", 5).validate(QuantRecipe(bits=bits, group_size=group))
+                quantizer_refuses = False
+            except InputError as exc:
+                assert "not finer" in str(exc)
+                quantizer_refuses = True
+            assert spec_refuses == quantizer_refuses == (not finer_than(fine_bits, fine_group, bits, group))
+
+
+@pytest.mark.parametrize(("fine", "base", "finer"), [
+    ((4, 32), (4, 128), True), ((4, 128), (4, 128), False), ((4, 128), (4, 32), False),
+    ((4, 128), (4, -1), True), ((4, -1), (4, 128), False), ((8, -1), (4, 32), True), ((4, 32), (8, 128), False),
+])
+def test_finer_means_more_bits_then_a_smaller_group(fine, base, finer):
+    assert finer_than(*fine, *base) is finer

@@ -19,6 +19,7 @@ from quantizer.contract import (
     SERVABLE_BITS,
     SERVABLE_GROUP_SIZES,
     UNQUANTIZED,
+    finer_than,
 )
 
 FIELDS = ("finer", "maxSizeIncreasePercent", "sensitivity")
@@ -64,11 +65,6 @@ def from_spec(raw: Any) -> MixedPrecision | None:
     )
 
 
-def _coarseness(bits: int, group_size: int) -> tuple[int, float]:
-    """Orders settings: more bits is finer, then a smaller group (-1, one group per row, the coarsest)."""
-    return (-bits, float("inf") if group_size == -1 else group_size)
-
-
 def problems(raw: Any, where: str, bits: int, group_size: int, fmt: str) -> list[str]:
     """Every problem of a mixedPrecision object under the recipe (bits, group_size, format) it refines."""
     if raw is None:
@@ -106,7 +102,7 @@ def problems(raw: Any, where: str, bits: int, group_size: int, fmt: str) -> list
     if fine_bits not in SERVABLE_BITS or fine_group not in SERVABLE_GROUP_SIZES:
         out.append(f"{where}.finer must make a setting vLLM serves: bits {' or '.join(map(str, SERVABLE_BITS))}, "
                    f"groupSize {', '.join(map(str, SERVABLE_GROUP_SIZES))}")
-    elif _coarseness(fine_bits, fine_group) >= _coarseness(bits, group_size):
+    elif not finer_than(fine_bits, fine_group, bits, group_size):
         out.append(f"{where}.finer ({fine_bits}-bit, group {fine_group}) is not finer than the recipe ({bits}-bit, "
                    f"group {group_size}): give more bits or a smaller groupSize")
     return out
