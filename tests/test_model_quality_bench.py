@@ -57,3 +57,30 @@ def test_gptqmodel_paths_are_skipped_without_its_site(monkeypatch, capsys):
                        "--max-windows", "2"]) == 0
     out = capsys.readouterr().out
     assert "GPTQMODEL_SITE is not set" in out and "KL" not in out
+
+
+@pytest.mark.parametrize("fixture", ["tiny-llama", "tiny-qwen3-moe"])
+def test_a_rotated_model_computes_the_source_function(tmp_path, fixture):
+    """bench/rotation.py's R1 and R2 merged into the weights: the same logits (float32), norms' scales of
+    one, and every quantized Linear's weights changed (else a rotation path would measure the source)."""
+    import rotation
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    source = bench.MODELS[fixture]
+    rotated = rotation.write_rotated(source, tmp_path / fixture, seed=1)
+    ids = torch.randint(4, 2048, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(m, dtype=torch.float32).eval()(ids).logits for m in (source, rotated)]
+    assert torch.allclose(*logits, atol=1e-3), (logits[0] - logits[1]).abs().max()
+    before, after = load_file(source / "model.safetensors"), load_file(rotated / "model.safetensors")
+    assert all(torch.equal(t, torch.ones_like(t)) for n, t in after.items() if n.endswith("norm.weight")
+               and "q_norm" not in n and "k_norm" not in n)
+    linears = [n for n in before if re.search(r"(_proj|experts\.\d+\.\w+)\.weight$", n)]
+    assert linears and not any(torch.allclose(before[n].float(), after[n]) for n in linears)
+
+
+def test_a_rotation_path_names_its_base_path():
+    assert bench.rotation_of("ours+hadamard") == ("ours", {"r1": True, "r2": True})
+    assert bench.rotation_of("lc-imatrix+hadamard-r1") == ("lc-imatrix", {"r1": True, "r2": False})
+    assert bench.rotation_of("ours+gptaq0.5") == ("ours+gptaq0.5", None)
