@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantizer.families import matches
+
 # The Linears reading each norm's output (their input dim is the residual's), and those writing the
 # residual stream (their output dim is).
 READS_INPUT_NORM = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
@@ -55,8 +57,7 @@ def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def _in_layer(name: str, patterns: tuple[str, ...]) -> bool:
-    inside = re.sub(r"^.*?layers\.\d+\.", "", name)
-    return any(re.fullmatch(r"\d+".join(re.escape(p) for p in pattern.split("*")), inside) for pattern in patterns)
+    return any(matches(name, pattern) for pattern in patterns)
 
 
 def rotate_weights(weights: dict[str, torch.Tensor], config: dict, seed: int, r1: bool = True,

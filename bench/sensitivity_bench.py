@@ -59,7 +59,7 @@ from quantizer.calibration import load_calibration  # noqa: E402
 from quantizer.experts import unfuse_experts  # noqa: E402
 from quantizer.families import Family, family_of, matches  # noqa: E402
 from quantizer.gptq import QuantRecipe, gptq_quantize, rtn_quantize  # noqa: E402
-from quantizer.perplexity import Comparison, EvalWindows, load_evaluation_windows, window_comparison  # noqa: E402
+from quantizer.perplexity import Comparison, load_evaluation_windows, window_comparison  # noqa: E402
 from quantizer.pipeline import SourceModel, _HessianSum, find_decoder_layers, quantize_model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -103,8 +103,8 @@ class Quantizer:
         if split and not 0 < split < len(windows):
             raise SystemExit(f"--predictor-windows {split}: use fewer than the {len(windows)} evaluation windows")
         # The predictors' windows and the measured ones: the same windows unless split.
-        self.predictor_windows = EvalWindows(windows.ids[:split], windows.score_from[:split]) if split else windows
-        self.windows = EvalWindows(windows.ids[split:], windows.score_from[split:]) if split else windows
+        self.predictor_windows = windows[:split] if split else windows
+        self.windows = windows[split:]
         self.runs = 0
 
     def run(self, coarse: str, fine: str | None = None, fine_linears: frozenset[str] = frozenset()):

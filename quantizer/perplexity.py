@@ -47,6 +47,10 @@ class EvalWindows:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def __getitem__(self, windows: slice) -> EvalWindows:
+        """Some of the windows, each with its scored positions."""
+        return EvalWindows(self.ids[windows], self.score_from[windows])
+
 
 def evaluation_windows(
     ids: torch.Tensor, seq_len: int, max_windows: int | None = None, stride: int | None = None

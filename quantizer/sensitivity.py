@@ -84,7 +84,7 @@ def solo_gains(source: SourceModel, base: QuantRecipe, finer: QuantRecipe | None
     streams = len(units(list(linear_shapes(opened.layers_name, layers, family)))) * len(settings)
     per_window = scored_windows.ids.shape[1] * source.config.hidden_size * torch.tensor([], dtype=compute_dtype).element_size()
     count = max(1, min(SOLO_WINDOWS, SOLO_STREAM_BYTES // max(streams * per_window, 1)))
-    windows = EvalWindows(scored_windows.ids[:count], scored_windows.score_from[:count])
+    windows = scored_windows[:count]
     calibration, kwargs = _capture_layer0_inputs(opened.model, layers, calibration_windows, device, store)
     runner = _LayerRunner(kwargs, batch_size)
     evaluation, eval_kwargs = _capture_layer0_inputs(opened.model, layers, windows.ids, device, store)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_tiny_model", ROOT / "scripts" / "train_tiny_model.py")
-train_tiny_model = importlib.util.module_from_spec(_spec)
-sys.modules["train_tiny_model"] = train_tiny_model  # its dataclasses look their module up
-_spec.loader.exec_module(train_tiny_model)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import train_tiny_model
 
 
 def test_subpackages_add_training_text_only():
