@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--hidden {args.hidden}: use a multiple of 64 (heads of 32, two query heads per KV head)")
     if args.layers < 1:
         parser.error(f"--layers {args.layers}: use 1 or more")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: use 1 or more")
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)

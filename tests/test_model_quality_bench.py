@@ -84,3 +84,17 @@ def test_a_rotation_path_names_its_base_path():
     assert bench.rotation_of("ours+hadamard") == ("ours", {"r1": True, "r2": True})
     assert bench.rotation_of("lc-imatrix+hadamard-r1") == ("lc-imatrix", {"r1": True, "r2": False})
     assert bench.rotation_of("ours+gptaq0.5") == ("ours+gptaq0.5", None)
+
+
+def test_group_statistics_tell_outliers_from_gaussian_weights():
+    """bench/rotation.py's measure of what a rotation could spread: Gaussian groups score near the
+    sample's own values, a group with one large weight far above them."""
+    import rotation
+
+    gaussian = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    outliers = gaussian.clone()
+    outliers[:, ::128] *= 20
+    kurtosis, peak = rotation.group_statistics({"model.layers.0.self_attn.q_proj.weight": gaussian})
+    assert abs(kurtosis) < 0.2 and 2.5 < peak < 3.2
+    kurtosis, peak = rotation.group_statistics({"model.layers.0.self_attn.q_proj.weight": outliers})
+    assert kurtosis > 20 and peak > 6  # a single outlier in 128 reaches at most 127 / sqrt(128) = 11.2
