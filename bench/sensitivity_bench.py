@@ -32,6 +32,10 @@ rest measure the gains and the frontier: a predictor is then judged on text it w
 as the product's (scored on calibration windows held out of its Hessians) is; without it, both share
 the windows, which flatters alone and solo.
 
+With --solo-calibration-windows 8,16,64, `solo` is also scored the product's way, on that many windows
+of the calibration text (drawn with the next seed, apart from the Hessians' draw), one
+predictor each (`solo-cal8`, ...): how many scored windows the product's plan needs.
+
 Learned on the way: swapping one unit's weights from the fine model into the coarse one makes the KL
 worse for every unit of the tiny Llama, because GPTQ with targets from the unquantized model solves
 each unit for the inputs its own model's earlier layers give; a mixed model must be quantized as one.
@@ -59,7 +63,7 @@ from quantizer.calibration import load_calibration  # noqa: E402
 from quantizer.experts import unfuse_experts  # noqa: E402
 from quantizer.families import Family, family_of, matches  # noqa: E402
 from quantizer.gptq import QuantRecipe, gptq_quantize, rtn_quantize  # noqa: E402
-from quantizer.perplexity import Comparison, load_evaluation_windows, window_comparison  # noqa: E402
+from quantizer.perplexity import Comparison, EvalWindows, load_evaluation_windows, window_comparison  # noqa: E402
 from quantizer.pipeline import SourceModel, _HessianSum, find_decoder_layers, quantize_model  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -238,19 +242,24 @@ def run_model(model: Path, args) -> dict[str, Any]:
         raise SystemExit(f"{model}: Linears in no unit of the family: {missing[:3]}")
 
     hessians = source_hessians(scorer.model, sorted(shapes), q.calibration)
+    counts = args.solo_calibration_windows
+    drawn = load_calibration(args.calibration, tokenizer, max(counts), args.seq_len, seed=args.seed + 1).windows if counts else None
+    calibration_scorers = {f"solo-cal{n}": Scorer(scorer.model, EvalWindows(drawn[:n], [1] * n)) for n in counts}
+    predictors = (*PREDICTORS, *calibration_scorers)
     rows = []
     for unit, names in by_unit.items():
         mixed, _ = q.run(args.coarse, args.fine, frozenset(names))
+        solo = {text: solo_weights(scorer.model, hessians, names, text) for text in (args.coarse, args.fine)}
         rows.append({
             "unit": unit, "linears": len(names), "bytes": extra_bytes(shapes, names, g_coarse, g_fine),
             "gain": coarse.fakequant_kl - mixed.fakequant_kl,
             "alone": scorer.score({n: coarse_w[n] for n in names})["kl"] - scorer.score({n: fine_w[n] for n in names})["kl"],
             "error": sum(errors["coarse"][n] - errors["fine"][n] for n in names),
-            "solo": scorer.score(solo_weights(scorer.model, hessians, names, args.coarse))["kl"]
-            - scorer.score(solo_weights(scorer.model, hessians, names, args.fine))["kl"],
+            **{key: s.score(solo[args.coarse])["kl"] - s.score(solo[args.fine])["kl"]
+               for key, s in {"solo": scorer, **calibration_scorers}.items()},
         })
     gains = [r["gain"] for r in rows]
-    correlation = {p: spearman([r[p] for r in rows], gains) for p in PREDICTORS}
+    correlation = {p: spearman([r[p] for r in rows], gains) for p in predictors}
     total = sum(r["bytes"] for r in rows)
 
     def point(recipe: str, extra: int, result, units_: list[str] | None = None) -> dict[str, Any]:
@@ -264,7 +273,7 @@ def run_model(model: Path, args) -> dict[str, Any]:
         frontier.append(point(f"uniform {args.between}", sum(
             extra_bytes(shapes, names, g_coarse, setting(args.between)[1]) for names in by_unit.values()), between))
     for budget in args.budgets:
-        for predictor in (*PREDICTORS, "gain"):
+        for predictor in (*predictors, "gain"):
             chosen, spent = [], 0
             for r in sorted(rows, key=lambda r: r[predictor] / max(r["bytes"], 1), reverse=True):
                 if spent + r["bytes"] <= budget * total and r[predictor] > 0:
@@ -276,18 +285,21 @@ def run_model(model: Path, args) -> dict[str, Any]:
     frontier.append(point(f"uniform {args.fine}", total, fine))
     return {"model": model.name, "seed": args.seed, "coarse": args.coarse, "fine": args.fine, "units": rows,
             "predictor_windows": len(q.predictor_windows), "measured_windows": len(q.windows),
-            "spearman_with_gain": correlation, "frontier": frontier, "pipeline_runs": q.runs}
+            "solo_calibration_windows": counts, "spearman_with_gain": correlation, "frontier": frontier,
+            "pipeline_runs": q.runs}
 
 
 def print_model(result: dict[str, Any]) -> None:
     print(f"\n## {result['model']}: {result['coarse']} -> {result['fine']}")
-    print("| unit | Linears | extra KiB | gain (KL) | alone (KL) | error (rel.) | solo (KL) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rho = result["spearman_with_gain"]
+    extra = [p for p in rho if p not in PREDICTORS]
+    print("| unit | Linears | extra KiB | gain (KL) | alone (KL) | error (rel.) | solo (KL) |"
+          + "".join(f" {p} (KL) |" for p in extra))
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(extra))
     for r in sorted(result["units"], key=lambda r: -r["gain"]):
         print(f"| {r['unit']} | {r['linears']} | {r['bytes'] / 1024:.1f} | {r['gain']:.5f} | {r['alone']:.5f} | "
-              f"{r['error']:.5f} | {r['solo']:.5f} |")
-    rho = result["spearman_with_gain"]
-    print("\nSpearman with the gain: " + ", ".join(f"{p} {rho[p]:.2f}" for p in PREDICTORS))
+              f"{r['error']:.5f} | {r['solo']:.5f} |" + "".join(f" {r[p]:.5f} |" for p in extra))
+    print("\nSpearman with the gain: " + ", ".join(f"{p} {v:.2f}" for p, v in rho.items()))
     print("\n| recipe | extra KiB | KL | top-1 | ppl increase |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for f in result["frontier"]:
@@ -311,8 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--between", default="4:64", help="a uniform setting to compare with (empty: none)")
     parser.add_argument("--budgets", type=lambda v: [float(b) for b in v.split(",")], default=list(BUDGETS),
                         help="shares of the fine setting's extra bytes (default 1/8, 1/4, 1/3, 1/2)")
+    parser.add_argument("--solo-calibration-windows", type=lambda v: [int(n) for n in v.split(",") if n], default=[],
+                        help="also score solo on this many calibration windows (comma-separated counts), as the product does")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if any(n < 1 for n in args.solo_calibration_windows):
+        parser.error("--solo-calibration-windows: counts of at least 1")
     torch.manual_seed(0)
     results = []
     started = time.perf_counter()
