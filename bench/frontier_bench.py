@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from quantizer.checkpoint import MANIFEST_FILE  # noqa: E402
+
 FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = {"tiny-llama": FIXTURES / "tiny-llama", "tiny-qwen3-moe": FIXTURES / "tiny-qwen3-moe"}
 SHARES = (0.25, 0.5, 0.75)  # of what uniform fine adds over uniform coarse
@@ -67,11 +71,21 @@ def point(name: str, model: Path, work: Path, args, quantize_args: list[str] | N
                      "--source-scores", str(work / "source-scores"), "--baseline-ppl", repr(quantized["baseline_ppl"]),
                      "--fakequant-ppl", repr(quantized["fakequant_ppl"]), "--max-ppl-ratio", "10",
                      "--engine-tolerance", "1"], f"evaluate {name}")
-    mixed = quantized.get("mixed_precision")
+    mixed = mixed_plan(checkpoint)
     return {"name": name, "size_bytes": size, "kl": evaluated["kl_divergence"]["mean"],
             "top1": evaluated["top_token_agreement"], "served_ppl": evaluated["served_ppl"],
             "baseline_ppl": evaluated["baseline_ppl"], "fakequant_kl": quantized["fakequant_kl"],
             "mixed": mixed, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def mixed_plan(checkpoint: Path) -> dict[str, Any] | None:
+    """Mixed precision's plan from the checkpoint's manifest (the result's details drop it when the result
+    would pass its size limit): the summary and the units kept finer."""
+    plan = json.loads((checkpoint / MANIFEST_FILE).read_text()).get("mixed_precision")
+    if plan is None:
+        return None
+    units = plan.pop("units", [])
+    return plan | {"finer_unit_names": [u["unit"] for u in units if u["finer"]]}
 
 
 def run_model(model: Path, args) -> dict[str, Any]:
@@ -98,8 +112,8 @@ def print_model(result: dict[str, Any]) -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for p in result["points"]:
         ppl = f"{p['served_ppl']:.4f}" if p["served_ppl"] else "-"
-        kl, top1 = (f"{p['kl']:.5f}", f"{p['top1']:.2%}") if p["kl"] is not None else ("not served", "-")
-        print(f"| {p['name']} | {p['size_bytes'] / 1024:.1f} | {kl} | {top1} | {ppl} | {p['fakequant_kl']:.5f} |")
+        kl, top1 = (f"{p['kl']:.5g}", f"{p['top1']:.2%}") if p["kl"] is not None else ("not served", "-")
+        print(f"| {p['name']} | {p['size_bytes'] / 1024:.1f} | {kl} | {top1} | {ppl} | {p['fakequant_kl']:.5g} |")
     uniform = [p for p in result["points"] if p["name"].startswith("uniform") and p["kl"] is not None]
     for p in (p for p in result["points"] if p["name"].startswith("mixed")):
         # The uniform settings around it, interpolated at its size: mixed should sit below the line.
@@ -108,8 +122,8 @@ def print_model(result: dict[str, Any]) -> None:
         span = above["size_bytes"] - below["size_bytes"]
         at = (p["size_bytes"] - below["size_bytes"]) / span if span else 0
         served, exact = ((below[k] + (above[k] - below[k]) * at) for k in ("kl", "fakequant_kl"))
-        print(f"{p['name']}: KL {p['kl']:.5f} vs {served:.5f} for uniform settings at its size ({p['kl'] / served:.2f}x); "
-              f"exact {p['fakequant_kl']:.5f} vs {exact:.5f} ({p['fakequant_kl'] / exact:.2f}x)")
+        print(f"{p['name']}: KL {p['kl']:.5g} vs {served:.5g} for uniform settings at its size ({p['kl'] / served:.2f}x); "
+              f"exact {p['fakequant_kl']:.5g} vs {exact:.5g} ({p['fakequant_kl'] / exact:.2f}x)")
 
 
 def svg(results: list[dict[str, Any]], path: Path) -> None:
