@@ -79,8 +79,8 @@ def point(name: str, model: Path, work: Path, args, quantize_args: list[str] | N
 
 
 def mixed_plan(checkpoint: Path) -> dict[str, Any] | None:
-    """Mixed precision's plan from the checkpoint's manifest (the result's details drop it when the result
-    would pass its size limit): the summary and the units kept finer."""
+    """Mixed precision's plan from the checkpoint's manifest: the summary the result gives too, and the
+    units kept finer, which the result leaves out."""
     plan = json.loads((checkpoint / MANIFEST_FILE).read_text()).get("mixed_precision")
     if plan is None:
         return None
