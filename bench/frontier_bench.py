@@ -28,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from quantizer.checkpoint import MANIFEST_FILE  # noqa: E402
+from quantizer.contract import MANIFEST_FILE  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 MODELS = {"tiny-llama": FIXTURES / "tiny-llama", "tiny-qwen3-moe": FIXTURES / "tiny-qwen3-moe"}

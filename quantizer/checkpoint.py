@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantizer.contract import COMPRESSED_TENSORS_FORMAT, DEFAULT_FORMAT, unservable_reasons
+from quantizer.contract import COMPRESSED_TENSORS_FORMAT, DEFAULT_FORMAT, MANIFEST_FILE, unservable_reasons
 from quantizer.errors import InputError
 from quantizer.formats import (
     MIXED_NEEDS_COMPRESSED_TENSORS,
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 # so this bounds the writer's memory whatever the model's size: 1 GB, not the Hub's usual 5 GB.
 MAX_SHARD_BYTES = 10**9
 INDEX_FILE = "model.safetensors.index.json"
-MANIFEST_FILE = "kubequant.json"
 # In a partial output: who writes it. The writer touches it every HEARTBEAT_SECONDS; a partial whose
 # writer is a dead process on this host, or whose heartbeat stopped STALE_AFTER_SECONDS ago (a Pod
 # on another node, OOM-killed or preempted), is a leftover that the next writer of the target removes.

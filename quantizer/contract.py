@@ -54,6 +54,9 @@ GPTQ_FORMAT = "gptq"
 CHECKPOINT_FORMATS = (COMPRESSED_TENSORS_FORMAT, GPTQ_FORMAT)
 # vLLM's quantization docs point GPTQ users to llm-compressor, which writes compressed-tensors; README.
 DEFAULT_FORMAT = COMPRESSED_TENSORS_FORMAT
+# The manifest every artifact carries beside its weights (recipe, perplexities, mixed precision's plan):
+# the quantizer writes it last, `kubequant run` reads an artifact already on disk from it.
+MANIFEST_FILE = "kubequant.json"
 
 QUANTIZABLE_BITS = (2, 3, 4, 8)
 GROUP_SIZES = (-1, 32, 64, 128, 256)  # -1: one group per row

@@ -31,6 +31,7 @@ from quantizer.contract import (
     CPU_KVCACHE_SPACE_GIB,
     EXIT_GATE_FAILED,
     EXIT_OK,
+    MANIFEST_FILE,
     EvaluateResult,
     FailedResult,
     QuantizeResult,
@@ -325,9 +326,9 @@ def _quantize(run: LocalRun, model: Model, model_path: Path, provenance: list[st
     artifact = run.workdir / "artifacts" / builders.artifact_dir(model)
     artifact.parent.mkdir(parents=True, exist_ok=True)
     _step(f"quantize {model_path} -> {artifact}")
-    if (artifact / "kubequant.json").exists():
+    if (artifact / MANIFEST_FILE).exists():
         print(f"reusing {artifact}: same source and recipe (the artifact path is keyed by their hash)")
-        manifest = json.loads((artifact / "kubequant.json").read_text())
+        manifest = json.loads((artifact / MANIFEST_FILE).read_text())
         return artifact, _result_from_manifest(manifest, str(artifact))
     command = builders.quantize_command(
         model, python=run.python, model_path=str(model_path), output=str(artifact),
@@ -423,7 +424,7 @@ def _result_from_manifest(manifest: dict, output: str) -> QuantizeResult:
     """The quantize result of an artifact already on disk, from its manifest."""
     perplexity = manifest.get("perplexity") or {}
     if "baseline_ppl" not in perplexity:
-        raise LocalRunError(f"{output} has no perplexities in kubequant.json; remove it to quantize again")
+        raise LocalRunError(f"{output} has no perplexities in {MANIFEST_FILE}; remove it to quantize again")
     summary = {k: v for k, v in (manifest.get("mixed_precision") or {}).items() if k != "units"}
     shapes = manifest.get("row_parallel_shapes") or {}
     row_parallel = [shape[1] for kind, kinds in shapes.items() if "*" not in kind for shape in kinds]
